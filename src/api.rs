@@ -1,0 +1,320 @@
+//! The `SourceConnection` API (`tokenkeeper.dev/v1alpha1`).
+//!
+//! A SourceConnection names exactly one way a source authenticates (Basic,
+//! API key or OAuth 2.0) and the Secret that extraction pods mount. The
+//! operator keeps that Secret filled with a usable credential and reports
+//! in `status.conditions` what is wrong when it cannot.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const API_GROUP: &str = "tokenkeeper.dev";
+/// Field manager used for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "tokenkeeper";
+/// `app.kubernetes.io/managed-by` value on every Secret the operator writes.
+pub const MANAGED_BY: &str = "tokenkeeper";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Names the SourceConnection a managed Secret belongs to.
+pub const LABEL_CONNECTION: &str = "tokenkeeper.dev/connection";
+/// What a managed Secret is for: `credentials` (mounted by pods).
+pub const LABEL_SECRET_ROLE: &str = "tokenkeeper.dev/secret-role";
+pub const SECRET_ROLE_CREDENTIALS: &str = "credentials";
+
+/// Keys of the target Secret, per authentication method. These are a stable
+/// interface for extraction pods: never rename them.
+pub mod target_keys {
+    pub const USERNAME: &str = "username";
+    pub const PASSWORD: &str = "password";
+    pub const API_KEY: &str = "api_key";
+}
+
+/// Keeps a Secret with a fresh credential for one SaaS or database source.
+///
+/// Set exactly one of `basic`, `apiKey` or `oauth2`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tokenkeeper.dev",
+    version = "v1alpha1",
+    kind = "SourceConnection",
+    namespaced,
+    status = "SourceConnectionStatus",
+    shortname = "srcconn",
+    category = "tokenkeeper",
+    derive = "PartialEq",
+    doc = "A source's credentials, kept fresh by tokenkeeper in a Secret that extraction pods mount.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.tokenExpiresAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceConnectionSpec {
+    /// Static username and password (databases and other Basic-auth sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<BasicAuth>,
+    /// One static API key (Stripe and other simple APIs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyAuth>,
+    /// OAuth 2.0: the operator obtains and refreshes access tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Auth>,
+    /// The Secret that extraction pods mount.
+    #[serde(default, skip_serializing_if = "TargetSecret::is_empty")]
+    pub target: TargetSecret,
+}
+
+/// Username and password from a Secret in the SourceConnection's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicAuth {
+    pub secret_ref: BasicAuthSecretRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicAuthSecretRef {
+    /// Name of the Secret holding the username and password.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Must be empty or the SourceConnection's own namespace: references into
+    /// other namespaces are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Key holding the username.
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1))]
+    pub username_key: String,
+    /// Key holding the password.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1))]
+    pub password_key: String,
+}
+
+/// One API key from a Secret in the SourceConnection's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyAuth {
+    pub secret_ref: ApiKeySecretRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeySecretRef {
+    /// Name of the Secret holding the API key.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Must be empty or the SourceConnection's own namespace: references into
+    /// other namespaces are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Key holding the API key.
+    #[serde(default = "default_api_key_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// A reference to one key of a Secret in the SourceConnection's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Must be empty or the SourceConnection's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// OAuth 2.0 client and grant. The operator exchanges the grant for access
+/// tokens at `tokenUrl` and refreshes them before they expire.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Auth {
+    /// The provider's token endpoint (RFC 6749 section 3.2).
+    #[schemars(length(min = 1))]
+    pub token_url: String,
+    /// The provider's authorization endpoint, for the authorizationCode grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_url: Option<String>,
+    /// The provider's revocation endpoint (RFC 7009), used when the
+    /// connection is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_url: Option<String>,
+    /// How the connection obtains tokens.
+    pub grant: OAuth2Grant,
+    /// Where the client id and secret are.
+    pub client: OAuth2Client,
+    /// The refresh token to start from, for the refreshToken grant: a
+    /// Secret key supplied by the user (for example imported from another
+    /// system). After the first refresh the operator keeps the current
+    /// refresh token in its own state Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_secret_ref: Option<SecretKeyRef>,
+    /// Scopes to request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Scopes the extraction needs; a grant lacking any of them is reported
+    /// as InsufficientPermissions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_scopes: Vec<String>,
+    /// Extra parameters sent with every token request (for example
+    /// `audience` or `resource`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_token_params: BTreeMap<String, String>,
+    /// Refresh this long before the access token expires (for example
+    /// `5m`). Default: when two thirds of the token's lifetime have passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_before: Option<String>,
+    /// Lifetime assumed when the provider's token response has no
+    /// `expires_in` (for example `1h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_token_lifetime: Option<String>,
+    /// Extra fields of the token response copied into the target Secret
+    /// (for example Salesforce's `instance_url`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_fields: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OAuth2Grant {
+    /// Start from a refresh token the user supplies.
+    RefreshToken,
+    /// No user: tokens are fetched with the client's own credentials.
+    ClientCredentials,
+    /// A person authorizes on the provider's consent page.
+    AuthorizationCode,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Client {
+    /// Secret holding the client id and client secret.
+    pub secret_ref: OAuth2ClientSecretRef,
+    /// How the client authenticates at the token endpoint.
+    #[serde(default)]
+    pub auth_method: ClientAuthMethod,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2ClientSecretRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Must be empty or the SourceConnection's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default = "default_client_id_key")]
+    #[schemars(length(min = 1))]
+    pub client_id_key: String,
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(min = 1))]
+    pub client_secret_key: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ClientAuthMethod {
+    /// HTTP Basic authentication with the client id and secret.
+    #[default]
+    ClientSecretBasic,
+    /// Client id and secret in the request body.
+    ClientSecretPost,
+}
+
+/// The Secret that extraction pods mount.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSecret {
+    /// Name of the Secret. Default: `<SourceConnection name>-credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: Option<String>,
+    /// Extra labels for the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations for the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl TargetSecret {
+    fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceConnectionStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` sums up the connection; `AuthFailed` is True only when the
+    /// source rejected the credentials.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The Secret that holds the credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// When the access token in the Secret expires (OAuth 2.0 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<Time>,
+}
+
+fn default_username_key() -> String {
+    target_keys::USERNAME.to_owned()
+}
+fn default_password_key() -> String {
+    target_keys::PASSWORD.to_owned()
+}
+fn default_api_key_key() -> String {
+    target_keys::API_KEY.to_owned()
+}
+fn default_client_id_key() -> String {
+    "client_id".to_owned()
+}
+fn default_client_secret_key() -> String {
+    "client_secret".to_owned()
+}
+
+impl SourceConnection {
+    /// Name of the Secret that pods mount.
+    pub fn target_secret_name(&self) -> String {
+        match &self.spec.target.name {
+            Some(name) => name.clone(),
+            None => format!(
+                "{}-credentials",
+                self.metadata.name.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+}
+
+impl SourceConnectionSpec {
+    /// Names of the Secrets this spec reads, in its own namespace. Used to
+    /// map Secret changes to the connections that must be reconciled.
+    pub fn referenced_secret_names(&self) -> Vec<&str> {
+        let mut names = Vec::new();
+        if let Some(basic) = &self.basic {
+            names.push(basic.secret_ref.name.as_str());
+        }
+        if let Some(api_key) = &self.api_key {
+            names.push(api_key.secret_ref.name.as_str());
+        }
+        if let Some(oauth2) = &self.oauth2 {
+            names.push(oauth2.client.secret_ref.name.as_str());
+            if let Some(refresh) = &oauth2.refresh_token_secret_ref {
+                names.push(refresh.name.as_str());
+            }
+        }
+        names
+    }
+}

@@ -1,0 +1,586 @@
+//! Pure decisions about a SourceConnection's Secrets: which method it uses,
+//! whether its spec is usable, what the target Secret must hold, and
+//! whether the Secret in the cluster already holds it. No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+use kube::{Resource, ResourceExt};
+
+use crate::api::{
+    ApiKeyAuth, BasicAuth, FIELD_MANAGER, LABEL_CONNECTION, LABEL_MANAGED_BY, LABEL_SECRET_ROLE,
+    MANAGED_BY, OAuth2Auth, SECRET_ROLE_CREDENTIALS, SourceConnection, target_keys,
+};
+use crate::error::Error;
+
+/// The one authentication method a valid spec names.
+#[derive(Debug, Clone, Copy)]
+pub enum Method<'a> {
+    Basic(&'a BasicAuth),
+    ApiKey(&'a ApiKeyAuth),
+    OAuth2(&'a OAuth2Auth),
+}
+
+impl Method<'_> {
+    /// The Secret that static credentials are copied from.
+    pub fn static_source_secret(&self) -> Option<&str> {
+        match self {
+            Method::Basic(basic) => Some(&basic.secret_ref.name),
+            Method::ApiKey(api_key) => Some(&api_key.secret_ref.name),
+            Method::OAuth2(_) => None,
+        }
+    }
+}
+
+/// Checks what the CRD schema cannot: exactly one method, no reference into
+/// another namespace, and a target Secret that is not one of the inputs.
+pub fn validate(conn: &SourceConnection) -> Result<Method<'_>, Error> {
+    let spec = &conn.spec;
+    let namespace = conn.namespace().unwrap_or_default();
+    let mut methods = Vec::new();
+    if let Some(basic) = &spec.basic {
+        methods.push(Method::Basic(basic));
+    }
+    if let Some(api_key) = &spec.api_key {
+        methods.push(Method::ApiKey(api_key));
+    }
+    if let Some(oauth2) = &spec.oauth2 {
+        methods.push(Method::OAuth2(oauth2));
+    }
+    let method = match methods.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(Error::InvalidSpec(
+                "spec names no authentication method: set exactly one of spec.basic, \
+                 spec.apiKey or spec.oauth2"
+                    .into(),
+            ));
+        }
+        _ => {
+            return Err(Error::InvalidSpec(
+                "spec names more than one authentication method: keep exactly one of \
+                 spec.basic, spec.apiKey or spec.oauth2"
+                    .into(),
+            ));
+        }
+    };
+
+    let references: Vec<(&str, Option<&str>)> = match method {
+        Method::Basic(basic) => vec![("basic.secretRef", basic.secret_ref.namespace.as_deref())],
+        Method::ApiKey(api_key) => {
+            vec![("apiKey.secretRef", api_key.secret_ref.namespace.as_deref())]
+        }
+        Method::OAuth2(oauth2) => {
+            let mut refs = vec![(
+                "oauth2.client.secretRef",
+                oauth2.client.secret_ref.namespace.as_deref(),
+            )];
+            if let Some(refresh) = &oauth2.refresh_token_secret_ref {
+                refs.push(("oauth2.refreshTokenSecretRef", refresh.namespace.as_deref()));
+            }
+            refs
+        }
+    };
+    for (field, referenced_namespace) in references {
+        if let Some(other) = referenced_namespace.filter(|ns| *ns != namespace) {
+            return Err(Error::InvalidSpec(format!(
+                "spec.{field}.namespace is \"{other}\", but a SourceConnection may only read \
+                 Secrets in its own namespace \"{namespace}\" (otherwise anyone allowed to create \
+                 one could read another namespace's Secrets). Copy the Secret into \
+                 \"{namespace}\" and remove spec.{field}.namespace."
+            )));
+        }
+    }
+
+    let target = conn.target_secret_name();
+    if !is_dns_subdomain(&target) {
+        return Err(Error::InvalidSpec(format!(
+            "target Secret name \"{target}\" is not a valid Secret name: use lowercase letters, \
+             digits, '-' and '.', starting and ending with a letter or digit, at most 253 \
+             characters. Set spec.target.name."
+        )));
+    }
+    if spec.referenced_secret_names().contains(&target.as_str()) {
+        return Err(Error::InvalidSpec(format!(
+            "target Secret \"{target}\" is also a Secret this connection reads from; writing it \
+             would overwrite the input. Set spec.target.name to another name."
+        )));
+    }
+    for reserved in [LABEL_MANAGED_BY, LABEL_CONNECTION, LABEL_SECRET_ROLE] {
+        if spec.target.labels.contains_key(reserved) {
+            return Err(Error::InvalidSpec(format!(
+                "spec.target.labels sets \"{reserved}\", which tokenkeeper sets itself to find \
+                 the Secrets it manages. Remove it from spec.target.labels."
+            )));
+        }
+    }
+    Ok(method)
+}
+
+/// The keys the target Secret holds for a static method, read from the
+/// user's source Secret.
+pub fn static_credentials(
+    conn: &SourceConnection,
+    method: Method<'_>,
+    source: &Secret,
+) -> Result<BTreeMap<String, ByteString>, Error> {
+    let wanted: Vec<(&str, &str, &'static str)> = match method {
+        Method::Basic(basic) => vec![
+            (
+                target_keys::USERNAME,
+                basic.secret_ref.username_key.as_str(),
+                "basic.secretRef.usernameKey",
+            ),
+            (
+                target_keys::PASSWORD,
+                basic.secret_ref.password_key.as_str(),
+                "basic.secretRef.passwordKey",
+            ),
+        ],
+        Method::ApiKey(api_key) => vec![(
+            target_keys::API_KEY,
+            api_key.secret_ref.key.as_str(),
+            "apiKey.secretRef.key",
+        )],
+        Method::OAuth2(_) => return Err(Error::NotImplemented),
+    };
+    let source_data = secret_values(source);
+    let mut data = BTreeMap::new();
+    for (target_key, source_key, field) in wanted {
+        match source_data.get(source_key) {
+            Some(value) if !value.is_empty() => {
+                data.insert(target_key.to_owned(), ByteString(value.clone()));
+            }
+            _ => {
+                let present: Vec<&str> = source_data.keys().map(String::as_str).collect();
+                return Err(Error::MissingKey {
+                    namespace: conn.namespace().unwrap_or_default(),
+                    name: source.name_any(),
+                    key: source_key.to_owned(),
+                    field,
+                    present: if present.is_empty() {
+                        " (it has no keys)".to_owned()
+                    } else {
+                        format!(" (it has: {})", present.join(", "))
+                    },
+                });
+            }
+        }
+    }
+    Ok(data)
+}
+
+/// Example `--from-literal` flags for the kubectl command that creates a
+/// missing source Secret.
+pub fn example_literals(method: Method<'_>) -> String {
+    match method {
+        Method::Basic(basic) => format!(
+            "--from-literal={}=USERNAME --from-literal={}=PASSWORD",
+            basic.secret_ref.username_key, basic.secret_ref.password_key
+        ),
+        Method::ApiKey(api_key) => format!("--from-literal={}=API_KEY", api_key.secret_ref.key),
+        Method::OAuth2(oauth2) => format!(
+            "--from-literal={}=CLIENT_ID --from-literal={}=CLIENT_SECRET",
+            oauth2.client.secret_ref.client_id_key, oauth2.client.secret_ref.client_secret_key
+        ),
+    }
+}
+
+/// A Secret's values by key, merging `stringData` (which the API server
+/// folds into `data`, but an unsaved object may still carry).
+fn secret_values(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut values: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(key, value)| (key.clone(), value.0.clone()))
+        .collect();
+    for (key, value) in secret.string_data.iter().flatten() {
+        values.insert(key.clone(), value.clone().into_bytes());
+    }
+    values
+}
+
+/// The target Secret as tokenkeeper wants it: the given data, the user's
+/// labels and annotations plus tokenkeeper's own labels, and a controller
+/// owner reference so that it goes when the SourceConnection goes.
+pub fn target_secret(conn: &SourceConnection, data: BTreeMap<String, ByteString>) -> Secret {
+    let mut labels = conn.spec.target.labels.clone();
+    labels.insert(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned());
+    labels.insert(LABEL_CONNECTION.to_owned(), conn.name_any());
+    labels.insert(
+        LABEL_SECRET_ROLE.to_owned(),
+        SECRET_ROLE_CREDENTIALS.to_owned(),
+    );
+    let annotations = conn.spec.target.annotations.clone();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(conn.target_secret_name()),
+            namespace: conn.namespace(),
+            labels: Some(labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            owner_references: conn.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(data),
+        ..Secret::default()
+    }
+}
+
+/// Refuses to take over a Secret that this SourceConnection does not own.
+pub fn check_ownership(conn: &SourceConnection, existing: Option<&Secret>) -> Result<(), Error> {
+    let Some(existing) = existing else {
+        return Ok(());
+    };
+    let uid = conn.uid();
+    let owned = existing
+        .owner_references()
+        .iter()
+        .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == uid.as_ref());
+    if owned {
+        Ok(())
+    } else {
+        Err(Error::TargetSecretConflict {
+            namespace: existing.namespace().unwrap_or_default(),
+            name: existing.name_any(),
+        })
+    }
+}
+
+/// Whether the Secret in the cluster differs from what tokenkeeper wants,
+/// including labels or annotations tokenkeeper applied earlier and no
+/// longer wants. Fields other writers added are left alone.
+pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
+    let Some(existing) = existing else {
+        return true;
+    };
+    if existing.data.as_ref().map(|d| d.len()) != desired.data.as_ref().map(|d| d.len())
+        || desired
+            .data
+            .iter()
+            .flatten()
+            .any(|(key, value)| existing.data.as_ref().and_then(|d| d.get(key)) != Some(value))
+    {
+        return true;
+    }
+    if existing.type_ != desired.type_ {
+        return true;
+    }
+    let desired_owners = desired.owner_references();
+    if desired_owners
+        .iter()
+        .any(|owner| !existing.owner_references().contains(owner))
+    {
+        return true;
+    }
+    let owned = fields_applied_by(FIELD_MANAGER, existing.managed_fields());
+    map_differs(existing.labels(), desired.labels(), &owned.labels)
+        || map_differs(
+            existing.annotations(),
+            desired.annotations(),
+            &owned.annotations,
+        )
+}
+
+fn map_differs(
+    existing: &BTreeMap<String, String>,
+    desired: &BTreeMap<String, String>,
+    previously_applied: &BTreeSet<String>,
+) -> bool {
+    desired
+        .iter()
+        .any(|(key, value)| existing.get(key) != Some(value))
+        || previously_applied
+            .iter()
+            .any(|key| !desired.contains_key(key) && existing.contains_key(key))
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct AppliedMetadata {
+    labels: BTreeSet<String>,
+    annotations: BTreeSet<String>,
+}
+
+/// Label and annotation keys a field manager owns through server-side apply.
+fn fields_applied_by(manager: &str, entries: &[ManagedFieldsEntry]) -> AppliedMetadata {
+    let mut applied = AppliedMetadata::default();
+    for entry in entries {
+        if entry.manager.as_deref() != Some(manager) || entry.operation.as_deref() != Some("Apply")
+        {
+            continue;
+        }
+        let Some(fields) = &entry.fields_v1 else {
+            continue;
+        };
+        let metadata = &fields.0["f:metadata"];
+        for (section, into) in [
+            ("f:labels", &mut applied.labels),
+            ("f:annotations", &mut applied.annotations),
+        ] {
+            if let Some(keys) = metadata[section].as_object() {
+                into.extend(
+                    keys.keys()
+                        .filter_map(|k| k.strip_prefix("f:"))
+                        .map(str::to_owned),
+                );
+            }
+        }
+    }
+    applied
+}
+
+/// RFC 1123 subdomain, the rule for Secret names.
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ApiKeySecretRef, BasicAuthSecretRef, SourceConnectionSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
+
+    fn basic_conn() -> SourceConnection {
+        let mut conn = SourceConnection::new(
+            "warehouse",
+            SourceConnectionSpec {
+                basic: Some(BasicAuth {
+                    secret_ref: BasicAuthSecretRef {
+                        name: "warehouse-login".into(),
+                        namespace: None,
+                        username_key: "user".into(),
+                        password_key: "pass".into(),
+                    },
+                }),
+                api_key: None,
+                oauth2: None,
+                target: Default::default(),
+            },
+        );
+        conn.metadata.namespace = Some("extract".into());
+        conn.metadata.uid = Some("uid-1".into());
+        conn
+    }
+
+    fn secret(name: &str, pairs: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("extract".into()),
+                ..Default::default()
+            },
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn basic_maps_configured_keys_to_stable_target_keys() {
+        let conn = basic_conn();
+        let method = validate(&conn).unwrap();
+        let source = secret(
+            "warehouse-login",
+            &[("user", "etl"), ("pass", "s3cret"), ("other", "x")],
+        );
+        let data = static_credentials(&conn, method, &source).unwrap();
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            vec!["password", "username"]
+        );
+        assert_eq!(data["username"].0, b"etl");
+        assert_eq!(data["password"].0, b"s3cret");
+    }
+
+    #[test]
+    fn missing_key_names_the_keys_present_but_no_values() {
+        let conn = basic_conn();
+        let method = validate(&conn).unwrap();
+        let source = secret(
+            "warehouse-login",
+            &[("user", "etl"), ("password", "hunter2")],
+        );
+        let err = static_credentials(&conn, method, &source).unwrap_err();
+        assert_eq!(err.reason(), "MissingKey");
+        let text = err.to_string();
+        assert!(text.contains("\"pass\""), "{text}");
+        assert!(text.contains("it has: password, user"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("etl\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn empty_value_counts_as_missing() {
+        let conn = basic_conn();
+        let method = validate(&conn).unwrap();
+        let source = secret("warehouse-login", &[("user", "etl"), ("pass", "")]);
+        assert_eq!(
+            static_credentials(&conn, method, &source)
+                .unwrap_err()
+                .reason(),
+            "MissingKey"
+        );
+    }
+
+    #[test]
+    fn cross_namespace_reference_is_refused() {
+        let mut conn = basic_conn();
+        conn.spec.basic.as_mut().unwrap().secret_ref.namespace = Some("kube-system".into());
+        let err = validate(&conn).unwrap_err();
+        assert_eq!(err.reason(), "InvalidSpec");
+        assert!(err.to_string().contains("kube-system"));
+        conn.spec.basic.as_mut().unwrap().secret_ref.namespace = Some("extract".into());
+        assert!(validate(&conn).is_ok());
+    }
+
+    #[test]
+    fn exactly_one_method() {
+        let mut conn = basic_conn();
+        conn.spec.api_key = Some(ApiKeyAuth {
+            secret_ref: ApiKeySecretRef {
+                name: "k".into(),
+                namespace: None,
+                key: "api_key".into(),
+            },
+        });
+        assert!(
+            validate(&conn)
+                .unwrap_err()
+                .to_string()
+                .contains("more than one")
+        );
+        conn.spec.basic = None;
+        conn.spec.api_key = None;
+        assert!(
+            validate(&conn)
+                .unwrap_err()
+                .to_string()
+                .contains("no authentication method")
+        );
+    }
+
+    #[test]
+    fn target_may_not_overwrite_an_input_or_be_malformed() {
+        let mut conn = basic_conn();
+        conn.spec.target.name = Some("warehouse-login".into());
+        assert!(
+            validate(&conn)
+                .unwrap_err()
+                .to_string()
+                .contains("overwrite the input")
+        );
+        conn.spec.target.name = Some("Bad_Name".into());
+        assert!(
+            validate(&conn)
+                .unwrap_err()
+                .to_string()
+                .contains("not a valid Secret name")
+        );
+        conn.spec.target.name = None;
+        assert_eq!(conn.target_secret_name(), "warehouse-credentials");
+        conn.spec
+            .target
+            .labels
+            .insert(LABEL_MANAGED_BY.into(), "me".into());
+        assert_eq!(validate(&conn).unwrap_err().reason(), "InvalidSpec");
+    }
+
+    #[test]
+    fn target_secret_is_owned_and_labelled() {
+        let mut conn = basic_conn();
+        conn.spec.target.labels.insert("team".into(), "data".into());
+        let desired = target_secret(&conn, BTreeMap::new());
+        assert_eq!(
+            desired.labels()["app.kubernetes.io/managed-by"],
+            "tokenkeeper"
+        );
+        assert_eq!(desired.labels()["tokenkeeper.dev/connection"], "warehouse");
+        assert_eq!(desired.labels()["team"], "data");
+        let owner = &desired.owner_references()[0];
+        assert_eq!(
+            (owner.uid.as_str(), owner.controller),
+            ("uid-1", Some(true))
+        );
+        assert!(check_ownership(&conn, Some(&desired)).is_ok());
+        let foreign = secret("warehouse-credentials", &[]);
+        assert_eq!(
+            check_ownership(&conn, Some(&foreign)).unwrap_err().reason(),
+            "TargetSecretConflict"
+        );
+    }
+
+    #[test]
+    fn unchanged_secret_needs_no_write() {
+        let conn = basic_conn();
+        let source = secret("warehouse-login", &[("user", "etl"), ("pass", "s3cret")]);
+        let data = static_credentials(&conn, validate(&conn).unwrap(), &source).unwrap();
+        let desired = target_secret(&conn, data);
+        let mut existing = desired.clone();
+        existing.metadata.resource_version = Some("7".into());
+        existing
+            .labels_mut()
+            .insert("added-by-someone-else".into(), "x".into());
+        assert!(!needs_write(Some(&existing), &desired));
+        assert!(needs_write(None, &desired));
+
+        let mut rotated = existing.clone();
+        rotated
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("password".into(), ByteString(b"new".to_vec()));
+        assert!(needs_write(Some(&rotated), &desired));
+    }
+
+    #[test]
+    fn label_dropped_from_spec_is_removed() {
+        let conn = basic_conn();
+        let desired = target_secret(&conn, BTreeMap::new());
+        let mut existing = desired.clone();
+        existing.labels_mut().insert("team".into(), "data".into());
+        assert!(
+            !needs_write(Some(&existing), &desired),
+            "someone else's label stays"
+        );
+        existing.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some(FIELD_MANAGER.into()),
+            operation: Some("Apply".into()),
+            fields_v1: Some(FieldsV1(serde_json::json!({
+                "f:metadata": {"f:labels": {"f:team": {}, "f:app.kubernetes.io/managed-by": {}}}
+            }))),
+            ..Default::default()
+        }]);
+        assert!(
+            needs_write(Some(&existing), &desired),
+            "our own stale label goes"
+        );
+    }
+
+    #[test]
+    fn dns_subdomain_rule() {
+        for ok in ["a", "db-credentials", "a.b-c.d1"] {
+            assert!(is_dns_subdomain(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a..b", "a_b", &"x".repeat(254)] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
+    }
+}

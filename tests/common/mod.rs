@@ -1,0 +1,278 @@
+//! Shared fixtures for the integration tests: a namespace per test on the
+//! real control plane that `tests/run.sh` started, the operator as a child
+//! process, and kubectl as the user would run it. Everything a fixture
+//! starts or creates is stopped or deleted when it is dropped, also when
+//! the test fails.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The kubeconfig of the control plane under test.
+pub fn kubeconfig() -> String {
+    std::env::var("TOKENKEEPER_TEST_KUBECONFIG").expect(
+        "TOKENKEEPER_TEST_KUBECONFIG is not set: run the integration tests with tests/run.sh, \
+         which starts a local control plane",
+    )
+}
+
+/// Where tests keep logs and artifacts for a person to read after a run.
+pub fn artifacts_dir() -> PathBuf {
+    let dir = Path::new(REPO).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).expect("create target/test-artifacts");
+    dir
+}
+
+/// A fresh namespace, deleted on drop.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn new(test: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "tk-{}-{}-{}",
+            test.replace('_', "-"),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let name: String = name
+            .chars()
+            .take(63)
+            .collect::<String>()
+            .trim_end_matches('-')
+            .to_owned();
+        kubectl_ok(&["create", "namespace", &name]);
+        TestNamespace { name }
+    }
+
+    /// `kubectl -n <ns> ARGS`.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        kubectl(&all)
+    }
+
+    /// Like `kubectl`, panicking with kubectl's stderr when it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    /// `kubectl apply -f -` of the given manifest.
+    pub fn apply(&self, manifest: &str) -> Output {
+        kubectl_stdin(&["-n", &self.name, "apply", "-f", "-"], manifest)
+    }
+
+    pub fn apply_ok(&self, manifest: &str) {
+        let out = self.apply(manifest);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}\n{manifest}",
+            stderr(&out)
+        );
+    }
+
+    /// A jsonpath query on one object; empty when the object or field is missing.
+    pub fn jsonpath(&self, kind: &str, name: &str, path: &str) -> String {
+        let out = self.kubectl(&["get", kind, name, "-o", &format!("jsonpath={path}")]);
+        if out.status.success() {
+            stdout(&out)
+        } else {
+            String::new()
+        }
+    }
+
+    pub fn condition(&self, connection: &str, type_: &str, field: &str) -> String {
+        self.jsonpath(
+            "sourceconnection",
+            connection,
+            &format!("{{.status.conditions[?(@.type==\"{type_}\")].{field}}}"),
+        )
+    }
+
+    /// Waits until the connection's Ready condition has the given status and reason.
+    pub fn wait_ready(&self, connection: &str, status: &str, reason: &str, timeout: Duration) {
+        wait_for(
+            &format!("{connection} Ready={status} reason={reason}"),
+            timeout,
+            || {
+                let got_status = self.condition(connection, "Ready", "status");
+                let got_reason = self.condition(connection, "Ready", "reason");
+                (got_status == status && got_reason == reason)
+                    .then_some(())
+                    .ok_or(format!("Ready={got_status} reason={got_reason}"))
+            },
+        );
+    }
+
+    /// A Secret's value for `key`, decoded; `None` when the Secret or key is missing.
+    pub fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
+        let escaped = key.replace('.', "\\.");
+        let encoded = self.jsonpath("secret", secret, &format!("{{.data.{escaped}}}"));
+        if encoded.is_empty() {
+            return None;
+        }
+        let out = Command::new("base64")
+            .arg("-d")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                child.stdin.take().unwrap().write_all(encoded.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("run base64");
+        Some(String::from_utf8(out.stdout).expect("utf-8 secret value"))
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// The operator binary running against the test cluster, watching one
+/// namespace. Stopped on drop.
+pub struct Operator {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl Operator {
+    pub fn start(namespace: &TestNamespace) -> Self {
+        Self::start_with(namespace, &[])
+    }
+
+    pub fn start_with(namespace: &TestNamespace, extra_args: &[&str]) -> Self {
+        let log_path = artifacts_dir().join(format!("operator-{}.log", namespace.name));
+        let log = File::create(&log_path).expect("create operator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
+            .args(["run", "--namespace", &namespace.name])
+            .args(extra_args)
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", "info,tokenkeeper=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tokenkeeper run");
+        Operator {
+            child: Some(child),
+            log_path,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("operator running");
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for operator") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("operator did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status();
+}
+
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .output()
+        .expect("run kubectl")
+}
+
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+pub fn kubectl_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().expect("wait for kubectl")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Polls `check` until it returns Ok or `timeout` passes; then fails with
+/// the last thing `check` said.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests and integration tests on a real
+# kube-apiserver + etcd (+ controller-manager) that this script starts on
+# free loopback ports and stops again, whatever happens.
+#
+#   tests/run.sh                        local control plane (built once per machine)
+#   tests/run.sh --use-current-cluster  the cluster $KUBECONFIG points at (kind, k3d, ...)
+#
+# Extra arguments after `--` go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+use_current=false
+if [[ "${1:-}" == "--use-current-cluster" ]]; then use_current=true; shift; fi
+[[ "${1:-}" == "--" ]] && shift
+
+tests/cluster/build.sh
+
+if $use_current; then
+  : "${KUBECONFIG:?--use-current-cluster needs KUBECONFIG}"
+  export TOKENKEEPER_TEST_KUBECONFIG="$KUBECONFIG"
+else
+  state="$(mktemp -d "${TMPDIR:-/tmp}/tokenkeeper-test.XXXXXX")"
+  cleanup() {
+    tests/cluster/down.sh "$state"
+    if [[ -d target/test-artifacts ]]; then cp -r "$state/logs" target/test-artifacts/control-plane-logs 2>/dev/null || true; fi
+    rm -rf "$state"
+  }
+  trap cleanup EXIT
+  tests/cluster/up.sh "$state"
+  export TOKENKEEPER_TEST_KUBECONFIG="$state/kubeconfig"
+fi
+
+rm -rf target/test-artifacts
+kubectl --kubeconfig "$TOKENKEEPER_TEST_KUBECONFIG" apply -f crds/
+kubectl --kubeconfig "$TOKENKEEPER_TEST_KUBECONFIG" wait --for condition=established --timeout=60s -f crds/ >/dev/null
+
+cargo test --all-targets --locked "$@" -- --test-threads "${TOKENKEEPER_TEST_THREADS:-8}"
