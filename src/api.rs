@@ -23,6 +23,11 @@ pub const LABEL_CONNECTION: &str = "tokenkeeper.dev/connection";
 /// What a managed Secret is for: `credentials` (mounted by pods).
 pub const LABEL_SECRET_ROLE: &str = "tokenkeeper.dev/secret-role";
 pub const SECRET_ROLE_CREDENTIALS: &str = "credentials";
+/// Role of the operator-private Secret that holds a refresh token.
+pub const SECRET_ROLE_STATE: &str = "operator-state";
+/// Set this annotation on a SourceConnection to a new value (a timestamp,
+/// say) to refresh its token now.
+pub const ANNOTATION_FORCE_REFRESH: &str = "tokenkeeper.dev/force-refresh";
 
 /// Keys of the target Secret, per authentication method. These are a stable
 /// interface for extraction pods: never rename them.
@@ -49,7 +54,7 @@ pub mod target_keys {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.tokenExpiresAt"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.tokenExpiresAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -267,6 +272,26 @@ pub struct SourceConnectionStatus {
     /// When the access token in the Secret expires (OAuth 2.0 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expires_at: Option<Time>,
+    /// When the current access token was obtained (OAuth 2.0 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<Time>,
+    /// When tokenkeeper will refresh next, or retry after a failure (OAuth
+    /// 2.0 only). Empty while a failure waits for a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_time: Option<Time>,
+    /// Scopes the provider granted with the current access token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub granted_scopes: Vec<String>,
+    /// Token requests that failed in a row since the last success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_refresh_attempts: Option<i32>,
+    /// When the last token request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// The value of the `tokenkeeper.dev/force-refresh` annotation that was
+    /// last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_refresh_handled: Option<String>,
 }
 
 fn default_username_key() -> String {
@@ -295,6 +320,16 @@ impl SourceConnection {
                 self.metadata.name.as_deref().unwrap_or_default()
             ),
         }
+    }
+}
+
+impl SourceConnection {
+    /// Name of the operator-private Secret that holds the refresh token.
+    pub fn state_secret_name(&self) -> String {
+        format!(
+            "{}-tokenkeeper-state",
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! The reconciler: reads what a SourceConnection needs, hands it to the pure
 //! functions of `decide` and `status`, then writes only what changed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +21,11 @@ use tracing::{debug, info, warn};
 
 use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY, SourceConnection};
 use crate::decide;
-use crate::error::{Error, transient_backoff};
-use crate::status::{self, Outcome, display_name};
+use crate::error::{Error, Retry, backoff};
+use crate::oauth_sync;
+use crate::status::{self, Report, TokenStatus, Verdict, display_name};
+use crate::token::TokenRecord;
+use crate::token_client;
 
 /// Static credentials are re-read this often even without a watch event,
 /// as a safety net; watches normally bring changes within a second.
@@ -36,7 +39,10 @@ pub struct Settings {
 }
 
 pub struct Context {
-    client: Client,
+    pub(crate) client: Client,
+    /// HTTP client for token endpoints, shared so connections reuse
+    /// connection pools per provider.
+    pub(crate) http: reqwest::Client,
     recorder: Recorder,
     /// Consecutive transient failures per connection, for backoff.
     transient_failures: Mutex<HashMap<ObjectRef<SourceConnection>, u32>>,
@@ -97,6 +103,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     let context = Arc::new(Context {
         client: client.clone(),
+        http: token_client::http_client(),
         recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
         transient_failures: Mutex::default(),
     });
@@ -157,110 +164,171 @@ fn connections_reading(
         .collect()
 }
 
+/// Something to tell the user through an event.
+pub struct Note {
+    pub type_: EventType,
+    pub reason: String,
+    pub message: String,
+}
+
+/// What a sync achieved: the status to report, when to look again, and
+/// events to publish.
+pub struct Synced {
+    pub report: Report,
+    pub action: Action,
+    pub notes: Vec<Note>,
+}
+
 async fn reconcile(conn: Arc<SourceConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let name = display_name(&conn);
-    match sync(&conn, &ctx).await {
-        Ok(secret_name) => {
-            ctx.clear_transient_failures(&conn);
-            write_status(&conn, &ctx, &Outcome::Synced { secret_name }).await?;
-            Ok(Action::requeue(RESYNC_INTERVAL))
-        }
-        Err(error) if error.is_transient() => Err(error),
+    let now = Timestamp::now();
+    let synced = match sync(&conn, &ctx, now).await {
+        Ok(synced) => synced,
+        Err(error) if error.retry() == Retry::Infrastructure => return Err(error),
         Err(error) => {
-            ctx.clear_transient_failures(&conn);
-            info!(connection = %name, reason = error.reason(), %error, "connection not ready");
-            write_status(&conn, &ctx, &Outcome::Failed(&error)).await?;
-            publish(
-                &ctx,
-                &conn,
-                EventType::Warning,
-                error.reason(),
-                &error.to_string(),
-            )
-            .await;
-            // Permanent errors wait for a change to the connection or its
-            // Secrets; the watches bring that change.
-            Ok(Action::await_change())
+            info!(connection = %display_name(&conn), reason = error.reason(), %error, "connection not ready");
+            Synced {
+                report: Report {
+                    verdict: Some(Verdict::failed(&error)),
+                    secret_name: None,
+                    token: None,
+                },
+                // Waits for a change to the connection or its Secrets; the
+                // watches bring that change.
+                action: Action::await_change(),
+                notes: vec![Note {
+                    type_: EventType::Warning,
+                    reason: error.reason().to_owned(),
+                    message: error.to_string(),
+                }],
+            }
         }
+    };
+    ctx.clear_transient_failures(&conn);
+    write_status(&conn, &ctx, &synced.report, now).await?;
+    for note in synced.notes {
+        publish(&ctx, &conn, &note).await;
     }
+    Ok(synced.action)
 }
 
 fn error_policy(conn: Arc<SourceConnection>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.record_transient_failure(&conn);
-    let delay = transient_backoff(failures);
+    let delay = backoff(failures);
     warn!(connection = %display_name(&conn), %error, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
-/// Reads the inputs, decides, and writes the target Secret when it differs.
-/// Returns the target Secret's name.
-async fn sync(conn: &SourceConnection, ctx: &Context) -> Result<String, Error> {
-    let method = decide::validate(conn)?;
+async fn sync(conn: &SourceConnection, ctx: &Context, now: Timestamp) -> Result<Synced, Error> {
+    match decide::validate(conn)? {
+        decide::Method::OAuth2(oauth) => oauth_sync::sync(conn, oauth, ctx, now).await,
+        method => sync_static(conn, method, ctx).await,
+    }
+}
+
+/// Basic and API-key connections: copy the user's Secret into the target.
+async fn sync_static(
+    conn: &SourceConnection,
+    method: decide::Method<'_>,
+    ctx: &Context,
+) -> Result<Synced, Error> {
     let namespace = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-
-    let Some(source_name) = method.static_source_secret() else {
-        return Err(Error::NotImplemented);
+    let (source_name, field) = match method {
+        decide::Method::Basic(basic) => (&basic.secret_ref.name, "basic.secretRef"),
+        decide::Method::ApiKey(api_key) => (&api_key.secret_ref.name, "apiKey.secretRef"),
+        decide::Method::OAuth2(_) => unreachable!("OAuth 2.0 connections sync in oauth_sync"),
     };
     let source = secrets
         .get_opt(source_name)
         .await?
         .ok_or_else(|| Error::SecretNotFound {
             namespace: namespace.clone(),
-            name: source_name.to_owned(),
-            field: match method {
-                decide::Method::Basic(_) => "basic.secretRef",
-                _ => "apiKey.secretRef",
-            },
+            name: source_name.clone(),
+            field,
             example_literals: decide::example_literals(method),
         })?;
-    let data = decide::static_credentials(conn, method, &source)?;
+    let data = decide::static_credentials(method, &source)?;
 
     let target_name = conn.target_secret_name();
     let existing = secrets.get_opt(&target_name).await?;
     decide::check_ownership(conn, existing.as_ref())?;
-    let desired = decide::target_secret(conn, data);
-    if decide::needs_write(existing.as_ref(), &desired) {
-        apply_secret(&secrets, &desired).await?;
-        let verb = if existing.is_some() {
-            "Updated"
-        } else {
-            "Created"
-        };
-        info!(connection = %display_name(conn), secret = %target_name, "{verb} target Secret");
-        publish(
-            ctx,
-            conn,
-            EventType::Normal,
-            status::REASON_SECRET_SYNCED,
-            &format!("{verb} Secret {target_name} with the current credentials"),
-        )
-        .await;
-    }
-    Ok(target_name)
+    let desired = decide::target_secret(conn, data, BTreeMap::new());
+    let mut notes = Vec::new();
+    apply_if_changed(conn, &secrets, existing.as_ref(), &desired, &mut notes).await?;
+    Ok(Synced {
+        report: Report {
+            verdict: Some(Verdict::ready(format!(
+                "Secret {target_name} holds the current credentials."
+            ))),
+            secret_name: Some(target_name),
+            token: Some(TokenStatus::default()),
+        },
+        action: Action::requeue(RESYNC_INTERVAL),
+        notes,
+    })
 }
 
-async fn apply_secret(secrets: &Api<Secret>, desired: &Secret) -> Result<(), Error> {
+/// Writes the target Secret of an OAuth 2.0 connection from `record` when
+/// it differs.
+pub(crate) async fn write_target(
+    conn: &SourceConnection,
+    secrets: &Api<Secret>,
+    existing: Option<Secret>,
+    record: &TokenRecord,
+) -> Result<(), Error> {
+    let desired = decide::target_secret(conn, record.target_data(), record.target_annotations());
+    // Routine refreshes publish no event: at thousands of connections that
+    // would be an API write per refresh for nobody to read.
+    apply_if_changed(conn, secrets, existing.as_ref(), &desired, &mut Vec::new()).await?;
+    Ok(())
+}
+
+/// Applies `desired` when the cluster's copy differs; says what it did.
+async fn apply_if_changed(
+    conn: &SourceConnection,
+    secrets: &Api<Secret>,
+    existing: Option<&Secret>,
+    desired: &Secret,
+    notes: &mut Vec<Note>,
+) -> Result<Option<&'static str>, Error> {
+    if !decide::needs_write(existing, desired) {
+        return Ok(None);
+    }
     let name = desired.name_any();
     let params = PatchParams::apply(FIELD_MANAGER).force();
     match secrets.patch(&name, &params, &Patch::Apply(desired)).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {}
         // The server refuses the Secret for what the user wrote into
         // spec.target (an invalid label, say): a spec problem, not an outage.
-        Err(kube::Error::Api(status)) if status.code == 422 => Err(Error::InvalidSpec(format!(
-            "the API server refused the target Secret {name}: {}. Fix spec.target.",
-            status.message
-        ))),
-        Err(error) => Err(error.into()),
+        Err(kube::Error::Api(status)) if status.code == 422 => {
+            return Err(Error::InvalidSpec(format!(
+                "the API server refused the target Secret {name}: {}. Fix spec.target.",
+                status.message
+            )));
+        }
+        Err(error) => return Err(error.into()),
     }
+    let verb = if existing.is_some() {
+        "Updated"
+    } else {
+        "Created"
+    };
+    debug!(connection = %display_name(conn), secret = %name, "{verb} Secret");
+    notes.push(Note {
+        type_: EventType::Normal,
+        reason: status::REASON_SECRET_SYNCED.to_owned(),
+        message: format!("{verb} Secret {name} with the current credentials"),
+    });
+    Ok(Some(verb))
 }
 
 async fn write_status(
     conn: &SourceConnection,
     ctx: &Context,
-    outcome: &Outcome<'_>,
+    report: &Report,
+    now: Timestamp,
 ) -> Result<(), Error> {
-    let desired = status::desired_status(conn, outcome, Timestamp::now());
+    let desired = status::desired_status(conn, report, now);
     if status::is_current(conn, &desired) {
         return Ok(());
     }
@@ -280,26 +348,20 @@ async fn write_status(
     Ok(())
 }
 
-async fn publish(
-    ctx: &Context,
-    conn: &SourceConnection,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    let mut note = note.to_owned();
-    if note.len() > EVENT_NOTE_LIMIT {
+async fn publish(ctx: &Context, conn: &SourceConnection, note: &Note) {
+    let mut message = note.message.clone();
+    if message.len() > EVENT_NOTE_LIMIT {
         let mut cut = EVENT_NOTE_LIMIT - 3;
-        while !note.is_char_boundary(cut) {
+        while !message.is_char_boundary(cut) {
             cut -= 1;
         }
-        note.truncate(cut);
-        note.push_str("...");
+        message.truncate(cut);
+        message.push_str("...");
     }
     let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
+        type_: note.type_,
+        reason: note.reason.clone(),
+        note: Some(message),
         action: "Reconcile".to_owned(),
         secondary: None,
     };

@@ -9,11 +9,16 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 use kube::{Resource, ResourceExt};
 
+use jiff::SignedDuration;
+
 use crate::api::{
     ApiKeyAuth, BasicAuth, FIELD_MANAGER, LABEL_CONNECTION, LABEL_MANAGED_BY, LABEL_SECRET_ROLE,
-    MANAGED_BY, OAuth2Auth, SECRET_ROLE_CREDENTIALS, SourceConnection, target_keys,
+    MANAGED_BY, OAuth2Auth, OAuth2Grant, SECRET_ROLE_CREDENTIALS, SECRET_ROLE_STATE,
+    SourceConnection, target_keys,
 };
 use crate::error::Error;
+use crate::schedule::{FALLBACK_TOKEN_LIFETIME, parse_duration};
+use crate::token::{KEY_REFRESH_TOKEN, RESERVED_TARGET_KEYS};
 
 /// The one authentication method a valid spec names.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +107,15 @@ pub fn validate(conn: &SourceConnection) -> Result<Method<'_>, Error> {
              characters. Set spec.target.name."
         )));
     }
+    if matches!(method, Method::OAuth2(_)) {
+        let state = conn.state_secret_name();
+        if target == state || spec.referenced_secret_names().contains(&state.as_str()) {
+            return Err(Error::InvalidSpec(format!(
+                "Secret \"{state}\" is where tokenkeeper keeps this connection's refresh token; \
+                 it cannot also be the target or an input. Use other names."
+            )));
+        }
+    }
     if spec.referenced_secret_names().contains(&target.as_str()) {
         return Err(Error::InvalidSpec(format!(
             "target Secret \"{target}\" is also a Secret this connection reads from; writing it \
@@ -122,7 +136,6 @@ pub fn validate(conn: &SourceConnection) -> Result<Method<'_>, Error> {
 /// The keys the target Secret holds for a static method, read from the
 /// user's source Secret.
 pub fn static_credentials(
-    conn: &SourceConnection,
     method: Method<'_>,
     source: &Secret,
 ) -> Result<BTreeMap<String, ByteString>, Error> {
@@ -144,32 +157,37 @@ pub fn static_credentials(
             api_key.secret_ref.key.as_str(),
             "apiKey.secretRef.key",
         )],
-        Method::OAuth2(_) => return Err(Error::NotImplemented),
+        Method::OAuth2(_) => unreachable!("OAuth 2.0 credentials are not static"),
     };
-    let source_data = secret_values(source);
     let mut data = BTreeMap::new();
     for (target_key, source_key, field) in wanted {
-        match source_data.get(source_key) {
-            Some(value) if !value.is_empty() => {
-                data.insert(target_key.to_owned(), ByteString(value.clone()));
-            }
-            _ => {
-                let present: Vec<&str> = source_data.keys().map(String::as_str).collect();
-                return Err(Error::MissingKey {
-                    namespace: conn.namespace().unwrap_or_default(),
-                    name: source.name_any(),
-                    key: source_key.to_owned(),
-                    field,
-                    present: if present.is_empty() {
-                        " (it has no keys)".to_owned()
-                    } else {
-                        format!(" (it has: {})", present.join(", "))
-                    },
-                });
-            }
-        }
+        let value = secret_key(source, source_key, field)?;
+        data.insert(target_key.to_owned(), ByteString(value));
     }
     Ok(data)
+}
+
+/// The non-empty value of `key` in `secret`, or `MissingKey` naming the
+/// keys the Secret does have (never their values).
+pub fn secret_key(secret: &Secret, key: &str, field: &'static str) -> Result<Vec<u8>, Error> {
+    let values = secret_values(secret);
+    match values.get(key) {
+        Some(value) if !value.is_empty() => Ok(value.clone()),
+        _ => {
+            let present: Vec<&str> = values.keys().map(String::as_str).collect();
+            Err(Error::MissingKey {
+                namespace: secret.namespace().unwrap_or_default(),
+                name: secret.name_any(),
+                key: key.to_owned(),
+                field,
+                present: if present.is_empty() {
+                    " (it has no keys)".to_owned()
+                } else {
+                    format!(" (it has: {})", present.join(", "))
+                },
+            })
+        }
+    }
 }
 
 /// Example `--from-literal` flags for the kubectl command that creates a
@@ -206,18 +224,56 @@ fn secret_values(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
 /// The target Secret as tokenkeeper wants it: the given data, the user's
 /// labels and annotations plus tokenkeeper's own labels, and a controller
 /// owner reference so that it goes when the SourceConnection goes.
-pub fn target_secret(conn: &SourceConnection, data: BTreeMap<String, ByteString>) -> Secret {
+pub fn target_secret(
+    conn: &SourceConnection,
+    data: BTreeMap<String, ByteString>,
+    own_annotations: BTreeMap<String, String>,
+) -> Secret {
     let mut labels = conn.spec.target.labels.clone();
-    labels.insert(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned());
-    labels.insert(LABEL_CONNECTION.to_owned(), conn.name_any());
-    labels.insert(
-        LABEL_SECRET_ROLE.to_owned(),
-        SECRET_ROLE_CREDENTIALS.to_owned(),
-    );
-    let annotations = conn.spec.target.annotations.clone();
+    labels.extend(managed_labels(conn, SECRET_ROLE_CREDENTIALS));
+    let mut annotations = conn.spec.target.annotations.clone();
+    annotations.extend(own_annotations);
+    managed_secret(conn, conn.target_secret_name(), labels, annotations, data)
+}
+
+/// The operator-private state Secret of an OAuth 2.0 connection.
+pub fn state_secret(conn: &SourceConnection, data: BTreeMap<String, ByteString>) -> Secret {
+    let annotations = BTreeMap::from([(
+        "tokenkeeper.dev/description".to_owned(),
+        format!(
+            "Operator-private state of SourceConnection {}: holds its refresh token. Do not \
+             mount, copy or edit; pods use Secret {}.",
+            conn.name_any(),
+            conn.target_secret_name()
+        ),
+    )]);
+    managed_secret(
+        conn,
+        conn.state_secret_name(),
+        managed_labels(conn, SECRET_ROLE_STATE),
+        annotations,
+        data,
+    )
+}
+
+fn managed_labels(conn: &SourceConnection, role: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+        (LABEL_CONNECTION.to_owned(), conn.name_any()),
+        (LABEL_SECRET_ROLE.to_owned(), role.to_owned()),
+    ])
+}
+
+fn managed_secret(
+    conn: &SourceConnection,
+    name: String,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    data: BTreeMap<String, ByteString>,
+) -> Secret {
     Secret {
         metadata: ObjectMeta {
-            name: Some(conn.target_secret_name()),
+            name: Some(name),
             namespace: conn.namespace(),
             labels: Some(labels),
             annotations: (!annotations.is_empty()).then_some(annotations),
@@ -232,21 +288,115 @@ pub fn target_secret(conn: &SourceConnection, data: BTreeMap<String, ByteString>
 
 /// Refuses to take over a Secret that this SourceConnection does not own.
 pub fn check_ownership(conn: &SourceConnection, existing: Option<&Secret>) -> Result<(), Error> {
-    let Some(existing) = existing else {
-        return Ok(());
-    };
-    let uid = conn.uid();
-    let owned = existing
-        .owner_references()
-        .iter()
-        .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == uid.as_ref());
-    if owned {
-        Ok(())
-    } else {
-        Err(Error::TargetSecretConflict {
+    match existing {
+        Some(existing) if !is_owned_by(conn, existing) => Err(Error::TargetSecretConflict {
             namespace: existing.namespace().unwrap_or_default(),
             name: existing.name_any(),
-        })
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Like `check_ownership`, for the state Secret, whose name the user
+/// cannot choose.
+pub fn check_state_ownership(
+    conn: &SourceConnection,
+    existing: Option<&Secret>,
+) -> Result<(), Error> {
+    match existing {
+        Some(existing) if !is_owned_by(conn, existing) => Err(Error::InvalidSpec(format!(
+            "Secret {name} exists and is not managed by this SourceConnection, but tokenkeeper \
+             keeps the connection's refresh token under that name. Rename the SourceConnection, \
+             or delete the Secret: kubectl delete secret {name} -n {namespace}",
+            name = existing.name_any(),
+            namespace = existing.namespace().unwrap_or_default(),
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn is_owned_by(conn: &SourceConnection, secret: &Secret) -> bool {
+    let uid = conn.uid();
+    secret
+        .owner_references()
+        .iter()
+        .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == uid.as_ref())
+}
+
+/// OAuth 2.0 settings checked and parsed.
+pub struct OAuthSettings {
+    pub refresh_before: Option<SignedDuration>,
+    pub default_lifetime: SignedDuration,
+}
+
+/// Checks an `oauth2` spec beyond what the schema can.
+pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
+    let invalid = |message: String| Error::InvalidSpec(message);
+    check_endpoint("spec.oauth2.tokenUrl", &oauth.token_url).map_err(invalid)?;
+    match oauth.grant {
+        OAuth2Grant::AuthorizationCode => return Err(Error::NotImplemented),
+        OAuth2Grant::RefreshToken if oauth.refresh_token_secret_ref.is_none() => {
+            return Err(invalid(
+                "spec.oauth2.grant is refreshToken, but spec.oauth2.refreshTokenSecretRef is not \
+                 set: name the Secret and key that hold the refresh token to start from."
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
+    for field in &oauth.response_fields {
+        let reserved = RESERVED_TARGET_KEYS.contains(&field.as_str()) || field == KEY_REFRESH_TOKEN;
+        let valid_key = !field.is_empty()
+            && field
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        if reserved || !valid_key {
+            return Err(invalid(format!(
+                "spec.oauth2.responseFields lists \"{field}\", which cannot be a key of the \
+                 target Secret ({}). Remove it.",
+                if reserved {
+                    "tokenkeeper sets that key itself, or it is the refresh token"
+                } else {
+                    "keys are letters, digits, '-', '_' and '.'"
+                }
+            )));
+        }
+    }
+    let refresh_before = oauth
+        .refresh_before
+        .as_deref()
+        .map(|text| parse_duration("spec.oauth2.refreshBefore", text))
+        .transpose()
+        .map_err(invalid)?;
+    let default_lifetime = oauth
+        .default_token_lifetime
+        .as_deref()
+        .map(|text| parse_duration("spec.oauth2.defaultTokenLifetime", text))
+        .transpose()
+        .map_err(invalid)?
+        .unwrap_or(FALLBACK_TOKEN_LIFETIME);
+    Ok(OAuthSettings {
+        refresh_before,
+        default_lifetime,
+    })
+}
+
+/// Tokens and client secrets travel only over TLS, except to this machine
+/// (local development and tests).
+fn check_endpoint(field: &str, url: &str) -> Result<(), String> {
+    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+        .iter()
+        .any(|prefix| {
+            url.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+        });
+    if url.starts_with("https://") || loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} \"{url}\" must be an https:// URL (plain http is accepted only for \
+             127.0.0.1 and localhost), because client secrets and tokens travel over it"
+        ))
     }
 }
 
@@ -399,7 +549,7 @@ mod tests {
             "warehouse-login",
             &[("user", "etl"), ("pass", "s3cret"), ("other", "x")],
         );
-        let data = static_credentials(&conn, method, &source).unwrap();
+        let data = static_credentials(method, &source).unwrap();
         assert_eq!(
             data.keys().collect::<Vec<_>>(),
             vec!["password", "username"]
@@ -416,7 +566,7 @@ mod tests {
             "warehouse-login",
             &[("user", "etl"), ("password", "hunter2")],
         );
-        let err = static_credentials(&conn, method, &source).unwrap_err();
+        let err = static_credentials(method, &source).unwrap_err();
         assert_eq!(err.reason(), "MissingKey");
         let text = err.to_string();
         assert!(text.contains("\"pass\""), "{text}");
@@ -433,9 +583,7 @@ mod tests {
         let method = validate(&conn).unwrap();
         let source = secret("warehouse-login", &[("user", "etl"), ("pass", "")]);
         assert_eq!(
-            static_credentials(&conn, method, &source)
-                .unwrap_err()
-                .reason(),
+            static_credentials(method, &source).unwrap_err().reason(),
             "MissingKey"
         );
     }
@@ -507,7 +655,7 @@ mod tests {
     fn target_secret_is_owned_and_labelled() {
         let mut conn = basic_conn();
         conn.spec.target.labels.insert("team".into(), "data".into());
-        let desired = target_secret(&conn, BTreeMap::new());
+        let desired = target_secret(&conn, BTreeMap::new(), BTreeMap::new());
         assert_eq!(
             desired.labels()["app.kubernetes.io/managed-by"],
             "tokenkeeper"
@@ -531,8 +679,8 @@ mod tests {
     fn unchanged_secret_needs_no_write() {
         let conn = basic_conn();
         let source = secret("warehouse-login", &[("user", "etl"), ("pass", "s3cret")]);
-        let data = static_credentials(&conn, validate(&conn).unwrap(), &source).unwrap();
-        let desired = target_secret(&conn, data);
+        let data = static_credentials(validate(&conn).unwrap(), &source).unwrap();
+        let desired = target_secret(&conn, data, BTreeMap::new());
         let mut existing = desired.clone();
         existing.metadata.resource_version = Some("7".into());
         existing
@@ -553,7 +701,7 @@ mod tests {
     #[test]
     fn label_dropped_from_spec_is_removed() {
         let conn = basic_conn();
-        let desired = target_secret(&conn, BTreeMap::new());
+        let desired = target_secret(&conn, BTreeMap::new(), BTreeMap::new());
         let mut existing = desired.clone();
         existing.labels_mut().insert("team".into(), "data".into());
         assert!(

@@ -1,10 +1,11 @@
 //! The one error type. Each variant that a user can act on is a condition
 //! reason on the SourceConnection; its message says what is wrong and how
-//! to fix it. Messages name Secrets and keys, never their values.
+//! to fix it. Messages name Secrets, keys and endpoints, never the values
+//! of tokens or secrets.
 
 use std::time::Duration;
 
-#[derive(thiserror::Error, Debug)]
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
 pub enum Error {
     #[error(
         "Secret {namespace}/{name} (spec.{field}) does not exist. Create it, for example: \
@@ -42,14 +43,71 @@ pub enum Error {
     TargetSecretConflict { namespace: String, name: String },
 
     #[error(
-        "OAuth 2.0 connections are not supported by this version of tokenkeeper yet; \
-         nothing was written. Use basic or apiKey, or upgrade tokenkeeper."
+        "The authorizationCode grant (a person authorizing on the provider's consent page) is \
+         not supported by this version of tokenkeeper yet; nothing was written. Use the \
+         refreshToken grant with a refresh token obtained elsewhere, or clientCredentials."
     )]
     NotImplemented,
 
+    #[error(
+        "The provider rejected the refresh token (invalid_grant{detail}): the grant was revoked \
+         (for example the app was disconnected at the provider) or the refresh token is no \
+         longer valid. Re-authorize the connection and store the new refresh token: {fix}"
+    )]
+    InvalidGrant { detail: String, fix: String },
+
+    #[error(
+        "The refresh token expired{detail}. Reconnect the source and re-authorize it, then \
+         store the new refresh token: {fix}"
+    )]
+    RefreshTokenExpired { detail: String, fix: String },
+
+    #[error(
+        "The grant lacks permissions the connection needs: {detail}. Restore the permissions \
+         at the provider, or re-authorize with the needed scopes and store the new refresh \
+         token: {fix}"
+    )]
+    InsufficientPermissions { detail: String, fix: String },
+
+    #[error(
+        "The provider rejected the client credentials ({detail}). Fix the client id and \
+         secret in Secret {namespace}/{secret} (kubectl edit secret {secret} -n {namespace}) \
+         and check spec.oauth2.client.authMethod (clientSecretBasic or clientSecretPost)."
+    )]
+    InvalidClient {
+        detail: String,
+        namespace: String,
+        secret: String,
+    },
+
+    #[error("The token endpoint {endpoint} is unavailable: {detail}.")]
+    ProviderUnavailable {
+        endpoint: String,
+        detail: String,
+        /// How long the provider asked us to wait (HTTP 429/503 Retry-After).
+        retry_after: Option<Duration>,
+    },
+
     /// Talking to the Kubernetes API failed; retried with backoff.
     #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
+    Kube(String),
+}
+
+impl From<kube::Error> for Error {
+    fn from(error: kube::Error) -> Self {
+        Error::Kube(error.to_string())
+    }
+}
+
+/// What the controller does after an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Kubernetes API trouble: retried with in-memory backoff, status untouched.
+    Infrastructure,
+    /// The provider is unavailable: reported, retried with backoff kept in status.
+    Backoff,
+    /// Wait for a change to the SourceConnection or its Secrets.
+    AwaitChange,
 }
 
 impl Error {
@@ -61,33 +119,53 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::TargetSecretConflict { .. } => "TargetSecretConflict",
             Error::NotImplemented => "NotImplemented",
+            Error::InvalidGrant { .. } => "InvalidGrant",
+            Error::RefreshTokenExpired { .. } => "RefreshTokenExpired",
+            Error::InsufficientPermissions { .. } => "InsufficientPermissions",
+            Error::InvalidClient { .. } => "InvalidClient",
+            Error::ProviderUnavailable { .. } => "ProviderUnavailable",
             Error::Kube(_) => "KubernetesApiError",
         }
     }
 
-    /// Transient errors are retried with backoff and leave the status as it
-    /// was; the others are reported in status and wait for a change.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Kube(_))
-    }
-
-    /// True when the source rejected the credentials (condition
-    /// `AuthFailed=True`), as opposed to configuration the operator could
-    /// not use.
-    pub fn is_auth_failure(&self) -> bool {
+    pub fn retry(&self) -> Retry {
         match self {
+            Error::Kube(_) => Retry::Infrastructure,
+            Error::ProviderUnavailable { .. } => Retry::Backoff,
             Error::SecretNotFound { .. }
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
             | Error::TargetSecretConflict { .. }
             | Error::NotImplemented
+            | Error::InvalidGrant { .. }
+            | Error::RefreshTokenExpired { .. }
+            | Error::InsufficientPermissions { .. }
+            | Error::InvalidClient { .. } => Retry::AwaitChange,
+        }
+    }
+
+    /// True when the provider rejected the credentials (condition
+    /// `AuthFailed=True`), as opposed to configuration tokenkeeper could
+    /// not use or a provider it could not reach.
+    pub fn is_auth_failure(&self) -> bool {
+        match self {
+            Error::InvalidGrant { .. }
+            | Error::RefreshTokenExpired { .. }
+            | Error::InsufficientPermissions { .. }
+            | Error::InvalidClient { .. } => true,
+            Error::SecretNotFound { .. }
+            | Error::MissingKey { .. }
+            | Error::InvalidSpec(_)
+            | Error::TargetSecretConflict { .. }
+            | Error::NotImplemented
+            | Error::ProviderUnavailable { .. }
             | Error::Kube(_) => false,
         }
     }
 }
 
-/// Exponential backoff for transient errors: 5 s doubling up to 5 minutes.
-pub fn transient_backoff(consecutive_failures: u32) -> Duration {
+/// Exponential backoff for retried errors: 5 s doubling up to 5 minutes.
+pub fn backoff(consecutive_failures: u32) -> Duration {
     let exponent = consecutive_failures.saturating_sub(1).min(6);
     Duration::from_secs(5 * (1u64 << exponent)).min(Duration::from_secs(300))
 }
@@ -98,7 +176,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        let secs: Vec<u64> = (1..=9).map(|n| transient_backoff(n).as_secs()).collect();
+        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
     }
 
@@ -120,6 +198,23 @@ mod tests {
             "{text}"
         );
         assert_eq!(missing.reason(), "SecretNotFound");
-        assert!(!missing.is_transient());
+        assert_eq!(missing.retry(), Retry::AwaitChange);
+        assert!(!missing.is_auth_failure());
+    }
+
+    #[test]
+    fn only_rejections_are_auth_failures() {
+        let grant = Error::InvalidGrant {
+            detail: String::new(),
+            fix: "x".into(),
+        };
+        assert!(grant.is_auth_failure());
+        let outage = Error::ProviderUnavailable {
+            endpoint: "https://p/token".into(),
+            detail: "HTTP 503".into(),
+            retry_after: None,
+        };
+        assert!(!outage.is_auth_failure());
+        assert_eq!(outage.retry(), Retry::Backoff);
     }
 }

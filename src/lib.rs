@@ -1,9 +1,14 @@
 //! tokenkeeper: keeps SaaS source credentials fresh in Kubernetes Secrets.
 
 pub mod api;
+pub mod classify;
 pub mod controller;
 pub mod crdgen;
 pub mod decide;
 pub mod error;
+pub mod oauth_sync;
+pub mod schedule;
 pub mod status;
 pub mod telemetry;
+pub mod token;
+pub mod token_client;

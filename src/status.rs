@@ -1,7 +1,6 @@
-//! Pure computation of a SourceConnection's status from the outcome of a
-//! reconcile. Conditions whose status did not change keep their
-//! `lastTransitionTime`, so an unchanged outcome yields an identical status
-//! and the controller writes nothing.
+//! Pure computation of a SourceConnection's status. Conditions whose status
+//! did not change keep their `lastTransitionTime`, so an unchanged outcome
+//! yields an identical status and the controller writes nothing.
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -14,71 +13,152 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_AUTH_FAILED: &str = "AuthFailed";
 pub const REASON_SECRET_SYNCED: &str = "SecretSynced";
 pub const REASON_NOT_REJECTED: &str = "NotRejected";
+pub const REASON_ACCESS_TOKEN_EXPIRED: &str = "AccessTokenExpired";
 
-/// What a reconcile achieved.
-pub enum Outcome<'a> {
-    /// The target Secret holds the current credentials.
-    Synced { secret_name: String },
-    /// The connection cannot be served; the error says why.
-    Failed(&'a Error),
+/// What the conditions say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub ready: bool,
+    pub reason: String,
+    pub message: String,
+    /// Set when the provider rejected the credentials: `AuthFailed=True`.
+    pub rejection: Option<(String, String)>,
 }
 
-/// The status the SourceConnection should have after `outcome`, given what
-/// it has now. `now` is only used for conditions that change status.
+impl Verdict {
+    pub fn ready(message: String) -> Self {
+        Verdict {
+            ready: true,
+            reason: REASON_SECRET_SYNCED.to_owned(),
+            message,
+            rejection: None,
+        }
+    }
+
+    /// The connection cannot be served for `error`.
+    pub fn failed(error: &Error) -> Self {
+        Verdict {
+            ready: false,
+            reason: error.reason().to_owned(),
+            message: error.to_string(),
+            rejection: error
+                .is_auth_failure()
+                .then(|| (error.reason().to_owned(), error.to_string())),
+        }
+    }
+}
+
+/// The OAuth 2.0 fields of the status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenStatus {
+    pub token_expires_at: Option<Timestamp>,
+    pub last_refresh_time: Option<Timestamp>,
+    pub next_refresh_time: Option<Timestamp>,
+    pub granted_scopes: Vec<String>,
+    pub failed_refresh_attempts: u32,
+    pub last_failure_time: Option<Timestamp>,
+    pub force_refresh_handled: Option<String>,
+}
+
+impl TokenStatus {
+    /// The token fields `conn` carries now.
+    pub fn current(conn: &SourceConnection) -> Self {
+        let Some(status) = &conn.status else {
+            return Self::default();
+        };
+        let time = |t: &Option<Time>| t.as_ref().map(|t| t.0);
+        TokenStatus {
+            token_expires_at: time(&status.token_expires_at),
+            last_refresh_time: time(&status.last_refresh_time),
+            next_refresh_time: time(&status.next_refresh_time),
+            granted_scopes: status.granted_scopes.clone(),
+            failed_refresh_attempts: status
+                .failed_refresh_attempts
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or_default(),
+            last_failure_time: time(&status.last_failure_time),
+            force_refresh_handled: status.force_refresh_handled.clone(),
+        }
+    }
+}
+
+/// What a reconcile found; `None` fields keep what the status has.
+pub struct Report {
+    /// `None` keeps the conditions as they are (a retry is pending).
+    pub verdict: Option<Verdict>,
+    pub secret_name: Option<String>,
+    pub token: Option<TokenStatus>,
+}
+
+/// The status `conn` should have after `report`, given what it has now.
+/// `now` stamps conditions that change status.
 pub fn desired_status(
     conn: &SourceConnection,
-    outcome: &Outcome<'_>,
+    report: &Report,
     now: Timestamp,
 ) -> SourceConnectionStatus {
     let current = conn.status.clone().unwrap_or_default();
     let generation = conn.metadata.generation;
     let now = Time(truncate_to_seconds(now));
 
-    let (ready, auth_failed, secret_name) = match outcome {
-        Outcome::Synced { secret_name } => (
-            condition(
+    let conditions = match &report.verdict {
+        None => current
+            .conditions
+            .iter()
+            .cloned()
+            .map(|mut c| {
+                c.observed_generation = generation;
+                c
+            })
+            .collect(),
+        Some(verdict) => {
+            let ready = condition(
                 CONDITION_READY,
-                true,
-                REASON_SECRET_SYNCED,
-                format!("Secret {secret_name} holds the current credentials."),
-            ),
-            not_rejected(),
-            Some(secret_name.clone()),
-        ),
-        Outcome::Failed(error) => (
-            condition(CONDITION_READY, false, error.reason(), error.to_string()),
-            if error.is_auth_failure() {
-                condition(
+                verdict.ready,
+                &verdict.reason,
+                &verdict.message,
+            );
+            let auth_failed = match &verdict.rejection {
+                Some((reason, message)) => condition(CONDITION_AUTH_FAILED, true, reason, message),
+                None => condition(
                     CONDITION_AUTH_FAILED,
-                    true,
-                    error.reason(),
-                    error.to_string(),
-                )
-            } else {
-                not_rejected()
-            },
-            current.secret_name.clone(),
-        ),
+                    false,
+                    REASON_NOT_REJECTED,
+                    "No credential of this connection has been rejected.",
+                ),
+            };
+            [ready, auth_failed]
+                .into_iter()
+                .map(|mut wanted| {
+                    wanted.observed_generation = generation;
+                    wanted.last_transition_time = current
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == wanted.type_ && c.status == wanted.status)
+                        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+                    wanted
+                })
+                .collect()
+        }
     };
 
-    let conditions = [ready, auth_failed]
-        .into_iter()
-        .map(|mut wanted| {
-            wanted.observed_generation = generation;
-            wanted.last_transition_time = current
-                .conditions
-                .iter()
-                .find(|c| c.type_ == wanted.type_ && c.status == wanted.status)
-                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-            wanted
-        })
-        .collect();
-
+    let token = report
+        .token
+        .clone()
+        .unwrap_or_else(|| TokenStatus::current(conn));
+    let time = |t: Option<Timestamp>| t.map(|t| Time(truncate_to_seconds(t)));
     SourceConnectionStatus {
         observed_generation: generation,
         conditions,
-        secret_name,
-        token_expires_at: current.token_expires_at,
+        secret_name: report.secret_name.clone().or(current.secret_name),
+        token_expires_at: time(token.token_expires_at),
+        last_refresh_time: time(token.last_refresh_time),
+        next_refresh_time: time(token.next_refresh_time),
+        granted_scopes: token.granted_scopes,
+        failed_refresh_attempts: (token.failed_refresh_attempts > 0)
+            .then(|| i32::try_from(token.failed_refresh_attempts).unwrap_or(i32::MAX)),
+        last_failure_time: time(token.last_failure_time),
+        force_refresh_handled: token.force_refresh_handled,
     }
 }
 
@@ -105,21 +185,12 @@ pub fn display_name(conn: &SourceConnection) -> String {
     )
 }
 
-fn not_rejected() -> Condition {
-    condition(
-        CONDITION_AUTH_FAILED,
-        false,
-        REASON_NOT_REJECTED,
-        "No credential of this connection has been rejected.".into(),
-    )
-}
-
-fn condition(type_: &str, status: bool, reason: &str, message: String) -> Condition {
+fn condition(type_: &str, status: bool, reason: &str, message: &str) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if status { "True" } else { "False" }.to_owned(),
         reason: reason.to_owned(),
-        message,
+        message: message.to_owned(),
         last_transition_time: Time(Timestamp::UNIX_EPOCH),
         observed_generation: None,
     }
@@ -127,7 +198,7 @@ fn condition(type_: &str, status: bool, reason: &str, message: String) -> Condit
 
 /// The API server stores times with second precision; comparing a stored
 /// time with an untruncated one would always differ and cause a write.
-fn truncate_to_seconds(t: Timestamp) -> Timestamp {
+pub fn truncate_to_seconds(t: Timestamp) -> Timestamp {
     Timestamp::from_second(t.as_second()).expect("a valid timestamp stays valid")
 }
 
@@ -161,10 +232,26 @@ mod tests {
         Timestamp::from_second(seconds).unwrap()
     }
 
-    fn synced() -> Outcome<'static> {
-        Outcome::Synced {
-            secret_name: "stripe-credentials".into(),
+    fn synced() -> Report {
+        Report {
+            verdict: Some(Verdict::ready(
+                "Secret stripe-credentials holds the current credentials.".into(),
+            )),
+            secret_name: Some("stripe-credentials".into()),
+            token: Some(TokenStatus::default()),
         }
+    }
+
+    fn failed(error: &Error) -> Report {
+        Report {
+            verdict: Some(Verdict::failed(error)),
+            secret_name: None,
+            token: None,
+        }
+    }
+
+    fn find_in<'a>(status: &'a SourceConnectionStatus, type_: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
     }
 
     #[test]
@@ -172,18 +259,17 @@ mod tests {
         let status = desired_status(&conn(), &synced(), at(1_000));
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(status.secret_name.as_deref(), Some("stripe-credentials"));
-        let ready = &status.conditions[0];
+        let ready = find_in(&status, "Ready");
         assert_eq!(
-            (ready.type_.as_str(), ready.status.as_str()),
-            ("Ready", "True")
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "SecretSynced")
         );
-        assert_eq!(ready.reason, "SecretSynced");
         assert_eq!(ready.observed_generation, Some(3));
         assert_eq!(ready.last_transition_time, Time(at(1_000)));
-        let auth = &status.conditions[1];
+        let auth = find_in(&status, "AuthFailed");
         assert_eq!(
-            (auth.type_.as_str(), auth.status.as_str()),
-            ("AuthFailed", "False")
+            (auth.status.as_str(), auth.reason.as_str()),
+            ("False", "NotRejected")
         );
     }
 
@@ -191,17 +277,25 @@ mod tests {
     fn unchanged_outcome_gives_identical_status() {
         let mut conn = conn();
         conn.status = Some(desired_status(&conn, &synced(), at(1_000)));
-        let again = desired_status(&conn, &synced(), at(5_000));
-        assert!(is_current(&conn, &again));
+        assert!(is_current(
+            &conn,
+            &desired_status(&conn, &synced(), at(5_000))
+        ));
     }
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut conn = conn();
-        let missing = Error::InvalidSpec("first".into());
-        conn.status = Some(desired_status(&conn, &Outcome::Failed(&missing), at(1_000)));
-        let other = Error::InvalidSpec("second".into());
-        let status = desired_status(&conn, &Outcome::Failed(&other), at(2_000));
+        conn.status = Some(desired_status(
+            &conn,
+            &failed(&Error::InvalidSpec("first".into())),
+            at(1_000),
+        ));
+        let status = desired_status(
+            &conn,
+            &failed(&Error::InvalidSpec("second".into())),
+            at(2_000),
+        );
         let ready = find_in(&status, "Ready");
         assert_eq!(ready.message, "second");
         assert_eq!(
@@ -217,17 +311,57 @@ mod tests {
         );
         assert_eq!(
             find_in(&healed, "AuthFailed").last_transition_time,
-            Time(at(1_000)),
-            "AuthFailed stayed False"
+            Time(at(1_000))
         );
+    }
+
+    #[test]
+    fn a_rejection_sets_auth_failed() {
+        let error = Error::InvalidGrant {
+            detail: String::new(),
+            fix: "re-authorize".into(),
+        };
+        let status = desired_status(&conn(), &failed(&error), at(1_000));
+        let auth = find_in(&status, "AuthFailed");
+        assert_eq!(
+            (auth.status.as_str(), auth.reason.as_str()),
+            ("True", "InvalidGrant")
+        );
+        assert_eq!(find_in(&status, "Ready").status, "False");
+    }
+
+    #[test]
+    fn keeping_the_verdict_keeps_conditions_and_token_fields() {
+        let mut conn = conn();
+        let mut report = failed(&Error::InvalidSpec("x".into()));
+        report.token = Some(TokenStatus {
+            failed_refresh_attempts: 2,
+            next_refresh_time: Some(at(50)),
+            ..Default::default()
+        });
+        conn.status = Some(desired_status(&conn, &report, at(10)));
+        let kept = desired_status(
+            &conn,
+            &Report {
+                verdict: None,
+                secret_name: None,
+                token: None,
+            },
+            at(20),
+        );
+        assert!(is_current(&conn, &kept));
+        assert_eq!(kept.failed_refresh_attempts, Some(2));
     }
 
     #[test]
     fn failure_keeps_the_last_secret_name() {
         let mut conn = conn();
         conn.status = Some(desired_status(&conn, &synced(), at(1_000)));
-        let err = Error::InvalidSpec("broken".into());
-        let status = desired_status(&conn, &Outcome::Failed(&err), at(2_000));
+        let status = desired_status(
+            &conn,
+            &failed(&Error::InvalidSpec("broken".into())),
+            at(2_000),
+        );
         assert_eq!(status.secret_name.as_deref(), Some("stripe-credentials"));
         assert_eq!(find_in(&status, "Ready").reason, "InvalidSpec");
     }
@@ -237,9 +371,5 @@ mod tests {
         let precise = Timestamp::from_millisecond(1_000_999).unwrap();
         let status = desired_status(&conn(), &synced(), precise);
         assert_eq!(status.conditions[0].last_transition_time, Time(at(1_000)));
-    }
-
-    fn find_in<'a>(status: &'a SourceConnectionStatus, type_: &str) -> &'a Condition {
-        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
     }
 }

@@ -15,6 +15,10 @@ if [[ "${1:-}" == "--use-current-cluster" ]]; then use_current=true; shift; fi
 [[ "${1:-}" == "--" ]] && shift
 
 tests/cluster/build.sh
+# The OAuth 2.0 provider of the tests (oidc-provider), from the npm registry.
+if [[ ! -d tests/oauth/node_modules/oidc-provider ]]; then
+  npm ci --prefix tests/oauth --no-audit --no-fund --loglevel=error
+fi
 
 if $use_current; then
   : "${KUBECONFIG:?--use-current-cluster needs KUBECONFIG}"

@@ -411,7 +411,9 @@ fn generation_is_observed_and_a_quiet_connection_is_not_rewritten() {
         ns.condition("warehouse-db", "Ready", "lastTransitionTime"),
         ready_since
     );
-    let reconciles = operator.logs().matches("target Secret").count();
+    let logs = operator.logs();
+    let reconciles =
+        logs.matches("Created Secret").count() + logs.matches("Updated Secret").count();
     assert_eq!(
         reconciles,
         2,
@@ -421,7 +423,7 @@ fn generation_is_observed_and_a_quiet_connection_is_not_rewritten() {
 }
 
 #[test]
-fn oauth2_connections_say_honestly_that_they_are_not_served_yet() {
+fn the_authorization_code_grant_says_honestly_that_it_is_not_served_yet() {
     let ns = TestNamespace::new("oauth-pending");
     let _operator = Operator::start(&ns);
     ns.kubectl_ok(&[
@@ -434,7 +436,7 @@ fn oauth2_connections_say_honestly_that_they_are_not_served_yet() {
     ]);
     ns.apply_ok(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\n\
-         spec:\n  oauth2:\n    tokenUrl: https://crm.example.test/oauth/token\n    grant: clientCredentials\n\
+         spec:\n  oauth2:\n    tokenUrl: https://crm.example.test/oauth/token\n    grant: authorizationCode\n\
          \x20   client:\n      secretRef:\n        name: client\n",
     );
     ns.wait_ready("crm", "False", "NotImplemented", READY_TIMEOUT);

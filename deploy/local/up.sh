@@ -26,15 +26,31 @@ fi
 setsid "$REPO/target/debug/tokenkeeper" run >"$STATE/logs/tokenkeeper.log" 2>&1 </dev/null &
 echo "tokenkeeper $!" >>"$STATE/pids"
 
+# A local OAuth 2.0 provider (oidc-provider, the one the tests use) for the
+# OAuth example, since no real provider is reachable from here.
+if [[ ! -d tests/oauth/node_modules/oidc-provider ]]; then
+  npm ci --prefix tests/oauth --no-audit --no-fund --loglevel=error
+fi
+if grep -q '^oauth-provider ' "$STATE/pids" 2>/dev/null; then
+  kill -TERM "$(awk '$1 == "oauth-provider" {print $2}' "$STATE/pids")" 2>/dev/null || true
+  sed -i '/^oauth-provider /d' "$STATE/pids"
+fi
+setsid node tests/oauth/server.mjs '{"accessTokenTtl": 120}' >"$STATE/logs/oauth-provider.out" 2>"$STATE/logs/oauth-provider.log" </dev/null &
+echo "oauth-provider $!" >>"$STATE/pids"
+for _ in $(seq 1 50); do [[ -s "$STATE/logs/oauth-provider.out" ]] && break; sleep 0.2; done
+provider_port="$(sed -n 's/.*"port":\([0-9]*\).*/\1/p' "$STATE/logs/oauth-provider.out")"
+
 kubectl apply -f deploy/examples/basic-postgres.yaml -f deploy/examples/apikey-stripe.yaml
-kubectl wait --for condition=Ready --timeout=60s sourceconnection/warehouse-db sourceconnection/stripe >/dev/null
+sed "s#http://127.0.0.1:9400#http://127.0.0.1:$provider_port#" deploy/examples/oauth-client-credentials.yaml | kubectl apply -f -
+kubectl wait --for condition=Ready --timeout=60s \
+  sourceconnection/warehouse-db sourceconnection/stripe sourceconnection/crm-reporting >/dev/null
 
 echo
 echo "\$ kubectl get srcconn"
 kubectl get srcconn
 echo
-echo "\$ kubectl describe srcconn warehouse-db"
-kubectl describe srcconn warehouse-db
+echo "\$ kubectl describe srcconn crm-reporting"
+kubectl describe srcconn crm-reporting
 cat <<MSG
 
 tokenkeeper is running (log: $STATE/logs/tokenkeeper.log). To use this cluster:

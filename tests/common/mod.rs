@@ -158,7 +158,12 @@ impl Operator {
     }
 
     pub fn start_with(namespace: &TestNamespace, extra_args: &[&str]) -> Self {
-        let log_path = artifacts_dir().join(format!("operator-{}.log", namespace.name));
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let log_path = artifacts_dir().join(format!(
+            "operator-{}-{}.log",
+            namespace.name,
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
         let log = File::create(&log_path).expect("create operator log");
         let child = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
             .args(["run", "--namespace", &namespace.name])
@@ -172,6 +177,14 @@ impl Operator {
         Operator {
             child: Some(child),
             log_path,
+        }
+    }
+
+    /// SIGKILL, as a node failure or the OOM killer would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -273,6 +286,118 @@ pub fn wait_for<T>(
                 panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
             }
             Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// The real OAuth 2.0 provider of the tests (`oidc-provider`, see
+/// tests/oauth/server.mjs) on a free loopback port. Stopped on drop.
+pub struct OAuthServer {
+    child: Child,
+    pub issuer: String,
+    pub port: u16,
+    http: reqwest::blocking::Client,
+}
+
+impl OAuthServer {
+    /// Starts the provider with the given options (see server.mjs), e.g.
+    /// `{"accessTokenTtl": 4}`.
+    pub fn start(options: serde_json::Value) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new("node")
+            .arg(format!("{REPO}/tests/oauth/server.mjs"))
+            .arg(options.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node tests/oauth/server.mjs (run npm ci in tests/oauth)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the provider's address");
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("the provider did not start: {line:?}"));
+        OAuthServer {
+            child,
+            issuer: ready["issuer"].as_str().unwrap().to_owned(),
+            port: ready["port"].as_u64().unwrap() as u16,
+            http: reqwest::blocking::Client::new(),
+        }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.issuer)
+    }
+
+    /// Calls one of the provider's out-of-band test controls.
+    pub fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.http
+            .post(format!("{}/test/{path}", self.issuer))
+            .json(&body)
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("test control {path}: {e}"))
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.control("stats", serde_json::json!({}))
+    }
+
+    /// A refresh token for a grant of `scope`, as a user who consented
+    /// elsewhere would hand it over.
+    pub fn mint_refresh_token(&self, scope: &str) -> String {
+        self.control("mint-refresh-token", serde_json::json!({ "scope": scope }))["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn is_active(&self, token: &str) -> bool {
+        self.control("introspect", serde_json::json!({ "token": token }))["active"] == true
+    }
+
+    pub fn fail(&self, mode: &str) {
+        self.control(
+            "failure",
+            serde_json::json!({ "mode": mode, "retryAfter": 3 }),
+        );
+    }
+}
+
+impl Drop for OAuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts that none of `secrets` appears in the operator's log, the
+/// namespace's events or the SourceConnections (spec and status).
+pub fn assert_no_secret_leaks(ns: &TestNamespace, secrets: &[String]) {
+    let events = ns.kubectl_ok(&["get", "events", "-o", "yaml"]);
+    let connections = ns.kubectl_ok(&["get", "srcconn", "-o", "yaml"]);
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(artifacts_dir())
+        .expect("artifacts dir")
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("operator-{}-", ns.name)) {
+            logs.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    assert!(!logs.is_empty(), "no operator log found for {}", ns.name);
+    for secret in secrets.iter().filter(|s| s.len() >= 8) {
+        for (place, text) in [
+            ("operator log", &logs),
+            ("events", &events),
+            ("SourceConnections", &connections),
+        ] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a secret value leaked into the {place}"
+            );
         }
     }
 }

@@ -1,0 +1,302 @@
+//! Classifies what the token endpoint answered into the reasons users see
+//! (the reference's error table). Pure.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::error::Error;
+use crate::token::rfc3339;
+
+/// A failed token request, as seen on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenFailure {
+    /// An OAuth error response (RFC 6749 section 5.2).
+    OAuth {
+        status: u16,
+        code: String,
+        description: Option<String>,
+    },
+    /// An HTTP answer that is not an OAuth response: 5xx, 429, or a body
+    /// that is not JSON.
+    Http {
+        status: u16,
+        retry_after: Option<Duration>,
+        content_type: Option<String>,
+    },
+    /// No answer: connection refused, DNS, TLS, timeout.
+    Transport { detail: String },
+    /// A 2xx JSON body that is not a token response.
+    Malformed,
+}
+
+/// What the classifier needs to know besides the failure.
+pub struct FailureContext<'a> {
+    pub now: Timestamp,
+    pub token_endpoint: &'a str,
+    /// When the refresh token used is known to expire.
+    pub refresh_token_expires_at: Option<Timestamp>,
+    /// The kubectl command (or steps) that gives the connection a new grant.
+    pub reauthorize_fix: &'a str,
+    pub client_secret_namespace: &'a str,
+    pub client_secret_name: &'a str,
+}
+
+pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
+    let unavailable = |detail: String, retry_after: Option<Duration>| Error::ProviderUnavailable {
+        endpoint: context.token_endpoint.to_owned(),
+        detail,
+        retry_after,
+    };
+    match failure {
+        TokenFailure::OAuth {
+            status,
+            code,
+            description,
+        } => {
+            let detail = |code: &str| match description {
+                Some(text) if !text.is_empty() => format!("{code}: {}", clip(text)),
+                _ => code.to_owned(),
+            };
+            match code.as_str() {
+                "invalid_grant" => {
+                    let said_expired = description
+                        .as_deref()
+                        .is_some_and(|d| d.to_lowercase().contains("expired"));
+                    let known_expired = context
+                        .refresh_token_expires_at
+                        .filter(|at| *at <= context.now);
+                    if said_expired || known_expired.is_some() {
+                        Error::RefreshTokenExpired {
+                            detail: match known_expired {
+                                Some(at) => format!(" at {} (invalid_grant)", rfc3339(at)),
+                                None => format!(" ({})", detail("invalid_grant")),
+                            },
+                            fix: context.reauthorize_fix.to_owned(),
+                        }
+                    } else {
+                        Error::InvalidGrant {
+                            detail: description
+                                .as_deref()
+                                .filter(|d| !d.is_empty())
+                                .map(|d| format!(": {}", clip(d)))
+                                .unwrap_or_default(),
+                            fix: context.reauthorize_fix.to_owned(),
+                        }
+                    }
+                }
+                "invalid_scope" | "insufficient_scope" | "insufficient_permissions" => {
+                    Error::InsufficientPermissions {
+                        detail: format!("the provider answered {}", detail(code)),
+                        fix: context.reauthorize_fix.to_owned(),
+                    }
+                }
+                "invalid_client" | "unauthorized_client" => Error::InvalidClient {
+                    detail: detail(code),
+                    namespace: context.client_secret_namespace.to_owned(),
+                    secret: context.client_secret_name.to_owned(),
+                },
+                "temporarily_unavailable" | "server_error" => {
+                    unavailable(format!("HTTP {status}, {}", detail(code)), None)
+                }
+                _ if *status >= 500 => {
+                    unavailable(format!("HTTP {status}, {}", detail(code)), None)
+                }
+                _ => Error::InvalidSpec(format!(
+                    "the token endpoint {} refused the request ({}); check spec.oauth2 \
+                     (grant, scopes, extraTokenParams) against the provider's documentation",
+                    context.token_endpoint,
+                    detail(code)
+                )),
+            }
+        }
+        TokenFailure::Http {
+            status,
+            retry_after,
+            content_type,
+        } => {
+            let mut detail = format!("HTTP {status}");
+            if *status == 429 {
+                detail.push_str(" Too Many Requests");
+            }
+            if let Some(wait) = retry_after {
+                detail.push_str(&format!(", Retry-After {} s", wait.as_secs()));
+            }
+            if let Some(kind) = content_type.as_deref().filter(|t| !t.contains("json")) {
+                detail.push_str(&format!(", answered with a non-JSON body ({kind})"));
+            }
+            unavailable(detail, *retry_after)
+        }
+        TokenFailure::Transport { detail } => unavailable(detail.clone(), None),
+        TokenFailure::Malformed => unavailable(
+            "the answer is JSON but not a token response".to_owned(),
+            None,
+        ),
+    }
+}
+
+/// Provider texts go into conditions and events: keep them short.
+fn clip(text: &str) -> String {
+    const LIMIT: usize = 200;
+    if text.chars().count() <= LIMIT {
+        text.to_owned()
+    } else {
+        format!("{}...", text.chars().take(LIMIT).collect::<String>())
+    }
+}
+
+/// Required scopes the grant lacks, or `None` when the provider did not say
+/// which scopes it granted (RFC 6749: the scope is then as requested).
+pub fn missing_scopes(required: &[String], granted: Option<&[String]>) -> Vec<String> {
+    match granted {
+        None => Vec::new(),
+        Some(granted) => required
+            .iter()
+            .filter(|s| !granted.contains(s))
+            .cloned()
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(now: i64, rt_expires: Option<i64>) -> FailureContext<'static> {
+        FailureContext {
+            now: Timestamp::from_second(now).unwrap(),
+            token_endpoint: "https://crm.test/token",
+            refresh_token_expires_at: rt_expires.map(|s| Timestamp::from_second(s).unwrap()),
+            reauthorize_fix: "kubectl create secret ...",
+            client_secret_namespace: "extract",
+            client_secret_name: "crm-client",
+        }
+    }
+
+    fn oauth(status: u16, code: &str, description: Option<&str>) -> TokenFailure {
+        TokenFailure::OAuth {
+            status,
+            code: code.into(),
+            description: description.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn the_reference_error_table() {
+        let ctx = context(100, None);
+        let cases = [
+            (
+                oauth(400, "invalid_grant", Some("grant request is invalid")),
+                "InvalidGrant",
+            ),
+            (
+                oauth(400, "invalid_grant", Some("refresh token is expired")),
+                "RefreshTokenExpired",
+            ),
+            (oauth(400, "invalid_scope", None), "InsufficientPermissions"),
+            (
+                oauth(403, "insufficient_scope", None),
+                "InsufficientPermissions",
+            ),
+            (
+                oauth(401, "invalid_client", Some("client authentication failed")),
+                "InvalidClient",
+            ),
+            (oauth(400, "unauthorized_client", None), "InvalidClient"),
+            (
+                oauth(503, "temporarily_unavailable", None),
+                "ProviderUnavailable",
+            ),
+            (oauth(500, "server_error", None), "ProviderUnavailable"),
+            (oauth(502, "weird", None), "ProviderUnavailable"),
+            (oauth(400, "unsupported_grant_type", None), "InvalidSpec"),
+            (
+                TokenFailure::Http {
+                    status: 503,
+                    retry_after: None,
+                    content_type: None,
+                },
+                "ProviderUnavailable",
+            ),
+            (
+                TokenFailure::Http {
+                    status: 200,
+                    retry_after: None,
+                    content_type: Some("text/html".into()),
+                },
+                "ProviderUnavailable",
+            ),
+            (
+                TokenFailure::Transport {
+                    detail: "timed out".into(),
+                },
+                "ProviderUnavailable",
+            ),
+            (TokenFailure::Malformed, "ProviderUnavailable"),
+        ];
+        for (failure, reason) in cases {
+            assert_eq!(classify(&failure, &ctx).reason(), reason, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn a_known_refresh_token_lifetime_turns_invalid_grant_into_expired() {
+        let failure = oauth(400, "invalid_grant", Some("grant request is invalid"));
+        let expired = classify(&failure, &context(100, Some(90)));
+        assert_eq!(expired.reason(), "RefreshTokenExpired");
+        assert!(
+            expired.to_string().contains("1970-01-01T00:01:30Z"),
+            "{expired}"
+        );
+        assert_eq!(
+            classify(&failure, &context(100, Some(200))).reason(),
+            "InvalidGrant"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_kept_and_shown() {
+        let failure = TokenFailure::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(7)),
+            content_type: Some("application/json".into()),
+        };
+        let error = classify(&failure, &context(0, None));
+        assert!(matches!(
+            error,
+            Error::ProviderUnavailable { retry_after: Some(d), .. } if d == Duration::from_secs(7)
+        ));
+        assert!(
+            error
+                .to_string()
+                .contains("HTTP 429 Too Many Requests, Retry-After 7 s"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn messages_carry_cause_and_fix() {
+        let error = classify(&oauth(401, "invalid_client", None), &context(0, None));
+        let text = error.to_string();
+        assert!(
+            text.contains("kubectl edit secret crm-client -n extract"),
+            "{text}"
+        );
+        let error = classify(&oauth(400, "invalid_grant", None), &context(0, None));
+        assert!(
+            error.to_string().contains("kubectl create secret ..."),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn missing_scopes_only_when_the_provider_said() {
+        let required = vec!["crm.read".to_owned(), "crm.write".to_owned()];
+        let granted = vec!["crm.read".to_owned()];
+        assert_eq!(
+            missing_scopes(&required, Some(&granted)),
+            vec!["crm.write".to_owned()]
+        );
+        assert!(missing_scopes(&required, None).is_empty());
+    }
+}

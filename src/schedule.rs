@@ -1,0 +1,335 @@
+//! When to refresh an OAuth 2.0 token: pure functions of a clock reading,
+//! the current token and the connection's settings.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::token::{TokenRecord, fingerprint};
+
+/// Lifetime assumed when the provider sends no `expires_in` and the
+/// connection sets no `defaultTokenLifetime`.
+pub const FALLBACK_TOKEN_LIFETIME: SignedDuration = SignedDuration::from_hours(1);
+/// Jitter spreads refreshes of connections created together; it only ever
+/// moves a refresh earlier, by at most this much or 5 % of the lifetime.
+const MAX_JITTER: SignedDuration = SignedDuration::from_secs(30);
+
+/// Parses a duration such as `90s`, `5m` or `1h30m`.
+pub fn parse_duration(field: &str, text: &str) -> Result<SignedDuration, String> {
+    match text.parse::<SignedDuration>() {
+        Ok(duration) if duration.is_positive() => Ok(duration),
+        Ok(_) => Err(format!(
+            "{field} must be a positive duration, got \"{text}\""
+        )),
+        Err(_) => Err(format!(
+            "{field} is not a duration: \"{text}\" (write it like 90s, 5m or 1h30m)"
+        )),
+    }
+}
+
+/// When `token` is due for refresh: at two thirds of its lifetime
+/// (cert-manager's rule), or `refresh_before` its expiry when that leaves
+/// some lifetime, less a jitter that is stable for one connection.
+pub fn refresh_due_at(
+    token: &TokenRecord,
+    refresh_before: Option<SignedDuration>,
+    jitter_key: &str,
+) -> Timestamp {
+    let lifetime = token
+        .expires_at
+        .duration_since(token.issued_at)
+        .max(SignedDuration::ZERO);
+    let by_rule = token.issued_at + lifetime * 2 / 3;
+    let planned = match refresh_before {
+        Some(margin) if margin < lifetime => token.expires_at - margin,
+        _ => by_rule,
+    };
+    let jitter_span = (lifetime / 20).min(MAX_JITTER);
+    let jitter = jitter_span.mul_f64(jitter_fraction(jitter_key));
+    ceil_to_second((planned - jitter).max(token.issued_at))
+}
+
+/// How long to wait before `due`. The API server keeps seconds, so due
+/// times are whole seconds; timers never fire early, so a requeue after
+/// this delay finds the token due and never wakes just before to do nothing.
+pub fn delay_until(now: Timestamp, due: Timestamp) -> Duration {
+    let wait = due.duration_since(now);
+    if wait.is_positive() {
+        Duration::try_from(wait).unwrap_or(Duration::ZERO)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Why a token is requested now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshReason {
+    /// There is no token yet.
+    FirstToken,
+    /// The user supplied a new refresh token.
+    NewRefreshToken,
+    /// Token request settings (URL, client, scopes, parameters) changed.
+    SettingsChanged,
+    /// The force-refresh annotation has a new value.
+    Forced,
+    /// The last attempt failed for good and something changed since.
+    AfterFailure,
+    /// The retry time of a transient failure has come.
+    Retry,
+    /// The token reached its refresh time.
+    Due,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    Refresh(RefreshReason),
+    /// The token is fine until `until`.
+    Wait {
+        until: Timestamp,
+    },
+    /// A transient failure is backing off until `until`.
+    RetryAt {
+        until: Timestamp,
+    },
+}
+
+/// What decides whether to request a token now.
+pub struct PlanInput<'a> {
+    pub now: Timestamp,
+    pub current: Option<&'a TokenRecord>,
+    pub request_hash: &'a str,
+    pub new_user_refresh_token: bool,
+    pub force_requested: bool,
+    /// From status: consecutive failures and when to retry (`None` when the
+    /// last failure waits for a change).
+    pub failed_attempts: u32,
+    pub retry_at: Option<Timestamp>,
+    pub refresh_before: Option<SignedDuration>,
+    pub jitter_key: &'a str,
+}
+
+/// "Is it due?", recomputed on every reconcile.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let Some(current) = input.current else {
+        return match input.retry_at {
+            Some(until)
+                if input.failed_attempts > 0 && until > input.now && !input.force_requested =>
+            {
+                Plan::RetryAt { until }
+            }
+            _ => Plan::Refresh(RefreshReason::FirstToken),
+        };
+    };
+    if input.new_user_refresh_token {
+        return Plan::Refresh(RefreshReason::NewRefreshToken);
+    }
+    if current.request_hash != input.request_hash {
+        return Plan::Refresh(RefreshReason::SettingsChanged);
+    }
+    if input.force_requested {
+        return Plan::Refresh(RefreshReason::Forced);
+    }
+    if input.failed_attempts > 0 {
+        return match input.retry_at {
+            Some(until) if until > input.now => Plan::RetryAt { until },
+            Some(_) => Plan::Refresh(RefreshReason::Retry),
+            None => Plan::Refresh(RefreshReason::AfterFailure),
+        };
+    }
+    let due = refresh_due_at(current, input.refresh_before, input.jitter_key);
+    if input.now >= due {
+        Plan::Refresh(RefreshReason::Due)
+    } else {
+        Plan::Wait { until: due }
+    }
+}
+
+/// A stable fraction in [0, 1) derived from the connection's identity.
+fn jitter_fraction(key: &str) -> f64 {
+    let hex = fingerprint(&[key]);
+    let value = u32::from_str_radix(&hex[..8], 16).expect("hex digits");
+    f64::from(value) / (f64::from(u32::MAX) + 1.0)
+}
+
+fn ceil_to_second(t: Timestamp) -> Timestamp {
+    let floor = Timestamp::from_second(t.as_second()).expect("valid");
+    if floor == t {
+        t
+    } else {
+        floor + SignedDuration::from_secs(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn token(issued: i64, expires: i64) -> TokenRecord {
+        TokenRecord {
+            access_token: "t".into(),
+            token_type: "Bearer".into(),
+            issued_at: Timestamp::from_second(issued).unwrap(),
+            expires_at: Timestamp::from_second(expires).unwrap(),
+            lifetime_assumed: false,
+            scope: None,
+            fields: BTreeMap::new(),
+            request_hash: String::new(),
+        }
+    }
+
+    fn secs(t: Timestamp) -> i64 {
+        t.as_second()
+    }
+
+    fn input<'a>(now: i64, current: Option<&'a TokenRecord>) -> PlanInput<'a> {
+        PlanInput {
+            now: Timestamp::from_second(now).unwrap(),
+            current,
+            request_hash: "",
+            new_user_refresh_token: false,
+            force_requested: false,
+            failed_attempts: 0,
+            retry_at: None,
+            refresh_before: None,
+            jitter_key: "ns/a",
+        }
+    }
+
+    #[test]
+    fn plan_waits_until_due_then_refreshes() {
+        let t = token(0, 90);
+        let Plan::Wait { until } = plan(&input(10, Some(&t))) else {
+            panic!("should wait")
+        };
+        assert_eq!(
+            plan(&input(until.as_second() - 1, Some(&t))),
+            Plan::Wait { until }
+        );
+        assert_eq!(
+            plan(&input(until.as_second(), Some(&t))),
+            Plan::Refresh(RefreshReason::Due)
+        );
+        assert_eq!(
+            plan(&input(0, None)),
+            Plan::Refresh(RefreshReason::FirstToken)
+        );
+    }
+
+    #[test]
+    fn changes_refresh_at_once() {
+        let t = token(0, 3600);
+        let mut changed = input(10, Some(&t));
+        changed.request_hash = "other";
+        assert_eq!(
+            plan(&changed),
+            Plan::Refresh(RefreshReason::SettingsChanged)
+        );
+        let mut forced = input(10, Some(&t));
+        forced.force_requested = true;
+        assert_eq!(plan(&forced), Plan::Refresh(RefreshReason::Forced));
+        let mut imported = input(10, Some(&t));
+        imported.new_user_refresh_token = true;
+        assert_eq!(
+            plan(&imported),
+            Plan::Refresh(RefreshReason::NewRefreshToken)
+        );
+    }
+
+    #[test]
+    fn failures_back_off_or_wait_for_a_change() {
+        let t = token(0, 3600);
+        let mut backing_off = input(10, Some(&t));
+        backing_off.failed_attempts = 2;
+        backing_off.retry_at = Some(Timestamp::from_second(20).unwrap());
+        assert_eq!(
+            plan(&backing_off),
+            Plan::RetryAt {
+                until: Timestamp::from_second(20).unwrap()
+            }
+        );
+        backing_off.now = Timestamp::from_second(20).unwrap();
+        assert_eq!(plan(&backing_off), Plan::Refresh(RefreshReason::Retry));
+        let mut permanent = input(10, Some(&t));
+        permanent.failed_attempts = 1;
+        assert_eq!(plan(&permanent), Plan::Refresh(RefreshReason::AfterFailure));
+        let mut no_token_yet = input(10, None);
+        no_token_yet.failed_attempts = 1;
+        no_token_yet.retry_at = Some(Timestamp::from_second(30).unwrap());
+        assert!(matches!(plan(&no_token_yet), Plan::RetryAt { .. }));
+    }
+
+    #[test]
+    fn two_thirds_of_the_lifetime_less_a_small_jitter() {
+        // One hour token issued at t=0: due at 40 min, jitter at most 30 s.
+        let due = secs(refresh_due_at(&token(0, 3600), None, "ns/a"));
+        assert!((2370..=2400).contains(&due), "{due}");
+        // A 90 s token: jitter at most 5 % (4.5 s).
+        let due = secs(refresh_due_at(&token(0, 90), None, "ns/a"));
+        assert!((55..=60).contains(&due), "{due}");
+    }
+
+    #[test]
+    fn jitter_is_stable_per_connection_and_spreads_connections() {
+        let t = token(0, 3600);
+        assert_eq!(
+            refresh_due_at(&t, None, "ns/a"),
+            refresh_due_at(&t, None, "ns/a")
+        );
+        let distinct: std::collections::BTreeSet<i64> = (0..200)
+            .map(|i| secs(refresh_due_at(&t, None, &format!("ns/conn-{i}"))))
+            .collect();
+        assert!(
+            distinct.len() > 20,
+            "200 connections spread over {} seconds",
+            distinct.len()
+        );
+    }
+
+    #[test]
+    fn refresh_before_overrides_the_rule_when_it_fits() {
+        let margin = SignedDuration::from_mins(5);
+        let due = secs(refresh_due_at(&token(0, 3600), Some(margin), "k"));
+        assert!((3270..=3300).contains(&due), "{due}");
+        // A margin longer than the lifetime would refresh in a loop: the rule applies.
+        let due = secs(refresh_due_at(&token(0, 120), Some(margin), "k"));
+        assert!((74..=80).contains(&due), "{due}");
+    }
+
+    #[test]
+    fn due_times_are_whole_seconds_and_never_before_issue() {
+        let mut t = token(0, 1);
+        t.issued_at = Timestamp::from_millisecond(10_500).unwrap();
+        t.expires_at = Timestamp::from_millisecond(10_700).unwrap();
+        let due = refresh_due_at(&t, None, "k");
+        assert_eq!(due, Timestamp::from_second(11).unwrap());
+    }
+
+    #[test]
+    fn delay_reaches_the_due_time_exactly() {
+        let now = Timestamp::from_millisecond(1_250).unwrap();
+        let due = Timestamp::from_second(3).unwrap();
+        assert_eq!(delay_until(now, due), Duration::from_millis(1_750));
+        assert_eq!(delay_until(due, now), Duration::ZERO);
+        assert!(now + SignedDuration::try_from(delay_until(now, due)).unwrap() >= due);
+    }
+
+    #[test]
+    fn durations_parse_like_kubernetes_users_write_them() {
+        assert_eq!(
+            parse_duration("f", "5m").unwrap(),
+            SignedDuration::from_mins(5)
+        );
+        assert_eq!(
+            parse_duration("f", "1h30m").unwrap(),
+            SignedDuration::from_mins(90)
+        );
+        assert!(parse_duration("f", "0s").unwrap_err().contains("positive"));
+        assert!(parse_duration("f", "-5m").is_err());
+        assert!(
+            parse_duration("f", "10")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+}

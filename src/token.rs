@@ -1,0 +1,428 @@
+//! OAuth 2.0 token records and how they are kept in Secrets. Pure: turns
+//! records into Secret data and back.
+//!
+//! The target Secret (mounted by pods) holds `access_token`, `token_type`,
+//! `expires_at`, `scope` and the response fields the connection selects.
+//! The state Secret (operator-private) holds the same plus the refresh
+//! token, so that a new refresh token and the access token that came with
+//! it are persisted in one write.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::ByteString;
+use sha2::{Digest, Sha256};
+
+use crate::token_client::IssuedToken;
+
+pub const KEY_ACCESS_TOKEN: &str = "access_token";
+pub const KEY_TOKEN_TYPE: &str = "token_type";
+pub const KEY_EXPIRES_AT: &str = "expires_at";
+pub const KEY_SCOPE: &str = "scope";
+pub const KEY_REFRESH_TOKEN: &str = "refresh_token";
+const KEY_ISSUED_AT: &str = "issued_at";
+const KEY_LIFETIME_ASSUMED: &str = "lifetime_assumed";
+const KEY_REQUEST_HASH: &str = "token_request_sha256";
+const KEY_REFRESH_TOKEN_EXPIRES_AT: &str = "refresh_token_expires_at";
+const KEY_IMPORTED_HASH: &str = "imported_refresh_token_sha256";
+
+/// Annotations on the target Secret that let tokenkeeper continue after a
+/// restart without keeping anything but the token in the data pods see.
+pub const ANNOTATION_ISSUED_AT: &str = "tokenkeeper.dev/issued-at";
+pub const ANNOTATION_LIFETIME_ASSUMED: &str = "tokenkeeper.dev/lifetime-assumed";
+pub const ANNOTATION_REQUEST_HASH: &str = "tokenkeeper.dev/token-request-sha256";
+
+/// Keys of the target Secret that response fields may not take.
+pub const RESERVED_TARGET_KEYS: [&str; 4] =
+    [KEY_ACCESS_TOKEN, KEY_TOKEN_TYPE, KEY_EXPIRES_AT, KEY_SCOPE];
+
+/// One access token as the provider issued it.
+#[derive(Clone, PartialEq)]
+pub struct TokenRecord {
+    pub access_token: String,
+    pub token_type: String,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    /// The provider sent no `expires_in`; `expires_at` is the configured
+    /// default lifetime.
+    pub lifetime_assumed: bool,
+    /// Granted scopes, space-separated, when the provider said.
+    pub scope: Option<String>,
+    /// Response fields the connection copies into the target Secret.
+    pub fields: BTreeMap<String, String>,
+    /// Fingerprint of the token request settings that produced the token;
+    /// a different one means the spec changed and a new token is needed.
+    pub request_hash: String,
+}
+
+impl fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("access_token", &"<redacted>")
+            .field("token_type", &self.token_type)
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field("scope", &self.scope)
+            .field("fields", &self.fields.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl TokenRecord {
+    pub fn granted_scopes(&self) -> Vec<String> {
+        self.scope
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        now >= self.expires_at
+    }
+
+    /// The data of the target Secret.
+    pub fn target_data(&self) -> BTreeMap<String, ByteString> {
+        let mut data = BTreeMap::new();
+        put(&mut data, KEY_ACCESS_TOKEN, &self.access_token);
+        put(&mut data, KEY_TOKEN_TYPE, &self.token_type);
+        put(&mut data, KEY_EXPIRES_AT, &rfc3339(self.expires_at));
+        put(
+            &mut data,
+            KEY_SCOPE,
+            self.scope.as_deref().unwrap_or_default(),
+        );
+        for (key, value) in &self.fields {
+            put(&mut data, key, value);
+        }
+        data
+    }
+
+    /// Annotations of the target Secret.
+    pub fn target_annotations(&self) -> BTreeMap<String, String> {
+        let mut annotations = BTreeMap::new();
+        annotations.insert(ANNOTATION_ISSUED_AT.to_owned(), rfc3339(self.issued_at));
+        annotations.insert(
+            ANNOTATION_REQUEST_HASH.to_owned(),
+            self.request_hash.clone(),
+        );
+        if self.lifetime_assumed {
+            annotations.insert(ANNOTATION_LIFETIME_ASSUMED.to_owned(), "true".to_owned());
+        }
+        annotations
+    }
+
+    /// Reads a record back from a target Secret's data and annotations.
+    pub fn from_target(
+        data: &BTreeMap<String, ByteString>,
+        annotations: &BTreeMap<String, String>,
+        field_names: &[String],
+    ) -> Option<Self> {
+        let issued_at = annotations.get(ANNOTATION_ISSUED_AT)?.parse().ok()?;
+        Some(TokenRecord {
+            access_token: get(data, KEY_ACCESS_TOKEN)?,
+            token_type: get(data, KEY_TOKEN_TYPE)?,
+            issued_at,
+            expires_at: get(data, KEY_EXPIRES_AT)?.parse().ok()?,
+            lifetime_assumed: annotations
+                .get(ANNOTATION_LIFETIME_ASSUMED)
+                .map(String::as_str)
+                == Some("true"),
+            scope: get(data, KEY_SCOPE).filter(|s| !s.is_empty()),
+            fields: field_names
+                .iter()
+                .filter_map(|name| Some((name.clone(), get(data, name)?)))
+                .collect(),
+            request_hash: annotations.get(ANNOTATION_REQUEST_HASH)?.clone(),
+        })
+    }
+}
+
+impl TokenRecord {
+    /// The record of a token the provider just issued. Without
+    /// `expires_in` the token is taken to live `default_lifetime`; without
+    /// `scope` it has the scopes of `scope_if_unsaid` (RFC 6749 section 5.1).
+    pub fn issued(
+        now: Timestamp,
+        issued: &IssuedToken,
+        default_lifetime: SignedDuration,
+        scope_if_unsaid: Option<String>,
+        field_names: &[String],
+        request_hash: &str,
+    ) -> Self {
+        let issued_at = Timestamp::from_second(now.as_second()).expect("valid");
+        let lifetime = issued
+            .expires_in
+            .and_then(|d| SignedDuration::try_from(d).ok())
+            .unwrap_or(default_lifetime);
+        TokenRecord {
+            access_token: issued.access_token.clone(),
+            token_type: issued.token_type.clone(),
+            issued_at,
+            expires_at: issued_at + lifetime,
+            lifetime_assumed: issued.expires_in.is_none(),
+            scope: issued
+                .scope
+                .clone()
+                .or(scope_if_unsaid)
+                .filter(|s| !s.is_empty()),
+            fields: field_names
+                .iter()
+                .filter_map(|name| Some((name.clone(), issued.field(name)?)))
+                .collect(),
+            request_hash: request_hash.to_owned(),
+        }
+    }
+}
+
+/// What the operator keeps for a grant with a refresh token.
+#[derive(Clone, Default, PartialEq)]
+pub struct GrantState {
+    pub refresh_token: Option<String>,
+    pub refresh_token_expires_at: Option<Timestamp>,
+    /// Fingerprint of the user-supplied refresh token last imported, so a
+    /// new one supplied later replaces the grant.
+    pub imported_hash: Option<String>,
+    /// The newest access token, persisted together with the refresh token.
+    pub token: Option<TokenRecord>,
+}
+
+impl fmt::Debug for GrantState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrantState")
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("refresh_token_expires_at", &self.refresh_token_expires_at)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl GrantState {
+    pub fn to_data(&self) -> BTreeMap<String, ByteString> {
+        let mut data = BTreeMap::new();
+        if let Some(refresh_token) = &self.refresh_token {
+            put(&mut data, KEY_REFRESH_TOKEN, refresh_token);
+        }
+        if let Some(expires_at) = self.refresh_token_expires_at {
+            put(
+                &mut data,
+                KEY_REFRESH_TOKEN_EXPIRES_AT,
+                &rfc3339(expires_at),
+            );
+        }
+        if let Some(hash) = &self.imported_hash {
+            put(&mut data, KEY_IMPORTED_HASH, hash);
+        }
+        if let Some(token) = &self.token {
+            data.extend(token.target_data());
+            put(&mut data, KEY_ISSUED_AT, &rfc3339(token.issued_at));
+            put(&mut data, KEY_REQUEST_HASH, &token.request_hash);
+            if token.lifetime_assumed {
+                put(&mut data, KEY_LIFETIME_ASSUMED, "true");
+            }
+        }
+        data
+    }
+
+    pub fn from_data(data: &BTreeMap<String, ByteString>, field_names: &[String]) -> Self {
+        let token = (|| {
+            let mut annotations = BTreeMap::new();
+            annotations.insert(ANNOTATION_ISSUED_AT.to_owned(), get(data, KEY_ISSUED_AT)?);
+            annotations.insert(
+                ANNOTATION_REQUEST_HASH.to_owned(),
+                get(data, KEY_REQUEST_HASH)?,
+            );
+            if let Some(assumed) = get(data, KEY_LIFETIME_ASSUMED) {
+                annotations.insert(ANNOTATION_LIFETIME_ASSUMED.to_owned(), assumed);
+            }
+            TokenRecord::from_target(data, &annotations, field_names)
+        })();
+        GrantState {
+            refresh_token: get(data, KEY_REFRESH_TOKEN).filter(|t| !t.is_empty()),
+            refresh_token_expires_at: get(data, KEY_REFRESH_TOKEN_EXPIRES_AT)
+                .and_then(|t| t.parse().ok()),
+            imported_hash: get(data, KEY_IMPORTED_HASH),
+            token,
+        }
+    }
+}
+
+/// SHA-256 hex of a value: fingerprints of tokens and settings, stored only
+/// in the operator-private state and annotations, never shown to users.
+pub fn fingerprint(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn rfc3339(t: Timestamp) -> String {
+    Timestamp::from_second(t.as_second())
+        .expect("a valid timestamp stays valid")
+        .to_string()
+}
+
+fn put(data: &mut BTreeMap<String, ByteString>, key: &str, value: &str) {
+    data.insert(key.to_owned(), ByteString(value.as_bytes().to_vec()));
+}
+
+fn get(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
+    String::from_utf8(data.get(key)?.0.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> TokenRecord {
+        TokenRecord {
+            access_token: "at-secret-value".into(),
+            token_type: "Bearer".into(),
+            issued_at: Timestamp::from_second(1_000).unwrap(),
+            expires_at: Timestamp::from_second(4_600).unwrap(),
+            lifetime_assumed: false,
+            scope: Some("crm.read crm.write".into()),
+            fields: BTreeMap::from([("instance_url".into(), "https://eu.crm.test".into())]),
+            request_hash: "abc".into(),
+        }
+    }
+
+    #[test]
+    fn target_round_trip() {
+        let record = record();
+        let data = record.target_data();
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            [
+                "access_token",
+                "expires_at",
+                "instance_url",
+                "scope",
+                "token_type"
+            ]
+        );
+        assert_eq!(data["expires_at"].0, b"1970-01-01T01:16:40Z");
+        let back = TokenRecord::from_target(
+            &data,
+            &record.target_annotations(),
+            &["instance_url".into()],
+        );
+        assert_eq!(back, Some(record));
+    }
+
+    #[test]
+    fn target_never_holds_the_refresh_token() {
+        let state = GrantState {
+            refresh_token: Some("rt-secret".into()),
+            token: Some(record()),
+            ..Default::default()
+        };
+        assert!(state.to_data().contains_key("refresh_token"));
+        assert!(
+            !state
+                .token
+                .unwrap()
+                .target_data()
+                .contains_key("refresh_token")
+        );
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let state = GrantState {
+            refresh_token: Some("rt".into()),
+            refresh_token_expires_at: Some(Timestamp::from_second(9_000).unwrap()),
+            imported_hash: Some(fingerprint(&["rt0"])),
+            token: Some(TokenRecord {
+                lifetime_assumed: true,
+                ..record()
+            }),
+        };
+        assert_eq!(
+            GrantState::from_data(&state.to_data(), &["instance_url".into()]),
+            state
+        );
+        assert_eq!(
+            GrantState::from_data(&BTreeMap::new(), &[]),
+            GrantState::default()
+        );
+    }
+
+    #[test]
+    fn debug_output_redacts_tokens() {
+        let state = GrantState {
+            refresh_token: Some("rt-secret".into()),
+            token: Some(record()),
+            ..Default::default()
+        };
+        let text = format!("{state:?}");
+        assert!(
+            !text.contains("rt-secret") && !text.contains("at-secret-value"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn issued_token_without_expires_in_gets_the_default_lifetime() {
+        let issued = IssuedToken {
+            access_token: "at".into(),
+            token_type: "Bearer".into(),
+            expires_in: None,
+            refresh_token: None,
+            scope: None,
+            extra: BTreeMap::from([
+                (
+                    "instance_url".to_owned(),
+                    serde_json::json!("https://eu.crm.test"),
+                ),
+                ("id_token".to_owned(), serde_json::json!("not-copied")),
+            ]),
+        };
+        let now = Timestamp::from_millisecond(5_500).unwrap();
+        let record = TokenRecord::issued(
+            now,
+            &issued,
+            SignedDuration::from_mins(10),
+            Some("crm.read".into()),
+            &["instance_url".into()],
+            "h",
+        );
+        assert_eq!(record.issued_at, Timestamp::from_second(5).unwrap());
+        assert_eq!(record.expires_at, Timestamp::from_second(605).unwrap());
+        assert!(record.lifetime_assumed);
+        assert_eq!(record.scope.as_deref(), Some("crm.read"));
+        assert_eq!(record.fields.keys().collect::<Vec<_>>(), ["instance_url"]);
+
+        let with_expiry = IssuedToken {
+            expires_in: Some(std::time::Duration::from_secs(60)),
+            ..issued
+        };
+        let record = TokenRecord::issued(
+            now,
+            &with_expiry,
+            SignedDuration::from_mins(10),
+            None,
+            &[],
+            "h",
+        );
+        assert_eq!(record.expires_at, Timestamp::from_second(65).unwrap());
+        assert!(!record.lifetime_assumed);
+    }
+
+    #[test]
+    fn fingerprints_separate_parts() {
+        assert_ne!(fingerprint(&["ab", "c"]), fingerprint(&["a", "bc"]));
+        assert_eq!(fingerprint(&["x"]).len(), 64);
+    }
+}

@@ -1,0 +1,271 @@
+//! Token requests to the provider, through the `oauth2` crate over reqwest.
+//!
+//! The `oauth2` crate drops the HTTP status and headers of answers it
+//! cannot parse, so the HTTP layer handed to it turns 5xx, 429 and non-JSON
+//! answers into errors that keep them (Retry-After in particular); OAuth
+//! error responses pass through for the crate to parse.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::{
+    AsyncHttpClient, AuthType, ClientId, ClientSecret, EndpointNotSet, EndpointSet,
+    ExtraTokenFields, HttpRequest, HttpResponse, RefreshToken, RequestTokenError, Scope,
+    StandardRevocableToken, StandardTokenResponse, TokenResponse as _, TokenUrl,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::api::ClientAuthMethod;
+use crate::classify::TokenFailure;
+
+/// Timeout of one token request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every field of the token response that RFC 6749 does not name.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct ExtraFields {
+    #[serde(flatten)]
+    pub fields: BTreeMap<String, Value>,
+}
+
+impl fmt::Debug for ExtraFields {
+    // Extra fields may hold an id_token or other credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.fields.keys()).finish()
+    }
+}
+
+impl ExtraTokenFields for ExtraFields {}
+
+type ProviderTokenResponse = StandardTokenResponse<ExtraFields, BasicTokenType>;
+type OAuthClient = oauth2::Client<
+    BasicErrorResponse,
+    ProviderTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+pub enum Grant<'a> {
+    RefreshToken(&'a str),
+    ClientCredentials,
+}
+
+pub struct TokenRequest<'a> {
+    pub token_url: &'a str,
+    pub client_id: &'a str,
+    pub client_secret: &'a str,
+    pub auth_method: ClientAuthMethod,
+    pub scopes: &'a [String],
+    pub extra_params: &'a BTreeMap<String, String>,
+    pub grant: Grant<'a>,
+}
+
+/// A successful token response, reduced to what tokenkeeper uses.
+pub struct IssuedToken {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: Option<Duration>,
+    pub refresh_token: Option<String>,
+    pub scope: Option<String>,
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl IssuedToken {
+    /// `refresh_token_expires_in`, sent by some providers (GitHub, for one).
+    pub fn refresh_token_expires_in(&self) -> Option<Duration> {
+        self.extra
+            .get("refresh_token_expires_in")
+            .and_then(Value::as_u64)
+            .map(Duration::from_secs)
+    }
+
+    /// A response field as text, for the target Secret.
+    pub fn field(&self, name: &str) -> Option<String> {
+        match self.extra.get(name)? {
+            Value::String(text) => Some(text.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HttpError {
+    #[error("{0}")]
+    Transport(String),
+    #[error("HTTP {status}")]
+    NotOAuth {
+        status: u16,
+        retry_after: Option<Duration>,
+        content_type: Option<String>,
+    },
+    #[error("invalid request: {0}")]
+    Build(String),
+}
+
+/// Requests a token. Never logs or returns token values in errors.
+pub async fn request_token(
+    http: &reqwest::Client,
+    request: TokenRequest<'_>,
+) -> Result<IssuedToken, TokenFailure> {
+    let token_url =
+        TokenUrl::new(request.token_url.to_owned()).map_err(|e| TokenFailure::Transport {
+            detail: format!("invalid token URL: {e}"),
+        })?;
+    let client: OAuthClient = oauth2::Client::new(ClientId::new(request.client_id.to_owned()))
+        .set_client_secret(ClientSecret::new(request.client_secret.to_owned()))
+        .set_token_uri(token_url)
+        .set_auth_type(match request.auth_method {
+            ClientAuthMethod::ClientSecretBasic => AuthType::BasicAuth,
+            ClientAuthMethod::ClientSecretPost => AuthType::RequestBody,
+        });
+    let send = ProviderHttp(http.clone());
+
+    let result = match request.grant {
+        Grant::RefreshToken(refresh_token) => {
+            let refresh_token = RefreshToken::new(refresh_token.to_owned());
+            // No scope parameter: a refresh keeps what the grant holds
+            // (RFC 6749 section 6); asking for more is refused.
+            let mut exchange = client.exchange_refresh_token(&refresh_token);
+            for (name, value) in request.extra_params {
+                exchange = exchange.add_extra_param(name.clone(), value.clone());
+            }
+            exchange.request_async(&send).await
+        }
+        Grant::ClientCredentials => {
+            let mut exchange = client
+                .exchange_client_credentials()
+                .add_scopes(request.scopes.iter().cloned().map(Scope::new));
+            for (name, value) in request.extra_params {
+                exchange = exchange.add_extra_param(name.clone(), value.clone());
+            }
+            exchange.request_async(&send).await
+        }
+    };
+
+    match result {
+        Ok(response) => Ok(IssuedToken {
+            access_token: response.access_token().secret().clone(),
+            token_type: match response.token_type() {
+                BasicTokenType::Bearer => "Bearer".to_owned(),
+                BasicTokenType::Mac => "mac".to_owned(),
+                BasicTokenType::Extension(other) => other.clone(),
+            },
+            expires_in: response.expires_in(),
+            refresh_token: response.refresh_token().map(|t| t.secret().clone()),
+            scope: response.scopes().map(|scopes| {
+                scopes
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+            extra: response.extra_fields().fields.clone(),
+        }),
+        Err(RequestTokenError::ServerResponse(error)) => Err(TokenFailure::OAuth {
+            status: 400,
+            code: error.error().as_ref().to_owned(),
+            description: error.error_description().cloned(),
+        }),
+        Err(RequestTokenError::Request(HttpError::NotOAuth {
+            status,
+            retry_after,
+            content_type,
+        })) => Err(TokenFailure::Http {
+            status,
+            retry_after,
+            content_type,
+        }),
+        Err(RequestTokenError::Request(error)) => Err(TokenFailure::Transport {
+            detail: error.to_string(),
+        }),
+        // The body may hold tokens: it is dropped, never shown.
+        Err(RequestTokenError::Parse(_, _)) | Err(RequestTokenError::Other(_)) => {
+            Err(TokenFailure::Malformed)
+        }
+    }
+}
+
+/// The HTTP layer handed to `oauth2`. A named type with a boxed `Send`
+/// future, because a closure would make the whole reconcile future `Send`
+/// only for one lifetime, which the controller runtime cannot accept.
+struct ProviderHttp(reqwest::Client);
+
+impl<'c> AsyncHttpClient<'c> for ProviderHttp {
+    type Error = HttpError;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(send(&self.0, request))
+    }
+}
+
+async fn send(http: &reqwest::Client, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+    let request =
+        reqwest::Request::try_from(request).map_err(|e| HttpError::Build(e.to_string()))?;
+    let response = http.execute(request).await.map_err(|e| {
+        HttpError::Transport(if e.is_timeout() {
+            format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
+        } else if e.is_connect() {
+            "connection failed".to_owned()
+        } else {
+            "request failed".to_owned()
+        })
+    })?;
+    let status = response.status();
+    let header = |name: reqwest::header::HeaderName| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header(reqwest::header::CONTENT_TYPE);
+    let is_json = content_type.as_deref().is_some_and(|t| t.contains("json"));
+    if status.is_server_error() || status.as_u16() == 429 || !is_json {
+        return Err(HttpError::NotOAuth {
+            status: status.as_u16(),
+            retry_after: header(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
+            content_type,
+        });
+    }
+    let mut builder = http::Response::builder().status(status);
+    for (name, value) in response.headers() {
+        builder = builder.header(name, value);
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|_| HttpError::Transport("the answer was cut off".to_owned()))?;
+    builder
+        .body(body.to_vec())
+        .map_err(|e| HttpError::Build(e.to_string()))
+}
+
+/// The HTTP client for token requests: rustls, a timeout, no redirects
+/// (a token endpoint that redirects is misconfigured, and following it
+/// would resend credentials).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("a client with these settings always builds")
+}

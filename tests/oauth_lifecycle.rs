@@ -1,0 +1,631 @@
+//! OAuth 2.0 connections end to end: a real API server, the real
+//! `oidc-provider` with lifetimes of seconds, the operator binary, and
+//! kubectl reading back what a user would read.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{OAuthServer, Operator, TestNamespace, assert_no_secret_leaks, wait_for};
+use jiff::Timestamp;
+use serde_json::json;
+
+const READY: Duration = Duration::from_secs(30);
+
+fn client_secret(ns: &TestNamespace, id: &str, secret: &str) {
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "crm-client",
+        &format!("--from-literal=client_id={id}"),
+        &format!("--from-literal=client_secret={secret}"),
+    ]);
+}
+
+fn user_refresh_token(ns: &TestNamespace, token: &str) {
+    let manifest = ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "crm-grant",
+        &format!("--from-literal=refresh_token={token}"),
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
+    ns.apply_ok(&manifest);
+}
+
+fn client_credentials(name: &str, server: &OAuthServer, extra: &str) -> String {
+    format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\nspec:\n  oauth2:\n    \
+         tokenUrl: {}\n    grant: clientCredentials\n    scopes: [crm.read]\n    client:\n      secretRef:\n        \
+         name: crm-client\n{extra}",
+        server.token_url()
+    )
+}
+
+fn refresh_token_grant(name: &str, server: &OAuthServer, extra: &str) -> String {
+    format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\nspec:\n  oauth2:\n    \
+         tokenUrl: {}\n    grant: refreshToken\n    client:\n      secretRef:\n        name: crm-client\n    \
+         refreshTokenSecretRef:\n      name: crm-grant\n      key: refresh_token\n{extra}",
+        server.token_url()
+    )
+}
+
+fn timestamp(text: &str) -> Timestamp {
+    text.parse()
+        .unwrap_or_else(|_| panic!("not a timestamp: {text:?}"))
+}
+
+/// Samples the target Secret for `period`, asserting every sample holds an
+/// unexpired token; returns the distinct access tokens seen.
+fn sample_freshness(ns: &TestNamespace, secret: &str, period: Duration) -> Vec<String> {
+    let mut tokens: Vec<String> = Vec::new();
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        let sampled_at = Timestamp::now();
+        let token = ns
+            .secret_value(secret, "access_token")
+            .expect("access_token present");
+        let expires_at = timestamp(
+            &ns.secret_value(secret, "expires_at")
+                .expect("expires_at present"),
+        );
+        assert!(
+            expires_at > sampled_at,
+            "the Secret held an expired token at {sampled_at} (expired {expires_at})"
+        );
+        if tokens.last() != Some(&token) {
+            tokens.push(token);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    tokens
+}
+
+/// The refresh token in the state Secret is the one the provider
+/// considers live. Read and asked again when a rotation slipped in between.
+fn stored_refresh_token_is_live(ns: &TestNamespace, server: &OAuthServer) -> String {
+    wait_for(
+        "the stored refresh token to be live",
+        Duration::from_secs(10),
+        || {
+            let stored = ns
+                .secret_value("crm-tokenkeeper-state", "refresh_token")
+                .ok_or("no refresh token stored")?;
+            if server.is_active(&stored) {
+                Ok(stored)
+            } else {
+                Err("inactive".to_owned())
+            }
+        },
+    )
+}
+
+fn status_field(ns: &TestNamespace, name: &str, field: &str) -> String {
+    ns.jsonpath("srcconn", name, &format!("{{.status.{field}}}"))
+}
+
+fn token_requests(server: &OAuthServer) -> u64 {
+    server.stats()["tokenRequests"].as_u64().unwrap()
+}
+
+#[test]
+fn client_credentials_tokens_are_kept_fresh() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 4 }));
+    let ns = TestNamespace::new("oauth-cc");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.apply_ok(&client_credentials(
+        "crm",
+        &server,
+        "    requiredScopes: [crm.read]\n",
+    ));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    let target = "crm-credentials";
+    let keys = ns.jsonpath("secret", target, "{.data}");
+    for key in ["access_token", "token_type", "expires_at", "scope"] {
+        assert!(keys.contains(key), "{key} in {keys}");
+    }
+    assert!(!keys.contains("refresh_token"));
+    assert_eq!(
+        ns.secret_value(target, "token_type").as_deref(),
+        Some("Bearer")
+    );
+    assert_eq!(
+        ns.secret_value(target, "scope").as_deref(),
+        Some("crm.read")
+    );
+
+    let tokens = sample_freshness(&ns, target, Duration::from_secs(14));
+    assert!(
+        tokens.len() >= 4,
+        "refreshed repeatedly: {} distinct tokens",
+        tokens.len()
+    );
+    assert_eq!(status_field(&ns, "crm", "grantedScopes"), r#"["crm.read"]"#);
+    let last = timestamp(&status_field(&ns, "crm", "lastRefreshTime"));
+    let next = timestamp(&status_field(&ns, "crm", "nextRefreshTime"));
+    let expires = timestamp(&status_field(&ns, "crm", "tokenExpiresAt"));
+    assert!(last < next && next < expires, "{last} < {next} < {expires}");
+    assert_eq!(
+        ns.jsonpath("secret", "crm-tokenkeeper-state", "{.metadata.name}"),
+        "",
+        "no state without a refresh token"
+    );
+
+    let listing = ns.kubectl_ok(&["get", "srcconn", "crm"]);
+    assert!(
+        listing
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains(&status_field(&ns, "crm", "tokenExpiresAt")[..10]),
+        "{listing}"
+    );
+    let mut secrets = tokens;
+    secrets.push("crm-client-secret".into());
+    assert_no_secret_leaks(&ns, &secrets);
+}
+
+#[test]
+fn wrong_client_secret_is_invalid_client_and_heals_when_fixed() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 30 }));
+    let ns = TestNamespace::new("oauth-client");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-post-client", "not-the-right-secret");
+    ns.apply_ok(&client_credentials(
+        "crm",
+        &server,
+        "      authMethod: clientSecretPost\n",
+    ));
+    ns.wait_ready("crm", "False", "InvalidClient", READY);
+    assert_eq!(ns.condition("crm", "AuthFailed", "status"), "True");
+    assert_eq!(ns.condition("crm", "AuthFailed", "reason"), "InvalidClient");
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains(&format!("kubectl edit secret crm-client -n {}", ns.name)),
+        "{message}"
+    );
+    wait_for("the InvalidClient event", READY, || {
+        let text = ns.kubectl_ok(&["describe", "srcconn", "crm"]);
+        text.contains("Warning  InvalidClient")
+            .then_some(())
+            .ok_or(text)
+    });
+    // A permanent error does not retry on its own.
+    let requests = token_requests(&server);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        token_requests(&server),
+        requests,
+        "no retries while nothing changes"
+    );
+
+    ns.kubectl_ok(&[
+        "patch",
+        "secret",
+        "crm-client",
+        "-p",
+        r#"{"stringData":{"client_secret":"crm-post-client-secret"}}"#,
+    ]);
+    ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(15));
+    assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
+    assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "");
+    assert_no_secret_leaks(
+        &ns,
+        &[
+            "not-the-right-secret".into(),
+            "crm-post-client-secret".into(),
+        ],
+    );
+}
+
+#[test]
+fn rotating_refresh_tokens_over_many_cycles_never_leave_an_expired_token() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
+    let ns = TestNamespace::new("oauth-rotation");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    let first = server.mint_refresh_token("crm.read crm.write");
+    user_refresh_token(&ns, &first);
+    ns.apply_ok(&refresh_token_grant("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    let tokens = sample_freshness(&ns, "crm-credentials", Duration::from_secs(20));
+    assert!(tokens.len() >= 6, "{} refreshes", tokens.len());
+    let stats = server.stats();
+    assert_eq!(
+        stats["refreshTokenReuse"], 0,
+        "the provider saw a reused refresh token: {stats}"
+    );
+    assert_eq!(stats["errors"], json!({}), "{stats}");
+
+    let state = "crm-tokenkeeper-state";
+    assert_eq!(
+        ns.jsonpath(
+            "secret",
+            state,
+            "{.metadata.labels.tokenkeeper\\.dev/secret-role}"
+        ),
+        "operator-state"
+    );
+    let current = stored_refresh_token_is_live(&ns, &server);
+    assert_ne!(current, first, "rotated");
+    assert!(
+        !server.is_active(&first),
+        "the first refresh token was consumed"
+    );
+    assert!(
+        !ns.jsonpath("secret", "crm-credentials", "{.data}")
+            .contains("refresh_token")
+    );
+    assert_eq!(
+        status_field(&ns, "crm", "grantedScopes"),
+        r#"["crm.read","crm.write"]"#
+    );
+
+    let mut secrets = tokens;
+    secrets.extend([first, current, "crm-client-secret".into()]);
+    assert_no_secret_leaks(&ns, &secrets);
+}
+
+#[test]
+fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
+    let ns = TestNamespace::new("oauth-revoked");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    let first = server.mint_refresh_token("crm.read");
+    user_refresh_token(&ns, &first);
+    ns.apply_ok(&refresh_token_grant("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    server.control("revoke-grants", json!({}));
+    ns.wait_ready("crm", "False", "InvalidGrant", READY);
+    assert_eq!(ns.condition("crm", "AuthFailed", "reason"), "InvalidGrant");
+    let describe = wait_for("the InvalidGrant event", READY, || {
+        let text = ns.kubectl_ok(&["describe", "srcconn", "crm"]);
+        text.contains("Warning  InvalidGrant")
+            .then_some(text.clone())
+            .ok_or(text)
+    });
+    assert!(
+        describe.contains("Re-authorize the connection"),
+        "{describe}"
+    );
+    assert!(
+        describe.contains(&format!(
+            "kubectl create secret generic crm-grant -n {}",
+            ns.name
+        )),
+        "{describe}"
+    );
+    let requests = token_requests(&server);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        token_requests(&server),
+        requests,
+        "no hot retries after invalid_grant"
+    );
+
+    let second = server.mint_refresh_token("crm.read");
+    user_refresh_token(&ns, &second);
+    ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(15));
+    assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
+    sample_freshness(&ns, "crm-credentials", Duration::from_secs(5));
+    assert_no_secret_leaks(&ns, &[first, second, "crm-client-secret".into()]);
+}
+
+#[test]
+fn an_expired_refresh_token_is_reported_as_such() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 2, "refreshTokenTtl": 7 }));
+    let ns = TestNamespace::new("oauth-rt-expired");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.apply_ok(&refresh_token_grant("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    // The provider reports refresh_token_expires_in, so tokenkeeper knows
+    // the lifetime and can tell expiry from revocation.
+    ns.wait_ready("crm", "False", "RefreshTokenExpired", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains("The refresh token expired at"),
+        "{message}"
+    );
+    assert!(
+        message.contains("kubectl create secret generic crm-grant"),
+        "{message}"
+    );
+    assert_eq!(
+        ns.condition("crm", "AuthFailed", "reason"),
+        "RefreshTokenExpired"
+    );
+}
+
+#[test]
+fn narrowed_scopes_are_insufficient_permissions() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
+    let ns = TestNamespace::new("oauth-scopes");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    user_refresh_token(&ns, &server.mint_refresh_token("crm.read crm.write"));
+    ns.apply_ok(&refresh_token_grant(
+        "crm",
+        &server,
+        "    requiredScopes: [crm.read, crm.write]\n",
+    ));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    server.control("narrow-scopes", json!({ "scope": "crm.read" }));
+    ns.wait_ready("crm", "False", "InsufficientPermissions", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains("missing crm.write (granted: crm.read)"),
+        "{message}"
+    );
+    assert_eq!(
+        ns.condition("crm", "AuthFailed", "reason"),
+        "InsufficientPermissions"
+    );
+    // The narrower token still works for what it allows, and stays fresh.
+    assert_eq!(
+        ns.secret_value("crm-credentials", "scope").as_deref(),
+        Some("crm.read")
+    );
+    sample_freshness(&ns, "crm-credentials", Duration::from_secs(5));
+}
+
+#[test]
+fn an_unavailable_provider_backs_off_keeps_the_token_and_recovers() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 120 }));
+    let ns = TestNamespace::new("oauth-outage");
+    let mut operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.apply_ok(&client_credentials("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let token = ns.secret_value("crm-credentials", "access_token").unwrap();
+
+    server.fail("500");
+    ns.kubectl_ok(&[
+        "annotate",
+        "srcconn",
+        "crm",
+        "tokenkeeper.dev/force-refresh=1",
+    ]);
+    ns.wait_ready("crm", "True", "ProviderUnavailable", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains("HTTP 500") && message.contains("keeps the current access token"),
+        "{message}"
+    );
+    assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "1");
+    assert!(timestamp(&status_field(&ns, "crm", "nextRefreshTime")) > Timestamp::now());
+    assert_eq!(
+        ns.secret_value("crm-credentials", "access_token")
+            .as_deref(),
+        Some(token.as_str())
+    );
+
+    server.fail("html");
+    wait_for("a second attempt that met an HTML page", READY, || {
+        let message = ns.condition("crm", "Ready", "message");
+        message
+            .contains("non-JSON body (text/html")
+            .then_some(())
+            .ok_or(message)
+    });
+    assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "2");
+
+    // The backoff lives in status: a restarted operator waits for it too.
+    operator.stop();
+    let requests = token_requests(&server);
+    let _operator = Operator::start(&ns);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        token_requests(&server),
+        requests,
+        "a restart does not retry early"
+    );
+
+    server.fail("429");
+    wait_for(
+        "an attempt told to slow down",
+        Duration::from_secs(40),
+        || {
+            let message = ns.condition("crm", "Ready", "message");
+            message
+                .contains("HTTP 429 Too Many Requests, Retry-After 3 s")
+                .then_some(())
+                .ok_or(message)
+        },
+    );
+    assert_eq!(
+        ns.secret_value("crm-credentials", "access_token")
+            .as_deref(),
+        Some(token.as_str())
+    );
+
+    server.fail("off");
+    ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(45));
+    assert_ne!(
+        ns.secret_value("crm-credentials", "access_token")
+            .as_deref(),
+        Some(token.as_str())
+    );
+    assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "");
+    assert_eq!(status_field(&ns, "crm", "forceRefreshHandled"), "1");
+}
+
+#[test]
+fn a_provider_that_stays_down_lets_the_token_expire_visibly_then_recovers() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 4 }));
+    let port = server.port;
+    let ns = TestNamespace::new("oauth-down");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.apply_ok(&client_credentials("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    drop(server);
+    ns.wait_ready("crm", "False", "AccessTokenExpired", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains("connection failed") && message.contains("expired at"),
+        "{message}"
+    );
+    assert_eq!(
+        ns.condition("crm", "AuthFailed", "status"),
+        "False",
+        "an outage is not a rejection"
+    );
+
+    let _server = OAuthServer::start(json!({ "accessTokenTtl": 4, "port": port }));
+    ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(60));
+}
+
+#[test]
+fn a_missing_expires_in_uses_the_configured_lifetime_and_says_so() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 600, "omitExpiresIn": true }));
+    let ns = TestNamespace::new("oauth-no-expiry");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.apply_ok(&client_credentials(
+        "crm",
+        &server,
+        "    defaultTokenLifetime: 90s\n",
+    ));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains("no expires_in") && message.contains("assumes 90s"),
+        "{message}"
+    );
+    let issued = timestamp(&status_field(&ns, "crm", "lastRefreshTime"));
+    let expires = timestamp(&status_field(&ns, "crm", "tokenExpiresAt"));
+    assert_eq!(expires.duration_since(issued).as_secs(), 90);
+}
+
+#[test]
+fn the_force_refresh_annotation_refreshes_once_per_value() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 600 }));
+    let ns = TestNamespace::new("oauth-force");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.apply_ok(&client_credentials("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let first = ns.secret_value("crm-credentials", "access_token").unwrap();
+
+    ns.kubectl_ok(&[
+        "annotate",
+        "srcconn",
+        "crm",
+        "tokenkeeper.dev/force-refresh=2026-11-23T10:00:00Z",
+    ]);
+    let second = wait_for("a new token", Duration::from_secs(10), || {
+        let token = ns.secret_value("crm-credentials", "access_token").unwrap();
+        (token != first).then_some(token.clone()).ok_or(token)
+    });
+    wait_for("forceRefreshHandled", Duration::from_secs(10), || {
+        let handled = status_field(&ns, "crm", "forceRefreshHandled");
+        (handled == "2026-11-23T10:00:00Z")
+            .then_some(())
+            .ok_or(handled)
+    });
+    // Touching the connection without a new value refreshes nothing.
+    let requests = token_requests(&server);
+    ns.kubectl_ok(&["label", "srcconn", "crm", "touched=yes"]);
+    ns.kubectl_ok(&["annotate", "srcconn", "crm", "unrelated=1"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(token_requests(&server), requests);
+    assert_eq!(
+        ns.secret_value("crm-credentials", "access_token")
+            .as_deref(),
+        Some(second.as_str())
+    );
+}
+
+#[test]
+fn killing_the_operator_right_after_a_rotation_loses_no_refresh_token() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
+    let ns = TestNamespace::new("oauth-kill");
+    let mut operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.apply_ok(&refresh_token_grant("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    let state_version = || {
+        ns.jsonpath(
+            "secret",
+            "crm-tokenkeeper-state",
+            "{.metadata.resourceVersion}",
+        )
+    };
+    for round in 0..3 {
+        let before = state_version();
+        wait_for(
+            "a rotation to be persisted",
+            Duration::from_secs(10),
+            || {
+                let now = state_version();
+                (now != before).then_some(()).ok_or(now)
+            },
+        );
+        // SIGKILL as soon as the new refresh token is stored, typically
+        // before the target Secret is written.
+        operator.kill();
+        std::thread::sleep(Duration::from_millis(200 * round));
+        operator = Operator::start(&ns);
+    }
+    std::thread::sleep(Duration::from_secs(7));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let stats = server.stats();
+    assert_eq!(stats["refreshTokenReuse"], 0, "{stats}");
+    assert_eq!(stats["errors"], json!({}), "{stats}");
+    stored_refresh_token_is_live(&ns, &server);
+    wait_for(
+        "the target to hold the stored access token",
+        Duration::from_secs(10),
+        || {
+            let target = ns.secret_value("crm-credentials", "access_token");
+            let state = ns.secret_value("crm-tokenkeeper-state", "access_token");
+            (target == state).then_some(()).ok_or(format!(
+                "{} vs {}",
+                target.is_some(),
+                state.is_some()
+            ))
+        },
+    );
+    sample_freshness(&ns, "crm-credentials", Duration::from_secs(5));
+}
+
+#[test]
+fn the_client_credentials_example_becomes_ready() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("oauth-example");
+    let _operator = Operator::start(&ns);
+    let example = std::fs::read_to_string(format!(
+        "{}/deploy/examples/oauth-client-credentials.yaml",
+        common::REPO
+    ))
+    .unwrap()
+    .replace("http://127.0.0.1:9400", &server.issuer);
+    ns.apply_ok(&example);
+    ns.wait_ready("crm-reporting", "True", "SecretSynced", READY);
+    assert!(
+        ns.secret_value("crm-reporting-credentials", "access_token")
+            .is_some()
+    );
+    wait_for("the TokenIssued event", READY, || {
+        let text = ns.kubectl_ok(&["describe", "srcconn", "crm-reporting"]);
+        text.contains("Normal  TokenIssued")
+            .then_some(())
+            .ok_or(text)
+    });
+}
