@@ -184,6 +184,22 @@ pub struct OAuth2Auth {
     /// (for example Salesforce's `instance_url`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub response_fields: Vec<String>,
+    /// A cheap API request made with every new access token, so that a
+    /// role change surfaces as InsufficientPermissions before an extraction
+    /// fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
+    /// URL requested with `GET` and `Authorization: Bearer <access token>`
+    /// (the provider's userinfo endpoint, or an API endpoint the extraction
+    /// needs). 2xx: fine; 401: the token is refused (AccessTokenExpired,
+    /// retried); 403 or `insufficient_scope`: InsufficientPermissions.
+    #[schemars(length(min = 1))]
+    pub url: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

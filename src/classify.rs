@@ -145,6 +145,51 @@ fn clip(text: &str) -> String {
     }
 }
 
+/// What a verification request said about a fresh access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    /// HTTP 401: the token itself is refused.
+    Unauthorized {
+        detail: String,
+    },
+    /// HTTP 403 or `insufficient_scope`: the token lacks permissions.
+    Forbidden {
+        detail: String,
+    },
+    /// No usable answer (5xx, timeout): says nothing about the token.
+    Inconclusive {
+        detail: String,
+    },
+}
+
+/// Classifies a verification answer by status and `WWW-Authenticate`
+/// (RFC 6750 section 3.1).
+pub fn classify_verification(status: u16, www_authenticate: Option<&str>) -> Verdict {
+    let error_code = www_authenticate.and_then(|header| {
+        let start = header.find("error=\"")? + "error=\"".len();
+        let end = header[start..].find('"')? + start;
+        Some(header[start..end].to_owned())
+    });
+    let detail = match &error_code {
+        Some(code) => format!(", {code}"),
+        None => String::new(),
+    };
+    match status {
+        200..=299 if error_code.is_none() => Verdict::Accepted,
+        403 => Verdict::Forbidden {
+            detail: format!("HTTP 403{detail}"),
+        },
+        _ if error_code.as_deref() == Some("insufficient_scope") => Verdict::Forbidden {
+            detail: format!("HTTP {status}{detail}"),
+        },
+        401 => Verdict::Unauthorized { detail },
+        _ => Verdict::Inconclusive {
+            detail: format!("HTTP {status}{detail}"),
+        },
+    }
+}
+
 /// Required scopes the grant lacks, or `None` when the provider did not say
 /// which scopes it granted (RFC 6749: the scope is then as requested).
 pub fn missing_scopes(required: &[String], granted: Option<&[String]>) -> Vec<String> {
@@ -287,6 +332,36 @@ mod tests {
             error.to_string().contains("kubectl create secret ..."),
             "{error}"
         );
+    }
+
+    #[test]
+    fn verification_answers() {
+        assert_eq!(classify_verification(200, None), Verdict::Accepted);
+        assert_eq!(
+            classify_verification(
+                403,
+                Some(r#"Bearer error="insufficient_scope", scope="crm.write""#)
+            ),
+            Verdict::Forbidden {
+                detail: "HTTP 403, insufficient_scope".into()
+            }
+        );
+        assert_eq!(
+            classify_verification(400, Some(r#"Bearer error="insufficient_scope""#)),
+            Verdict::Forbidden {
+                detail: "HTTP 400, insufficient_scope".into()
+            }
+        );
+        assert_eq!(
+            classify_verification(401, Some(r#"Bearer error="invalid_token""#)),
+            Verdict::Unauthorized {
+                detail: ", invalid_token".into()
+            }
+        );
+        assert!(matches!(
+            classify_verification(503, None),
+            Verdict::Inconclusive { .. }
+        ));
     }
 
     #[test]

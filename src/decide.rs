@@ -333,6 +333,9 @@ pub struct OAuthSettings {
 pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
     let invalid = |message: String| Error::InvalidSpec(message);
     check_endpoint("spec.oauth2.tokenUrl", &oauth.token_url).map_err(invalid)?;
+    if let Some(verification) = &oauth.verification {
+        check_endpoint("spec.oauth2.verification.url", &verification.url).map_err(invalid)?;
+    }
     match oauth.grant {
         OAuth2Grant::AuthorizationCode => return Err(Error::NotImplemented),
         OAuth2Grant::RefreshToken if oauth.refresh_token_secret_ref.is_none() => {

@@ -88,6 +88,13 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
 
+    #[error(
+        "The verification request GET {url} refused the access token just issued (HTTP 401{detail}): \
+         the provider does not accept its own token, for example because the grant is being \
+         revoked or the API is in another region"
+    )]
+    AccessTokenRejected { url: String, detail: String },
+
     /// Talking to the Kubernetes API failed; retried with backoff.
     #[error("Kubernetes API request failed: {0}")]
     Kube(String),
@@ -124,6 +131,7 @@ impl Error {
             Error::InsufficientPermissions { .. } => "InsufficientPermissions",
             Error::InvalidClient { .. } => "InvalidClient",
             Error::ProviderUnavailable { .. } => "ProviderUnavailable",
+            Error::AccessTokenRejected { .. } => "AccessTokenExpired",
             Error::Kube(_) => "KubernetesApiError",
         }
     }
@@ -131,7 +139,7 @@ impl Error {
     pub fn retry(&self) -> Retry {
         match self {
             Error::Kube(_) => Retry::Infrastructure,
-            Error::ProviderUnavailable { .. } => Retry::Backoff,
+            Error::ProviderUnavailable { .. } | Error::AccessTokenRejected { .. } => Retry::Backoff,
             Error::SecretNotFound { .. }
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
@@ -159,6 +167,7 @@ impl Error {
             | Error::TargetSecretConflict { .. }
             | Error::NotImplemented
             | Error::ProviderUnavailable { .. }
+            | Error::AccessTokenRejected { .. }
             | Error::Kube(_) => false,
         }
     }

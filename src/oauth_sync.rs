@@ -98,6 +98,8 @@ pub async fn sync(
                 .current
                 .as_ref()
                 .expect("the plan waits only while a token exists");
+            let current =
+                &with_verification_of(current, inputs.target.as_ref(), &oauth.response_fields);
             write_target(conn, &secrets, inputs.target.clone(), current).await?;
             return Ok(healthy(
                 conn,
@@ -153,7 +155,7 @@ pub async fn sync(
                 .as_ref()
                 .and_then(|c| c.scope.clone())
                 .or_else(|| (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")));
-            let record = TokenRecord::issued(
+            let mut record = TokenRecord::issued(
                 now,
                 &issued,
                 settings.default_lifetime,
@@ -162,6 +164,8 @@ pub async fn sync(
                 &request_hash,
             );
             let mut notes = Vec::new();
+            // The rotated refresh token is stored first, before anything else
+            // that could fail or take time.
             if refresh_token.is_some() {
                 let state = next_state(
                     &inputs.state,
@@ -172,7 +176,37 @@ pub async fn sync(
                 );
                 persist_state(conn, &secrets, inputs.state_secret.clone(), &state).await?;
             }
+            let mut rejected = None;
+            if let Some(verification) = &oauth.verification {
+                match token_client::verify(&ctx.http, &verification.url, &record.access_token).await
+                {
+                    classify::Verdict::Accepted => {}
+                    classify::Verdict::Forbidden { detail } => {
+                        record.verification_denied =
+                            Some(format!("GET {} answered {detail}", verification.url));
+                    }
+                    classify::Verdict::Unauthorized { detail } => {
+                        rejected = Some(Error::AccessTokenRejected {
+                            url: verification.url.clone(),
+                            detail,
+                        });
+                    }
+                    classify::Verdict::Inconclusive { detail } => {
+                        warn!(connection = %display_name(conn), %detail, "verification request gave no answer; token kept");
+                    }
+                }
+            }
             write_target(conn, &secrets, inputs.target.clone(), &record).await?;
+            if let Some(error) = rejected {
+                return Ok(failed(
+                    conn,
+                    &error,
+                    Some(&record),
+                    token_status,
+                    now,
+                    &jitter_key,
+                ));
+            }
             let was_ready = status::find_condition(conn, status::CONDITION_READY)
                 .is_some_and(|c| c.status == "True" && c.reason == status::REASON_SECRET_SYNCED);
             if !was_ready || reason == RefreshReason::NewRefreshToken {
@@ -248,6 +282,24 @@ pub async fn sync(
                 &jitter_key,
             ))
         }
+    }
+}
+
+/// The verification result belongs to one access token and is kept on the
+/// target Secret; a state copy of the same token takes it from there.
+fn with_verification_of(
+    current: &TokenRecord,
+    target: Option<&Secret>,
+    fields: &[String],
+) -> TokenRecord {
+    let in_target =
+        target.and_then(|t| TokenRecord::from_target(t.data.as_ref()?, t.annotations(), fields));
+    match in_target {
+        Some(copy) if copy.access_token == current.access_token => TokenRecord {
+            verification_denied: copy.verification_denied,
+            ..current.clone()
+        },
+        _ => current.clone(),
     }
 }
 
@@ -468,7 +520,12 @@ fn healthy(
         &oauth.required_scopes,
         record.scope.is_some().then_some(&granted[..]),
     );
-    let verdict = if missing.is_empty() {
+    let verdict = if let Some(denied) = &record.verification_denied {
+        Verdict::failed(&Error::InsufficientPermissions {
+            detail: denied.clone(),
+            fix: reauthorize_fix(conn, oauth),
+        })
+    } else if missing.is_empty() {
         Verdict::ready(message)
     } else {
         Verdict::failed(&Error::InsufficientPermissions {
@@ -531,6 +588,12 @@ fn failed(
                 rfc3339(retry_at)
             );
             let verdict = match (valid_token, current) {
+                _ if matches!(error, Error::AccessTokenRejected { .. }) => Verdict {
+                    ready: false,
+                    reason: error.reason().to_owned(),
+                    message: format!("{error}.{progress}"),
+                    rejection: None,
+                },
                 (Some(token), _) => Verdict {
                     ready: true,
                     reason: error.reason().to_owned(),

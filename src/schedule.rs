@@ -175,6 +175,7 @@ mod tests {
             scope: None,
             fields: BTreeMap::new(),
             request_hash: String::new(),
+            verification_denied: None,
         }
     }
 

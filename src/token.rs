@@ -26,12 +26,14 @@ const KEY_LIFETIME_ASSUMED: &str = "lifetime_assumed";
 const KEY_REQUEST_HASH: &str = "token_request_sha256";
 const KEY_REFRESH_TOKEN_EXPIRES_AT: &str = "refresh_token_expires_at";
 const KEY_IMPORTED_HASH: &str = "imported_refresh_token_sha256";
+const KEY_VERIFICATION_DENIED: &str = "verification_denied";
 
 /// Annotations on the target Secret that let tokenkeeper continue after a
 /// restart without keeping anything but the token in the data pods see.
 pub const ANNOTATION_ISSUED_AT: &str = "tokenkeeper.dev/issued-at";
 pub const ANNOTATION_LIFETIME_ASSUMED: &str = "tokenkeeper.dev/lifetime-assumed";
 pub const ANNOTATION_REQUEST_HASH: &str = "tokenkeeper.dev/token-request-sha256";
+pub const ANNOTATION_VERIFICATION_DENIED: &str = "tokenkeeper.dev/verification-denied";
 
 /// Keys of the target Secret that response fields may not take.
 pub const RESERVED_TARGET_KEYS: [&str; 4] =
@@ -54,6 +56,9 @@ pub struct TokenRecord {
     /// Fingerprint of the token request settings that produced the token;
     /// a different one means the spec changed and a new token is needed.
     pub request_hash: String,
+    /// What the verification request said when it refused this token
+    /// (403), for example `GET https://api/me answered 403 (insufficient_scope)`.
+    pub verification_denied: Option<String>,
 }
 
 impl fmt::Debug for TokenRecord {
@@ -111,6 +116,9 @@ impl TokenRecord {
         if self.lifetime_assumed {
             annotations.insert(ANNOTATION_LIFETIME_ASSUMED.to_owned(), "true".to_owned());
         }
+        if let Some(denied) = &self.verification_denied {
+            annotations.insert(ANNOTATION_VERIFICATION_DENIED.to_owned(), denied.clone());
+        }
         annotations
     }
 
@@ -136,6 +144,7 @@ impl TokenRecord {
                 .filter_map(|name| Some((name.clone(), get(data, name)?)))
                 .collect(),
             request_hash: annotations.get(ANNOTATION_REQUEST_HASH)?.clone(),
+            verification_denied: annotations.get(ANNOTATION_VERIFICATION_DENIED).cloned(),
         })
     }
 }
@@ -173,6 +182,7 @@ impl TokenRecord {
                 .filter_map(|name| Some((name.clone(), issued.field(name)?)))
                 .collect(),
             request_hash: request_hash.to_owned(),
+            verification_denied: None,
         }
     }
 }
@@ -225,6 +235,9 @@ impl GrantState {
             if token.lifetime_assumed {
                 put(&mut data, KEY_LIFETIME_ASSUMED, "true");
             }
+            if let Some(denied) = &token.verification_denied {
+                put(&mut data, KEY_VERIFICATION_DENIED, denied);
+            }
         }
         data
     }
@@ -239,6 +252,9 @@ impl GrantState {
             );
             if let Some(assumed) = get(data, KEY_LIFETIME_ASSUMED) {
                 annotations.insert(ANNOTATION_LIFETIME_ASSUMED.to_owned(), assumed);
+            }
+            if let Some(denied) = get(data, KEY_VERIFICATION_DENIED) {
+                annotations.insert(ANNOTATION_VERIFICATION_DENIED.to_owned(), denied);
             }
             TokenRecord::from_target(data, &annotations, field_names)
         })();
@@ -295,6 +311,7 @@ mod tests {
             scope: Some("crm.read crm.write".into()),
             fields: BTreeMap::from([("instance_url".into(), "https://eu.crm.test".into())]),
             request_hash: "abc".into(),
+            verification_denied: None,
         }
     }
 

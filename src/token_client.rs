@@ -258,6 +258,39 @@ async fn send(http: &reqwest::Client, request: HttpRequest) -> Result<HttpRespon
         .map_err(|e| HttpError::Build(e.to_string()))
 }
 
+/// Timeout of one verification request.
+const VERIFICATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Calls the verification URL with a fresh access token.
+pub async fn verify(
+    http: &reqwest::Client,
+    url: &str,
+    access_token: &str,
+) -> crate::classify::Verdict {
+    let response = http
+        .get(url)
+        .bearer_auth(access_token)
+        .timeout(VERIFICATION_TIMEOUT)
+        .send()
+        .await;
+    match response {
+        Ok(response) => crate::classify::classify_verification(
+            response.status().as_u16(),
+            response
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok()),
+        ),
+        Err(error) => crate::classify::Verdict::Inconclusive {
+            detail: if error.is_timeout() {
+                "no answer".to_owned()
+            } else {
+                "request failed".to_owned()
+            },
+        },
+    }
+}
+
 /// The HTTP client for token requests: rustls, a timeout, no redirects
 /// (a token endpoint that redirects is misconfigured, and following it
 /// would resend credentials).

@@ -629,3 +629,78 @@ fn the_client_credentials_example_becomes_ready() {
             .ok_or(text)
     });
 }
+
+#[test]
+fn a_verification_request_turns_a_role_change_into_insufficient_permissions() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
+    let ns = TestNamespace::new("oauth-verify-403");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    user_refresh_token(&ns, &server.mint_refresh_token("crm.read crm.write"));
+    let verification = format!(
+        "    verification:\n      url: {}/test/api?scope=crm.write\n",
+        server.issuer
+    );
+    ns.apply_ok(&refresh_token_grant("crm", &server, &verification));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    server.control("narrow-scopes", json!({ "scope": "crm.read" }));
+    ns.wait_ready("crm", "False", "InsufficientPermissions", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains("answered HTTP 403, insufficient_scope"),
+        "{message}"
+    );
+    assert_eq!(
+        ns.condition("crm", "AuthFailed", "reason"),
+        "InsufficientPermissions"
+    );
+    // Stable between refreshes, and refreshing goes on.
+    let version = ns.jsonpath(
+        "srcconn",
+        "crm",
+        "{.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+    );
+    sample_freshness(&ns, "crm-credentials", Duration::from_secs(5));
+    assert_eq!(
+        ns.condition("crm", "Ready", "reason"),
+        "InsufficientPermissions"
+    );
+    assert_eq!(
+        ns.jsonpath(
+            "srcconn",
+            "crm",
+            "{.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}"
+        ),
+        version
+    );
+}
+
+#[test]
+fn a_verification_request_refusing_the_token_is_access_token_expired_and_retried() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 120 }));
+    let ns = TestNamespace::new("oauth-verify-401");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    let verification = format!("    verification:\n      url: {}/test/api\n", server.issuer);
+    ns.apply_ok(&client_credentials("crm", &server, &verification));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    server.control("api-mode", json!({ "mode": "401" }));
+    ns.kubectl_ok(&[
+        "annotate",
+        "srcconn",
+        "crm",
+        "tokenkeeper.dev/force-refresh=1",
+    ]);
+    ns.wait_ready("crm", "False", "AccessTokenExpired", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains("refused the access token just issued (HTTP 401, invalid_token)"),
+        "{message}"
+    );
+    assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "1");
+
+    server.control("api-mode", json!({ "mode": "normal" }));
+    ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(30));
+}

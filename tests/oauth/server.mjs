@@ -130,6 +130,7 @@ provider.on('grant.success', () => { stats.tokenSuccesses += 1; });
 provider.on('revocation.success', () => { stats.revocations += 1; });
 
 let failure = { mode: 'off' };
+let apiMode = 'normal';
 
 provider.use(async (ctx, next) => {
   if (ctx.path.startsWith('/test/')) {
@@ -236,6 +237,33 @@ async function testControl(ctx) {
       ctx.body = { narrowed: grantIds.length };
       return;
     }
+    case '/test/api': {
+      // A protected API the connections can verify their token against:
+      // GET /test/api?scope=crm.write with a bearer token. RFC 6750 answers.
+      const token = (ctx.get('authorization').match(/^Bearer (.+)$/) ?? [])[1];
+      const found = token && ((await provider.AccessToken.find(token)) ?? (await provider.ClientCredentials.find(token)));
+      if (apiMode === '401' || !found || found.isExpired) {
+        ctx.status = 401;
+        ctx.set('WWW-Authenticate', 'Bearer error="invalid_token"');
+        ctx.body = { error: 'invalid_token' };
+        return;
+      }
+      const needed = ctx.query.scope;
+      const granted = new Set((found.scope ?? '').split(' '));
+      if (needed && !granted.has(needed)) {
+        ctx.status = 403;
+        ctx.set('WWW-Authenticate', `Bearer error="insufficient_scope", scope="${needed}"`);
+        ctx.body = { error: 'insufficient_scope' };
+        return;
+      }
+      ctx.body = { ok: true, scope: found.scope };
+      return;
+    }
+    case '/test/api-mode':
+      // {"mode": "normal" | "401"}: "401" refuses every token.
+      apiMode = body.mode;
+      ctx.body = { mode: apiMode };
+      return;
     case '/test/introspect': {
       // What the provider thinks of a token, without client credentials.
       const token = body.token;
