@@ -2,11 +2,14 @@
 //! functions of `decide` and `status`, then writes only what changed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -17,12 +20,16 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{debug, info, warn};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
 
 use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY, SourceConnection};
 use crate::decide;
 use crate::error::{Error, Retry, backoff};
+use crate::leader::{self, LeaseSettings};
+use crate::metrics::{ErrorLabels, Metrics};
 use crate::oauth_sync;
+use crate::server::{self, Health};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
 use crate::token::TokenRecord;
 use crate::token_client;
@@ -34,8 +41,12 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(3600);
 const EVENT_NOTE_LIMIT: usize = 1024;
 
 pub struct Settings {
-    /// Watch only this namespace; `None` watches all.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces; empty watches all.
+    pub namespaces: Vec<String>,
+    /// Where to serve /metrics, /healthz and /readyz.
+    pub metrics_address: Option<SocketAddr>,
+    /// Lead through this Lease; `None` runs as the only replica.
+    pub leader_election: Option<LeaseSettings>,
 }
 
 pub struct Context {
@@ -44,6 +55,7 @@ pub struct Context {
     /// connection pools per provider.
     pub(crate) http: reqwest::Client,
     recorder: Recorder,
+    pub(crate) metrics: Arc<Metrics>,
     /// Consecutive transient failures per connection, for backoff.
     transient_failures: Mutex<HashMap<ObjectRef<SourceConnection>, u32>>,
 }
@@ -75,60 +87,145 @@ where
     }
 }
 
-/// Runs the controller until SIGTERM or SIGINT.
+/// Runs the operator until SIGTERM or SIGINT: the HTTP endpoints, the
+/// leader election when configured, and the controllers while leading.
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
-    let namespace = settings.namespace.as_deref();
-    let connections: Api<SourceConnection> = scoped(client.clone(), namespace);
-    ensure_crd_installed(&connections).await?;
-    let secrets: Api<Secret> = scoped(client.clone(), namespace);
-
-    let (reader, writer) = reflector::store();
-    // Status-only updates (our own writes) do not change the generation or
-    // annotations, so they do not wake the reconciler again.
-    let connection_changes = watcher(connections, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(
-            Predicate::<SourceConnection>::combine(predicates::generation, predicates::annotations),
-            Default::default(),
-        );
-    // Secrets the users reference are watched by metadata only and mapped
-    // to their connections; their contents are read when reconciling.
-    let secret_metadata: Api<PartialObjectMeta<Secret>> = scoped(client.clone(), namespace);
-    let referenced_secret_changes = watcher(secret_metadata, watcher::Config::default())
-        .default_backoff()
-        .touched_objects();
-    let connection_index = reader.clone();
-
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    for scope in &scopes {
+        ensure_crd_installed(&scoped(client.clone(), scope.as_deref())).await?;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(address) = settings.metrics_address {
+        let health = Health {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        };
+        let server = server::serve(address, health);
+        tokio::spawn(async move {
+            if let Err(error) = server.await {
+                error!(%error, "the metrics and health server stopped");
+            }
+        });
+    }
     let context = Arc::new(Context {
         client: client.clone(),
         http: token_client::http_client(),
-        recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
+        recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
         transient_failures: Mutex::default(),
+        metrics: metrics.clone(),
     });
-    info!(
-        namespace = namespace.unwrap_or("<all>"),
-        "tokenkeeper controller starting"
-    );
-    Controller::for_stream(connection_changes, reader)
-        .owns(
-            secrets,
-            watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
-        )
-        .watches_stream(referenced_secret_changes, move |secret| {
-            connections_reading(&connection_index, &secret)
-        })
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                debug!(%error, "reconcile loop");
-            }
-        })
-        .await;
+
+    let Some(lease) = settings.leader_election else {
+        ready.store(true, Ordering::Relaxed);
+        metrics.leader.set(1);
+        run_controllers(&client, &scopes, context, shutdown_signal()).await;
+        return Ok(());
+    };
+
+    let (leading_tx, mut leading) = watch::channel(false);
+    tokio::spawn(leader::campaign(client.clone(), lease.clone(), leading_tx));
+    // A follower is ready: it is up and can take over at any moment.
+    ready.store(true, Ordering::Relaxed);
+    info!(lease = %lease.name, identity = %lease.identity, "waiting to lead");
+    tokio::select! {
+        _ = leading.wait_for(|leads| *leads) => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopped = async move {
+        let _ = stop_rx.await;
+    };
+    let controllers = run_controllers(&client, &scopes, context, stopped);
+    tokio::pin!(controllers);
+    tokio::select! {
+        _ = &mut controllers => {
+            leader::release(client.clone(), &lease).await;
+            Ok(())
+        }
+        _ = leading.wait_for(|leads| !*leads) => {
+            metrics.leader.set(0);
+            let _ = stop_tx.send(());
+            // Exit rather than linger: a fresh start follows the new leader
+            // from a clean slate.
+            anyhow::bail!("lost the leader lease {}; exiting so that only the new leader writes", lease.name)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// One controller per watched namespace (or one for all), each with its
+/// own cache, until `stop` resolves or a signal arrives.
+async fn run_controllers(
+    client: &Client,
+    scopes: &[Option<String>],
+    context: Arc<Context>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let stop = stop.shared();
+    let controllers = scopes.iter().map(|scope| {
+        let namespace = scope.as_deref();
+        let connections: Api<SourceConnection> = scoped(client.clone(), namespace);
+        let secrets: Api<Secret> = scoped(client.clone(), namespace);
+        let (reader, writer) = reflector::store();
+        context.metrics.watch(reader.clone());
+        // Status-only updates (our own writes) do not change the generation
+        // or annotations, so they do not wake the reconciler again.
+        let connection_changes = watcher(connections, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .applied_objects()
+            .predicate_filter(
+                Predicate::<SourceConnection>::combine(
+                    predicates::generation,
+                    predicates::annotations,
+                ),
+                Default::default(),
+            );
+        // Secrets the users reference are watched by metadata only and
+        // mapped to their connections; their contents are read when
+        // reconciling.
+        let secret_metadata: Api<PartialObjectMeta<Secret>> = scoped(client.clone(), namespace);
+        let referenced_secret_changes = watcher(secret_metadata, watcher::Config::default())
+            .default_backoff()
+            .touched_objects();
+        let connection_index = reader.clone();
+        info!(
+            namespace = namespace.unwrap_or("<all>"),
+            "tokenkeeper controller starting"
+        );
+        Controller::for_stream(connection_changes, reader)
+            .owns(
+                secrets,
+                watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
+            )
+            .watches_stream(referenced_secret_changes, move |secret| {
+                connections_reading(&connection_index, &secret)
+            })
+            .graceful_shutdown_on(stop.clone())
+            .shutdown_on_signal()
+            .run(reconcile, error_policy, context.clone())
+            .for_each(|result| async move {
+                if let Err(error) = result {
+                    debug!(%error, "reconcile loop");
+                }
+            })
+    });
+    futures::future::join_all(controllers).await;
     info!("tokenkeeper controller stopped");
-    Ok(())
 }
 
 async fn ensure_crd_installed(connections: &Api<SourceConnection>) -> anyhow::Result<()> {
@@ -180,12 +277,33 @@ pub struct Synced {
 }
 
 async fn reconcile(conn: Arc<SourceConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_once(&conn, &ctx).await;
+    ctx.metrics.observe_reconcile(started.elapsed());
+    if let Err(error) = &result {
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&ErrorLabels {
+                reason: error.reason().to_owned(),
+            })
+            .inc();
+    }
+    result
+}
+
+async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
-    let synced = match sync(&conn, &ctx, now).await {
+    let synced = match sync(conn, ctx, now).await {
         Ok(synced) => synced,
         Err(error) if error.retry() == Retry::Infrastructure => return Err(error),
         Err(error) => {
-            info!(connection = %display_name(&conn), reason = error.reason(), %error, "connection not ready");
+            info!(connection = %display_name(conn), reason = error.reason(), %error, "connection not ready");
+            ctx.metrics
+                .reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    reason: error.reason().to_owned(),
+                })
+                .inc();
             Synced {
                 report: Report {
                     verdict: Some(Verdict::failed(&error)),
@@ -203,10 +321,10 @@ async fn reconcile(conn: Arc<SourceConnection>, ctx: Arc<Context>) -> Result<Act
             }
         }
     };
-    ctx.clear_transient_failures(&conn);
-    write_status(&conn, &ctx, &synced.report, now).await?;
+    ctx.clear_transient_failures(conn);
+    write_status(conn, ctx, &synced.report, now).await?;
     for note in synced.notes {
-        publish(&ctx, &conn, &note).await;
+        publish(ctx, conn, &note).await;
     }
     Ok(synced.action)
 }

@@ -1,4 +1,8 @@
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokenkeeper::leader::LeaseSettings;
 use tokenkeeper::{controller, crdgen, telemetry};
 
 /// Keeps SaaS source credentials fresh in Kubernetes Secrets.
@@ -13,16 +17,46 @@ struct Cli {
 enum Command {
     /// Run the controller against the cluster of the current kubeconfig
     /// (or the in-cluster service account).
-    Run {
-        /// Watch only this namespace (default: all namespaces).
-        #[arg(long, env = "TOKENKEEPER_NAMESPACE")]
-        namespace: Option<String>,
-        /// Log line format.
-        #[arg(long, value_enum, default_value_t = telemetry::LogFormat::Text)]
-        log_format: telemetry::LogFormat,
-    },
+    Run(RunArgs),
     /// Print every CRD as YAML, separated by `---`.
     Crd,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Watch only this namespace; repeat for several (default: all).
+    #[arg(
+        long = "namespace",
+        env = "TOKENKEEPER_NAMESPACES",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = telemetry::LogFormat::Text)]
+    log_format: telemetry::LogFormat,
+    /// Where to serve /metrics, /healthz and /readyz ("" to disable).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_bind_address: String,
+    /// Elect a leader through a Lease so that only one replica writes.
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    #[arg(long, default_value = "tokenkeeper-leader")]
+    leader_election_lease: String,
+    /// This replica's identity in the Lease (default: the pod name).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
+    /// Seconds a lease holds without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Seconds a leader may fail to renew before it steps down.
+    #[arg(long, default_value_t = 10)]
+    renew_deadline_seconds: u64,
+    /// Seconds between lease renewals or attempts.
+    #[arg(long, default_value_t = 2)]
+    retry_period_seconds: u64,
 }
 
 #[tokio::main]
@@ -32,13 +66,43 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crdgen::render_yaml());
             Ok(())
         }
-        Command::Run {
-            namespace,
-            log_format,
-        } => {
-            telemetry::init(log_format);
+        Command::Run(args) => {
+            telemetry::init(args.log_format);
+            let metrics_address = match args.metrics_bind_address.as_str() {
+                "" => None,
+                text => Some(
+                    text.parse::<SocketAddr>()
+                        .map_err(|e| anyhow::anyhow!("--metrics-bind-address {text:?}: {e}"))?,
+                ),
+            };
+            if args.renew_deadline_seconds >= args.lease_duration_seconds {
+                anyhow::bail!(
+                    "--renew-deadline-seconds must be shorter than --lease-duration-seconds"
+                );
+            }
+            let leader_election = args.leader_elect.then(|| LeaseSettings {
+                namespace: args.leader_election_namespace,
+                name: args.leader_election_lease,
+                identity: args
+                    .leader_election_identity
+                    .unwrap_or_else(default_identity),
+                lease_duration: Duration::from_secs(args.lease_duration_seconds),
+                renew_deadline: Duration::from_secs(args.renew_deadline_seconds),
+                retry_period: Duration::from_secs(args.retry_period_seconds),
+            });
             let client = kube::Client::try_default().await?;
-            controller::run(client, controller::Settings { namespace }).await
+            let settings = controller::Settings {
+                namespaces: args.namespaces,
+                metrics_address,
+                leader_election,
+            };
+            controller::run(client, settings).await
         }
     }
+}
+
+/// Hostname and process id: unique per replica even outside a pod.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }

@@ -148,7 +148,26 @@ pub async fn sync(
             None => Grant::ClientCredentials,
         },
     };
-    match token_client::request_token(&ctx.http, request).await {
+    let response = token_client::request_token(&ctx.http, request).await;
+    let failure_context = FailureContext {
+        now,
+        token_endpoint: &oauth.token_url,
+        refresh_token_expires_at: inputs
+            .state
+            .refresh_token_expires_at
+            .filter(|_| !new_user_refresh_token),
+        reauthorize_fix: &reauthorize_fix(conn, oauth),
+        client_secret_namespace: &namespace,
+        client_secret_name: &oauth.client.secret_ref.name,
+    };
+    let response = response.map_err(|failure| classify::classify(&failure, &failure_context));
+    ctx.metrics.token_request(
+        &oauth.token_url,
+        response
+            .as_ref()
+            .map_or_else(|error| error.reason(), |_| "success"),
+    );
+    match response {
         Ok(issued) => {
             let scope_if_unsaid = inputs
                 .current
@@ -231,22 +250,7 @@ pub async fn sync(
                 &jitter_key,
             ))
         }
-        Err(failure) => {
-            let rt_expires_at = inputs
-                .state
-                .refresh_token_expires_at
-                .filter(|_| !new_user_refresh_token);
-            let error = classify::classify(
-                &failure,
-                &FailureContext {
-                    now,
-                    token_endpoint: &oauth.token_url,
-                    refresh_token_expires_at: rt_expires_at,
-                    reauthorize_fix: &reauthorize_fix(conn, oauth),
-                    client_secret_namespace: &namespace,
-                    client_secret_name: &oauth.client.secret_ref.name,
-                },
-            );
+        Err(error) => {
             if matches!(
                 error,
                 Error::InvalidGrant { .. } | Error::RefreshTokenExpired { .. }

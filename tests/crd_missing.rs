@@ -4,45 +4,18 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{REPO, stderr};
-
-struct OwnControlPlane {
-    dir: PathBuf,
-}
-
-impl OwnControlPlane {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("tokenkeeper-nocrd-{}", std::process::id()));
-        let plane = OwnControlPlane { dir };
-        let status = Command::new(format!("{REPO}/tests/cluster/up.sh"))
-            .arg(&plane.dir)
-            .status()
-            .expect("run tests/cluster/up.sh");
-        assert!(status.success(), "control plane did not start");
-        plane
-    }
-}
-
-impl Drop for OwnControlPlane {
-    fn drop(&mut self) {
-        let _ = Command::new(format!("{REPO}/tests/cluster/down.sh"))
-            .arg(&self.dir)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use common::{OwnControlPlane, stderr};
 
 #[test]
 fn run_fails_fast_when_the_crd_is_missing() {
-    let plane = OwnControlPlane::start();
+    let plane = OwnControlPlane::start("nocrd");
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
         .arg("run")
-        .env("KUBECONFIG", plane.dir.join("kubeconfig"))
+        .env("KUBECONFIG", plane.kubeconfig())
         .output()
         .expect("run tokenkeeper");
     assert!(!out.status.success(), "must not run without its CRD");

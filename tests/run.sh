@@ -36,7 +36,12 @@ else
 fi
 
 rm -rf target/test-artifacts
+mkdir -p target/test-artifacts
 kubectl --kubeconfig "$TOKENKEEPER_TEST_KUBECONFIG" apply -f crds/
 kubectl --kubeconfig "$TOKENKEEPER_TEST_KUBECONFIG" wait --for condition=established --timeout=60s -f crds/ >/dev/null
+# The operator under test runs as the Helm chart's ServiceAccount.
+export TOKENKEEPER_TEST_OPERATOR_KUBECONFIG="$PWD/target/test-artifacts/operator.kubeconfig"
+tests/cluster/operator-identity.sh "$TOKENKEEPER_TEST_KUBECONFIG" "$TOKENKEEPER_TEST_OPERATOR_KUBECONFIG"
+export TOKENKEEPER_HELM="$(tests/tools/install-helm.sh)"
 
-cargo test --all-targets --locked "$@" -- --test-threads "${TOKENKEEPER_TEST_THREADS:-8}"
+cargo test --all-targets --locked --no-fail-fast "$@" -- --test-threads "${TOKENKEEPER_TEST_THREADS:-8}"

@@ -22,6 +22,24 @@ pub fn kubeconfig() -> String {
     )
 }
 
+/// The kubeconfig the operator runs with: the Helm chart's ServiceAccount
+/// (see tests/cluster/operator-identity.sh), so that every scenario proves
+/// the chart's RBAC suffices.
+pub fn operator_kubeconfig() -> String {
+    std::env::var("TOKENKEEPER_TEST_OPERATOR_KUBECONFIG").expect(
+        "TOKENKEEPER_TEST_OPERATOR_KUBECONFIG is not set: run the integration tests with tests/run.sh",
+    )
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Where tests keep logs and artifacts for a person to read after a run.
 pub fn artifacts_dir() -> PathBuf {
     let dir = Path::new(REPO).join("target/test-artifacts");
@@ -165,10 +183,14 @@ impl Operator {
             STARTS.fetch_add(1, Ordering::Relaxed)
         ));
         let log = File::create(&log_path).expect("create operator log");
+        let mut args = vec!["run", "--namespace", namespace.name.as_str()];
+        if !extra_args.contains(&"--metrics-bind-address") {
+            args.extend(["--metrics-bind-address", "127.0.0.1:0"]);
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
-            .args(["run", "--namespace", &namespace.name])
+            .args(args)
             .args(extra_args)
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", operator_kubeconfig())
             .env("RUST_LOG", "info,tokenkeeper=debug")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -178,6 +200,10 @@ impl Operator {
             child: Some(child),
             log_path,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("operator running").id()
     }
 
     /// SIGKILL, as a node failure or the OOM killer would.
@@ -399,5 +425,67 @@ pub fn assert_no_secret_leaks(ns: &TestNamespace, secrets: &[String]) {
                 "a secret value leaked into the {place}"
             );
         }
+    }
+}
+
+/// A control plane of a test's own, for tests that change cluster-wide
+/// things (CRDs, Helm releases). Stopped on drop.
+pub struct OwnControlPlane {
+    pub dir: PathBuf,
+}
+
+impl OwnControlPlane {
+    pub fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tokenkeeper-{name}-{}", std::process::id()));
+        let plane = OwnControlPlane { dir };
+        let status = Command::new(format!("{REPO}/tests/cluster/up.sh"))
+            .arg(&plane.dir)
+            .status()
+            .expect("run tests/cluster/up.sh");
+        assert!(status.success(), "control plane did not start");
+        plane
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    }
+
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+}
+
+impl Drop for OwnControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{REPO}/tests/cluster/down.sh"))
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// GET on the operator's HTTP port.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    match reqwest::blocking::get(format!("http://127.0.0.1:{port}{path}")) {
+        Ok(response) => (
+            response.status().as_u16(),
+            response.text().unwrap_or_default(),
+        ),
+        Err(error) => (0, error.to_string()),
     }
 }

@@ -1,0 +1,242 @@
+//! Prometheus metrics. Per-connection series are computed at scrape time
+//! from the SourceConnections the controller watches, so the series of a
+//! deleted connection disappear with it; process-wide counters live here.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::api::SourceConnection;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenRequestLabels {
+    pub host: String,
+    /// `success`, or the condition reason of the failure.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    namespace: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConditionLabels {
+    namespace: String,
+    name: String,
+    condition: String,
+    status: String,
+    reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub token_requests: Family<TokenRequestLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub leader: Gauge,
+    connections: Arc<ConnectionCollector>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tokenkeeper");
+        let token_requests = Family::<TokenRequestLabels, Counter>::default();
+        registry.register(
+            "token_requests",
+            "Token requests sent to providers, by token endpoint host and result",
+            token_requests.clone(),
+        );
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that ended in an error, by condition reason",
+            reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile of a SourceConnection took",
+            reconcile_duration.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 when this replica holds the leader lease and writes",
+            leader.clone(),
+        );
+        let connections = Arc::new(ConnectionCollector::default());
+        registry.register_collector(Box::new(connections.clone()));
+        Metrics {
+            registry,
+            token_requests,
+            reconcile_errors,
+            reconcile_duration,
+            leader,
+            connections,
+        }
+    }
+}
+
+impl Metrics {
+    /// The caches whose SourceConnections the per-connection series show.
+    pub fn watch(&self, store: Store<SourceConnection>) {
+        self.connections
+            .stores
+            .lock()
+            .expect("not poisoned")
+            .push(store);
+    }
+
+    pub fn observe_reconcile(&self, took: Duration) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn token_request(&self, token_url: &str, result: &str) {
+        let host = reqwest::Url::parse(token_url)
+            .ok()
+            .and_then(|url| {
+                url.host_str().map(|h| match url.port() {
+                    Some(port) => format!("{h}:{port}"),
+                    None => h.to_owned(),
+                })
+            })
+            .unwrap_or_default();
+        self.token_requests
+            .get_or_create(&TokenRequestLabels {
+                host,
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[derive(Debug, Default)]
+struct ConnectionCollector {
+    stores: std::sync::Mutex<Vec<Store<SourceConnection>>>,
+}
+
+impl prometheus_client::collector::Collector for ConnectionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let expiry = Family::<ConnectionLabels, Gauge<f64, AtomicU64>>::default();
+        let next_refresh = Family::<ConnectionLabels, Gauge<f64, AtomicU64>>::default();
+        let failed_attempts = Family::<ConnectionLabels, Gauge>::default();
+        let conditions = Family::<ConditionLabels, Gauge>::default();
+        let stores = self.stores.lock().expect("not poisoned").clone();
+        for conn in stores.iter().flat_map(Store::state) {
+            let labels = ConnectionLabels {
+                namespace: conn.namespace().unwrap_or_default(),
+                name: conn.name_any(),
+            };
+            let Some(status) = &conn.status else { continue };
+            if let Some(t) = &status.token_expires_at {
+                expiry.get_or_create(&labels).set(t.0.as_second() as f64);
+            }
+            if let Some(t) = &status.next_refresh_time {
+                next_refresh
+                    .get_or_create(&labels)
+                    .set(t.0.as_second() as f64);
+            }
+            failed_attempts
+                .get_or_create(&labels)
+                .set(i64::from(status.failed_refresh_attempts.unwrap_or(0)));
+            for condition in &status.conditions {
+                conditions
+                    .get_or_create(&ConditionLabels {
+                        namespace: labels.namespace.clone(),
+                        name: labels.name.clone(),
+                        condition: condition.type_.clone(),
+                        status: condition.status.clone(),
+                        reason: condition.reason.clone(),
+                    })
+                    .set(1);
+            }
+        }
+        for (name, help, family) in [
+            (
+                "connection_token_expiry_timestamp_seconds",
+                "When the access token in the connection's Secret expires (Unix time)",
+                &expiry,
+            ),
+            (
+                "connection_next_refresh_timestamp_seconds",
+                "When the connection's token is refreshed next, or retried (Unix time)",
+                &next_refresh,
+            ),
+        ] {
+            family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;
+        }
+        failed_attempts.encode(encoder.encode_descriptor(
+            "connection_failed_refresh_attempts",
+            "Token requests of the connection that failed in a row",
+            None,
+            failed_attempts.metric_type(),
+        )?)?;
+        conditions.encode(encoder.encode_descriptor(
+            "connection_condition",
+            "1 for each condition a connection has, by type, status and reason",
+            None,
+            conditions.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_metrics_render_with_the_prefix() {
+        let metrics = Metrics::default();
+        metrics.token_request("https://login.example.com/oauth/token", "success");
+        metrics.token_request("http://127.0.0.1:8443/token", "InvalidGrant");
+        metrics.observe_reconcile(Duration::from_millis(20));
+        metrics.leader.set(1);
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                r#"tokenkeeper_token_requests_total{host="login.example.com",result="success"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"host="127.0.0.1:8443",result="InvalidGrant""#),
+            "{text}"
+        );
+        assert!(text.contains("tokenkeeper_leader 1"), "{text}");
+        assert!(
+            text.contains("tokenkeeper_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE tokenkeeper_connection_condition gauge"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,565 @@
+//! Operating tokenkeeper: two replicas with one writer, metrics and health
+//! endpoints, the Helm chart and the plain manifests rendered from it.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{
+    OAuthServer, Operator, OwnControlPlane, REPO, TestNamespace, free_port, http_get, stderr,
+    stdout, wait_for,
+};
+use jiff::Timestamp;
+use serde_json::json;
+
+const READY: Duration = Duration::from_secs(30);
+
+fn helm() -> String {
+    std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh")
+}
+
+fn leader_args(lease: &str, port: u16) -> Vec<String> {
+    [
+        "--leader-elect",
+        "--leader-election-namespace",
+        "tokenkeeper-system",
+        "--leader-election-lease",
+        lease,
+        "--lease-duration-seconds",
+        "6",
+        "--renew-deadline-seconds",
+        "4",
+        "--retry-period-seconds",
+        "1",
+        "--metrics-bind-address",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("127.0.0.1:{port}")])
+    .collect()
+}
+
+fn as_str(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn two_replicas_one_writer_and_the_follower_takes_over_a_killed_leader() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 4, "rotateRefreshToken": true }));
+    let ns = TestNamespace::new("leader");
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "crm-client",
+        "--from-literal=client_id=crm-client",
+        "--from-literal=client_secret=crm-client-secret",
+    ]);
+    let connections: Vec<String> = (0..6).map(|i| format!("crm-{i}")).collect();
+    for name in &connections {
+        let token = server.mint_refresh_token("crm.read");
+        ns.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            &format!("{name}-grant"),
+            &format!("--from-literal=refresh_token={token}"),
+        ]);
+        ns.apply_ok(&format!(
+            "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\nspec:\n  oauth2:\n    \
+             tokenUrl: {}\n    grant: refreshToken\n    client:\n      secretRef:\n        name: crm-client\n    \
+             refreshTokenSecretRef:\n      name: {name}-grant\n      key: refresh_token\n",
+            server.token_url()
+        ));
+    }
+    let lease = ns.name.clone();
+    let ports = [free_port(), free_port()];
+    let args: Vec<Vec<String>> = ports
+        .iter()
+        .map(|port| leader_args(&lease, *port))
+        .collect();
+    let mut replicas = [
+        Operator::start_with(&ns, &as_str(&args[0])),
+        Operator::start_with(&ns, &as_str(&args[1])),
+    ];
+    for name in &connections {
+        ns.wait_ready(name, "True", "SecretSynced", READY);
+    }
+
+    let holder = || {
+        common::kubectl(&[
+            "get",
+            "lease",
+            &lease,
+            "-n",
+            "tokenkeeper-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    };
+    let leader_identity = stdout(&holder());
+    let leader = replicas
+        .iter()
+        .position(|r| leader_identity.ends_with(&format!("-{}", r.pid())))
+        .unwrap_or_else(|| panic!("lease holder {leader_identity:?} is one of the replicas"));
+    let follower = 1 - leader;
+    let leader_metrics = http_get(ports[leader], "/metrics").1;
+    let follower_metrics = http_get(ports[follower], "/metrics").1;
+    assert_eq!(
+        metric(&leader_metrics, "tokenkeeper_leader"),
+        Some(1.0),
+        "{leader_metrics}"
+    );
+    assert_eq!(
+        metric(&follower_metrics, "tokenkeeper_leader"),
+        Some(0.0),
+        "{follower_metrics}"
+    );
+    assert_eq!(
+        http_get(ports[follower], "/readyz").0,
+        200,
+        "a follower is ready to take over"
+    );
+    assert!(
+        !follower_metrics.contains("result=\"success\""),
+        "the follower sent no token request"
+    );
+
+    let killed_at = Instant::now();
+    replicas[leader].kill();
+    let new_holder = wait_for(
+        "the follower to take the lease",
+        Duration::from_secs(15),
+        || {
+            let now = stdout(&holder());
+            (now != leader_identity && !now.is_empty())
+                .then_some(now.clone())
+                .ok_or(now)
+        },
+    );
+    let takeover = killed_at.elapsed();
+    assert!(new_holder.ends_with(&format!("-{}", replicas[follower].pid())));
+    assert!(
+        takeover <= Duration::from_secs(6 + 2),
+        "took over in {takeover:?}, lease is 6 s"
+    );
+    eprintln!("takeover after SIGKILL of the leader: {takeover:?}");
+
+    // Through and after the takeover no Secret holds an expired token.
+    let end = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < end {
+        for name in &connections {
+            let sampled = Timestamp::now();
+            let expires: Timestamp = ns
+                .secret_value(&format!("{name}-credentials"), "expires_at")
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                expires > sampled,
+                "{name} held an expired token at {sampled}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stats = server.stats();
+    assert_eq!(
+        stats["refreshTokenReuse"], 0,
+        "the provider saw a refresh token used twice: {stats}"
+    );
+    assert_eq!(stats["errors"], json!({}), "{stats}");
+    assert_eq!(
+        metric(
+            &http_get(ports[follower], "/metrics").1,
+            "tokenkeeper_leader"
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn metrics_and_health_follow_the_connections() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("metrics");
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let _operator = Operator::start_with(&ns, &["--metrics-bind-address", &address]);
+    wait_for("/healthz", READY, || {
+        let (code, body) = http_get(port, "/healthz");
+        (code == 200).then_some(()).ok_or(body)
+    });
+    assert_eq!(http_get(port, "/readyz").0, 200);
+
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "crm-client",
+        "--from-literal=client_id=crm-client",
+        "--from-literal=client_secret=crm-client-secret",
+    ]);
+    ns.apply_ok(&format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\nspec:\n  oauth2:\n    \
+         tokenUrl: {}\n    grant: clientCredentials\n    client:\n      secretRef:\n        name: crm-client\n",
+        server.token_url()
+    ));
+    ns.apply_ok(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: broken\nspec:\n  apiKey:\n    \
+         secretRef:\n      name: nowhere\n",
+    );
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    ns.wait_ready("broken", "False", "SecretNotFound", READY);
+
+    let labels = |name: &str| format!("namespace=\"{}\",name=\"{name}\"", ns.name);
+    let text = wait_for("the connections in /metrics", READY, || {
+        let text = http_get(port, "/metrics").1;
+        text.contains("reason=\"SecretNotFound\"")
+            .then_some(text.clone())
+            .ok_or(text)
+    });
+    let expiry: Timestamp = ns
+        .jsonpath("srcconn", "crm", "{.status.tokenExpiresAt}")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "tokenkeeper_connection_token_expiry_timestamp_seconds{{{}}}",
+                labels("crm")
+            )
+        ),
+        Some(expiry.as_second() as f64),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            &format!(
+                "tokenkeeper_connection_next_refresh_timestamp_seconds{{{}}}",
+                labels("crm")
+            )
+        )
+        .is_some()
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "tokenkeeper_connection_condition{{{},condition=\"Ready\",status=\"False\",reason=\"SecretNotFound\"}}",
+                labels("broken")
+            )
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let host = format!("127.0.0.1:{}", server.port);
+    assert_eq!(
+        metric(
+            &text,
+            &format!("tokenkeeper_token_requests_total{{host=\"{host}\",result=\"success\"}}")
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(metric(&text, "tokenkeeper_reconcile_duration_seconds_count").unwrap() >= 2.0);
+
+    // The values move with the connections.
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "nowhere",
+        "--from-literal=api_key=k",
+    ]);
+    ns.wait_ready("broken", "True", "SecretSynced", READY);
+    ns.kubectl_ok(&["delete", "srcconn", "crm"]);
+    wait_for("series of the deleted connection to go", READY, || {
+        let text = http_get(port, "/metrics").1;
+        let gone = !text.contains(&labels("crm"));
+        let healed = text.contains(&format!(
+            "tokenkeeper_connection_condition{{{},condition=\"Ready\",status=\"True\",reason=\"SecretSynced\"}} 1",
+            labels("broken")
+        ));
+        let stale = text.contains("reason=\"SecretNotFound\"} 1\n")
+            && text.contains("condition=\"Ready\",status=\"False\"");
+        (gone && healed && !stale).then_some(()).ok_or(text)
+    });
+}
+
+#[test]
+fn the_plain_manifests_are_rendered_from_the_chart() {
+    let out = Command::new(format!("{REPO}/deploy/manifests/render.sh"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let committed =
+        std::fs::read_to_string(format!("{REPO}/deploy/manifests/tokenkeeper.yaml")).unwrap();
+    assert!(
+        stdout(&out) == committed,
+        "deploy/manifests is stale: deploy/manifests/render.sh > deploy/manifests/tokenkeeper.yaml"
+    );
+    let chart_crd = std::fs::read_to_string(format!(
+        "{REPO}/charts/tokenkeeper/files/sourceconnection.yaml"
+    ))
+    .unwrap();
+    let crd = std::fs::read_to_string(format!("{REPO}/crds/sourceconnection.yaml")).unwrap();
+    assert!(
+        chart_crd == crd,
+        "the chart's CRD differs from crds/: cp crds/sourceconnection.yaml charts/tokenkeeper/files/"
+    );
+}
+
+#[test]
+fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
+    let helm = helm();
+    let chart = format!("{REPO}/charts/tokenkeeper");
+    let out = Command::new(&helm).args(["lint", &chart]).output().unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+
+    let everything = Command::new(&helm)
+        .args(["template", "tk", &chart, "--namespace", "ops"])
+        .args([
+            "--set",
+            "prometheusRule.enabled=true,metrics.serviceMonitor.enabled=true",
+        ])
+        .args([
+            "--set",
+            "podDisruptionBudget.enabled=true,networkPolicy.enabled=true",
+        ])
+        .args(["--set", "networkPolicy.apiServerCIDRs={10.0.0.1/32}"])
+        .args(["--set", "watchNamespaces={team-a,team-b}"])
+        .output()
+        .unwrap();
+    assert!(everything.status.success(), "{}", stderr(&everything));
+    let rendered = stdout(&everything);
+    for kind in [
+        "ServiceMonitor",
+        "PrometheusRule",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "CustomResourceDefinition",
+    ] {
+        assert!(
+            rendered.contains(&format!("kind: {kind}")),
+            "{kind} missing"
+        );
+    }
+    assert!(
+        !rendered.contains("kind: ClusterRole"),
+        "watchNamespaces uses Roles only"
+    );
+    assert_eq!(
+        rendered.matches("\nkind: Role\n").count(),
+        3,
+        "two watched namespaces and the leader lease"
+    );
+    for hardening in [
+        "runAsNonRoot: true",
+        "type: RuntimeDefault",
+        "allowPrivilegeEscalation: false",
+        "readOnlyRootFilesystem: true",
+        "- ALL",
+    ] {
+        assert!(rendered.contains(hardening), "{hardening}");
+    }
+    assert!(rendered.contains("helm.sh/resource-policy: keep"));
+    let invalid = Command::new(&helm)
+        .args(["template", "tk", &chart, "--set", "logFormat=yaml"])
+        .output()
+        .unwrap();
+    assert!(
+        !invalid.status.success(),
+        "values.schema.json refuses an unknown log format"
+    );
+
+    // helm install on a control plane of this test's own (it installs the CRD).
+    let plane = OwnControlPlane::start("helm");
+    let kubeconfig = plane.kubeconfig();
+    let install = Command::new(&helm)
+        .args([
+            "install",
+            "tokenkeeper",
+            &chart,
+            "--namespace",
+            "tokenkeeper",
+            "--create-namespace",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    assert!(install.status.success(), "{}", stderr(&install));
+    plane.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "crd/sourceconnections.tokenkeeper.dev",
+    ]);
+    let keep = plane.kubectl_ok(&[
+        "get",
+        "crd",
+        "sourceconnections.tokenkeeper.dev",
+        "-o",
+        "jsonpath={.metadata.annotations.helm\\.sh/resource-policy}",
+    ]);
+    assert_eq!(keep, "keep");
+
+    // What the ServiceAccount may do, as `kubectl auth can-i --list` shows it.
+    let sa = "system:serviceaccount:tokenkeeper:tokenkeeper";
+    let can = plane.kubectl_ok(&["auth", "can-i", "--list", "--as", sa, "-n", "default"]);
+    eprintln!("kubectl auth can-i --list --as {sa}:\n{can}");
+    let row = |resource: &str| {
+        can.lines()
+            .find(|l| l.split_whitespace().next() == Some(resource))
+            .unwrap_or_else(|| panic!("{resource} in\n{can}"))
+            .to_owned()
+    };
+    assert!(
+        row("secrets").ends_with("[get list watch create update patch]"),
+        "{can}"
+    );
+    assert!(
+        row("events.events.k8s.io").ends_with("[create patch]"),
+        "{can}"
+    );
+    assert!(
+        row("sourceconnections.tokenkeeper.dev").ends_with("[get list watch]"),
+        "{can}"
+    );
+    assert!(
+        !can.contains("delete") && !can.contains("[*]"),
+        "no delete, no wildcard:\n{can}"
+    );
+    let leases = plane.kubectl_ok(&["auth", "can-i", "--list", "--as", sa, "-n", "tokenkeeper"]);
+    assert!(
+        row_in(&leases, "leases.coordination.k8s.io").ends_with("[get create update]"),
+        "{leases}"
+    );
+
+    // No kubelet here: run the operator as the Deployment says, with a
+    // token of the chart's ServiceAccount.
+    let args: Vec<String> = serde_json::from_str(&plane.kubectl_ok(&[
+        "get",
+        "deployment",
+        "tokenkeeper",
+        "-n",
+        "tokenkeeper",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ]))
+    .unwrap();
+    assert!(args.contains(&"--leader-elect".to_owned()), "{args:?}");
+    let token = plane.kubectl_ok(&["create", "token", "tokenkeeper", "-n", "tokenkeeper"]);
+    let sa_kubeconfig = plane.dir.join("operator.kubeconfig");
+    let server_url = plane.kubectl_ok(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]);
+    std::fs::write(
+        &sa_kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server_url}\n    certificate-authority: {}\n\
+             users:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+            plane.dir.join("certs/apiserver.crt").display(),
+            token.trim()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("--metrics-bind-address") {
+                format!("--metrics-bind-address=127.0.0.1:{port}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    let log = std::fs::File::create(common::artifacts_dir().join("operator-helm.log")).unwrap();
+    let mut operator = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
+        .args(&args)
+        .env("KUBECONFIG", &sa_kubeconfig)
+        .env("POD_NAME", "tokenkeeper-abc12")
+        .env("POD_NAMESPACE", "tokenkeeper")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let kill = KillOnDrop(&mut operator);
+    plane.kubectl_ok(&["create", "namespace", "extract"]);
+    let apply = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "apply",
+            "-n",
+            "extract",
+            "-f",
+            &format!("{REPO}/deploy/examples/basic-postgres.yaml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(apply.status.success(), "{}", stderr(&apply));
+    wait_for(
+        "the example to become Ready through the installed operator",
+        READY,
+        || {
+            let ready = plane.kubectl_ok(&[
+                "get",
+                "srcconn",
+                "warehouse-db",
+                "-n",
+                "extract",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+            ]);
+            (ready == "SecretSynced").then_some(()).ok_or(ready)
+        },
+    );
+    let holder = plane.kubectl_ok(&[
+        "get",
+        "lease",
+        "tokenkeeper-leader",
+        "-n",
+        "tokenkeeper",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, "tokenkeeper-abc12");
+    let logs = std::fs::read_to_string(common::artifacts_dir().join("operator-helm.log")).unwrap();
+    let first_json_line = logs.lines().next().unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first_json_line).is_ok(),
+        "--log-format=json: {first_json_line}"
+    );
+    drop(kill);
+}
+
+fn row_in(listing: &str, resource: &str) -> String {
+    listing
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(resource))
+        .unwrap_or_else(|| panic!("{resource} in\n{listing}"))
+        .to_owned()
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
