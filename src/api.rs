@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResource;
+use kube::{CustomResource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -147,10 +147,14 @@ pub struct OAuth2Auth {
     /// The provider's authorization endpoint, for the authorizationCode grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization_url: Option<String>,
-    /// The provider's revocation endpoint (RFC 7009), used when the
-    /// connection is deleted.
+    /// The provider's revocation endpoint (RFC 7009). When set, deleting
+    /// the connection revokes its refresh and access tokens there first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation_url: Option<String>,
+    /// Set to false to keep the grant alive when the connection is deleted
+    /// (a grant shared with other systems). Default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_on_delete: Option<bool>,
     /// How the connection obtains tokens.
     pub grant: OAuth2Grant,
     /// Where the client id and secret are.
@@ -339,7 +343,22 @@ impl SourceConnection {
     }
 }
 
+/// Holds a deleted OAuth 2.0 connection until its tokens are revoked.
+pub const FINALIZER_REVOKE: &str = "tokenkeeper.dev/revoke-tokens";
+
 impl SourceConnection {
+    /// Whether deleting this connection must first revoke its tokens.
+    pub fn revokes_on_delete(&self) -> bool {
+        self.spec
+            .oauth2
+            .as_ref()
+            .is_some_and(|o| o.revocation_url.is_some() && o.revoke_on_delete != Some(false))
+    }
+
+    pub fn has_revoke_finalizer(&self) -> bool {
+        self.finalizers().iter().any(|f| f == FINALIZER_REVOKE)
+    }
+
     /// Name of the operator-private Secret that holds the refresh token.
     pub fn state_secret_name(&self) -> String {
         format!(

@@ -29,6 +29,7 @@ use crate::error::{Error, Retry, backoff};
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::oauth_sync;
+use crate::revocation;
 use crate::server::{self, Health};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
 use crate::token::TokenRecord;
@@ -47,6 +48,9 @@ pub struct Settings {
     pub metrics_address: Option<SocketAddr>,
     /// Lead through this Lease; `None` runs as the only replica.
     pub leader_election: Option<LeaseSettings>,
+    /// Release a deleted connection after this long even when its tokens
+    /// could not be revoked.
+    pub revocation_timeout: Duration,
 }
 
 pub struct Context {
@@ -56,19 +60,21 @@ pub struct Context {
     pub(crate) http: reqwest::Client,
     recorder: Recorder,
     pub(crate) metrics: Arc<Metrics>,
+    /// How long a deleted connection waits for its tokens to be revoked.
+    pub(crate) revocation_timeout: Duration,
     /// Consecutive transient failures per connection, for backoff.
     transient_failures: Mutex<HashMap<ObjectRef<SourceConnection>, u32>>,
 }
 
 impl Context {
-    fn record_transient_failure(&self, conn: &SourceConnection) -> u32 {
+    pub(crate) fn record_transient_failure(&self, conn: &SourceConnection) -> u32 {
         let mut failures = self.transient_failures.lock().expect("not poisoned");
         let count = failures.entry(ObjectRef::from_obj(conn)).or_default();
         *count += 1;
         *count
     }
 
-    fn clear_transient_failures(&self, conn: &SourceConnection) {
+    pub(crate) fn clear_transient_failures(&self, conn: &SourceConnection) {
         self.transient_failures
             .lock()
             .expect("not poisoned")
@@ -118,6 +124,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
         transient_failures: Mutex::default(),
         metrics: metrics.clone(),
+        revocation_timeout: settings.revocation_timeout,
     });
 
     let Some(lease) = settings.leader_election else {
@@ -190,8 +197,11 @@ async fn run_controllers(
             .applied_objects()
             .predicate_filter(
                 Predicate::<SourceConnection>::combine(
-                    predicates::generation,
-                    predicates::annotations,
+                    Predicate::<SourceConnection>::combine(
+                        predicates::generation,
+                        predicates::annotations,
+                    ),
+                    being_deleted,
                 ),
                 Default::default(),
             );
@@ -226,6 +236,11 @@ async fn run_controllers(
     });
     futures::future::join_all(controllers).await;
     info!("tokenkeeper controller stopped");
+}
+
+/// Changes when deletion starts, which does not always bump the generation.
+fn being_deleted(conn: &SourceConnection) -> Option<u64> {
+    Some(u64::from(conn.metadata.deletion_timestamp.is_some()))
 }
 
 async fn ensure_crd_installed(connections: &Api<SourceConnection>) -> anyhow::Result<()> {
@@ -293,6 +308,14 @@ async fn reconcile(conn: Arc<SourceConnection>, ctx: Arc<Context>) -> Result<Act
 
 async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
+    if conn.metadata.deletion_timestamp.is_some() {
+        let (action, notes) = revocation::finalize(conn, ctx, now).await?;
+        for note in notes {
+            publish_note(ctx, conn, &note).await;
+        }
+        return Ok(action);
+    }
+    revocation::ensure_finalizer(conn, ctx).await?;
     let synced = match sync(conn, ctx, now).await {
         Ok(synced) => synced,
         Err(error) if error.retry() == Retry::Infrastructure => return Err(error),
@@ -324,7 +347,7 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action
     ctx.clear_transient_failures(conn);
     write_status(conn, ctx, &synced.report, now).await?;
     for note in synced.notes {
-        publish(ctx, conn, &note).await;
+        publish_note(ctx, conn, &note).await;
     }
     Ok(synced.action)
 }
@@ -466,7 +489,7 @@ async fn write_status(
     Ok(())
 }
 
-async fn publish(ctx: &Context, conn: &SourceConnection, note: &Note) {
+pub(crate) async fn publish_note(ctx: &Context, conn: &SourceConnection, note: &Note) {
     let mut message = note.message.clone();
     if message.len() > EVENT_NOTE_LIMIT {
         let mut cut = EVENT_NOTE_LIMIT - 3;

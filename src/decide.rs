@@ -333,6 +333,9 @@ pub struct OAuthSettings {
 pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
     let invalid = |message: String| Error::InvalidSpec(message);
     check_endpoint("spec.oauth2.tokenUrl", &oauth.token_url).map_err(invalid)?;
+    if let Some(revocation) = &oauth.revocation_url {
+        check_endpoint("spec.oauth2.revocationUrl", revocation).map_err(invalid)?;
+    }
     if let Some(verification) = &oauth.verification {
         check_endpoint("spec.oauth2.verification.url", &verification.url).map_err(invalid)?;
     }

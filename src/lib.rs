@@ -9,6 +9,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod oauth_sync;
+pub mod revocation;
 pub mod schedule;
 pub mod server;
 pub mod status;

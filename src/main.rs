@@ -54,6 +54,10 @@ struct RunArgs {
     /// Seconds a leader may fail to renew before it steps down.
     #[arg(long, default_value_t = 10)]
     renew_deadline_seconds: u64,
+    /// Seconds after its deletion that a connection whose tokens cannot be
+    /// revoked is released anyway.
+    #[arg(long, default_value_t = 300)]
+    revocation_timeout_seconds: u64,
     /// Seconds between lease renewals or attempts.
     #[arg(long, default_value_t = 2)]
     retry_period_seconds: u64,
@@ -95,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
                 namespaces: args.namespaces,
                 metrics_address,
                 leader_election,
+                revocation_timeout: Duration::from_secs(args.revocation_timeout_seconds),
             };
             controller::run(client, settings).await
         }

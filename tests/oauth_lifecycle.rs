@@ -704,3 +704,130 @@ fn a_verification_request_refusing_the_token_is_access_token_expired_and_retried
     server.control("api-mode", json!({ "mode": "normal" }));
     ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(30));
 }
+
+fn revoking(server: &OAuthServer, extra: &str) -> String {
+    format!(
+        "    revocationUrl: {}/token/revocation\n{extra}",
+        server.issuer
+    )
+}
+
+fn wait_gone(ns: &TestNamespace, kind: &str, name: &str, timeout: Duration) {
+    wait_for(&format!("{kind} {name} to be gone"), timeout, || {
+        let found = ns.jsonpath(kind, name, "{.metadata.name}");
+        found.is_empty().then_some(()).ok_or(found)
+    });
+}
+
+fn event_reasons(ns: &TestNamespace) -> String {
+    ns.kubectl_ok(&[
+        "get",
+        "events",
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ])
+}
+
+#[test]
+fn deleting_a_connection_revokes_its_tokens_before_its_secrets_go() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("oauth-revoke");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.apply_ok(&refresh_token_grant("crm", &server, &revoking(&server, "")));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    wait_for("the revocation finalizer", READY, || {
+        let finalizers = ns.jsonpath("srcconn", "crm", "{.metadata.finalizers}");
+        finalizers
+            .contains("tokenkeeper.dev/revoke-tokens")
+            .then_some(())
+            .ok_or(finalizers)
+    });
+    let refresh_token = stored_refresh_token_is_live(&ns, &server);
+    let access_token = ns.secret_value("crm-credentials", "access_token").unwrap();
+    assert!(server.is_active(&access_token));
+
+    ns.kubectl_ok(&["delete", "srcconn", "crm", "--wait=false"]);
+    wait_gone(&ns, "srcconn", "crm", READY);
+    assert!(
+        !server.is_active(&refresh_token),
+        "the refresh token was revoked"
+    );
+    assert!(
+        !server.is_active(&access_token),
+        "the access token was revoked"
+    );
+    assert!(event_reasons(&ns).contains("TokensRevoked"));
+    // The garbage collector notices new CRDs on its 30 s discovery resync.
+    wait_gone(&ns, "secret", "crm-credentials", Duration::from_secs(90));
+    wait_gone(
+        &ns,
+        "secret",
+        "crm-tokenkeeper-state",
+        Duration::from_secs(30),
+    );
+    assert_no_secret_leaks(&ns, &[refresh_token, access_token]);
+}
+
+#[test]
+fn an_unreachable_provider_delays_deletion_only_for_the_bound() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("oauth-revoke-down");
+    let _operator = Operator::start_with(&ns, &["--revocation-timeout-seconds", "12"]);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.apply_ok(&client_credentials("crm", &server, &revoking(&server, "")));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    wait_for("the revocation finalizer", READY, || {
+        let finalizers = ns.jsonpath("srcconn", "crm", "{.metadata.finalizers}");
+        finalizers
+            .contains("tokenkeeper.dev/revoke-tokens")
+            .then_some(())
+            .ok_or(finalizers)
+    });
+
+    server.fail("500");
+    let deleted = Instant::now();
+    ns.kubectl_ok(&["delete", "srcconn", "crm", "--wait=false"]);
+    wait_for("a RevocationFailed event", READY, || {
+        let reasons = event_reasons(&ns);
+        reasons
+            .contains("RevocationFailed")
+            .then_some(())
+            .ok_or(reasons)
+    });
+    assert_eq!(
+        ns.jsonpath("srcconn", "crm", "{.metadata.name}"),
+        "crm",
+        "held while retrying"
+    );
+    wait_gone(&ns, "srcconn", "crm", Duration::from_secs(40));
+    let held = deleted.elapsed();
+    assert!(
+        held >= Duration::from_secs(11),
+        "released only after the bound: {held:?}"
+    );
+    assert!(event_reasons(&ns).contains("RevocationAbandoned"));
+}
+
+#[test]
+fn a_shared_grant_can_opt_out_of_revocation() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("oauth-revoke-optout");
+    let _operator = Operator::start(&ns);
+    client_secret(&ns, "crm-client", "crm-client-secret");
+    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.apply_ok(&refresh_token_grant(
+        "crm",
+        &server,
+        &revoking(&server, "    revokeOnDelete: false\n"),
+    ));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let refresh_token = stored_refresh_token_is_live(&ns, &server);
+    assert_eq!(ns.jsonpath("srcconn", "crm", "{.metadata.finalizers}"), "");
+    ns.kubectl_ok(&["delete", "srcconn", "crm"]);
+    assert!(
+        server.is_active(&refresh_token),
+        "a shared grant stays alive"
+    );
+}

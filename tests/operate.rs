@@ -431,7 +431,7 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
         "{can}"
     );
     assert!(
-        row("sourceconnections.tokenkeeper.dev").ends_with("[get list watch]"),
+        row("sourceconnections.tokenkeeper.dev").ends_with("[get list watch patch]"),
         "{can}"
     );
     assert!(

@@ -330,11 +330,18 @@ impl OAuthServer {
     /// `{"accessTokenTtl": 4}`.
     pub fn start(options: serde_json::Value) -> Self {
         use std::io::BufRead;
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let log = File::create(artifacts_dir().join(format!(
+            "oauth-server-{}-{}.log",
+            std::process::id(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        )))
+        .expect("create the provider's log");
         let mut child = Command::new("node")
             .arg(format!("{REPO}/tests/oauth/server.mjs"))
             .arg(options.to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start node tests/oauth/server.mjs (run npm ci in tests/oauth)");
         let mut line = String::new();

@@ -137,8 +137,8 @@ provider.use(async (ctx, next) => {
     await testControl(ctx);
     return;
   }
-  if (ctx.path === '/token') {
-    stats.tokenRequests += 1;
+  if (ctx.path === '/token' || ctx.path === '/token/revocation') {
+    if (ctx.path === '/token') stats.tokenRequests += 1;
     if (failure.mode === '500') {
       ctx.status = 500; ctx.type = 'application/json'; ctx.body = { error: 'server_error' };
       return;
@@ -282,5 +282,8 @@ async function testControl(ctx) {
 }
 
 server.on('request', provider.callback());
+// stdout carries only the line below, which the tests read before closing
+// the pipe; everything oidc-provider says goes to stderr.
+console.log = console.info = (...args) => console.error(...args);
 process.stdout.write(`${JSON.stringify({ issuer, port, id: randomUUID() })}\n`);
 for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => process.exit(0));

@@ -28,9 +28,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The rules the operator needs on watched namespaces. */}}
 {{- define "tokenkeeper.rules" -}}
+# patch: the finalizer that holds a deleted OAuth 2.0 connection until its
+# tokens are revoked.
 - apiGroups: [tokenkeeper.dev]
   resources: [sourceconnections]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [tokenkeeper.dev]
   resources: [sourceconnections/status]
   verbs: [get, patch, update]

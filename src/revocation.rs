@@ -1,0 +1,312 @@
+//! De-authorization: a deleted OAuth 2.0 connection revokes its refresh and
+//! access tokens at the provider (RFC 7009) before its finalizer is
+//! released and its Secrets go. A provider that refuses or cannot be reached
+//! is retried with backoff, and after a bounded time the finalizer is
+//! released anyway, so a dead provider cannot block namespace deletion.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::api::{FINALIZER_REVOKE, OAuth2Auth, SourceConnection};
+use crate::classify::{self, FailureContext};
+use crate::controller::{Context, Note};
+use crate::decide;
+use crate::error::{Error, backoff};
+use crate::status::display_name;
+use crate::token::{GrantState, KEY_ACCESS_TOKEN};
+use crate::token_client::{self, Revocable};
+
+/// What to do about revocation once the revocation attempt is known. Pure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Release {
+    /// Revoked (or nothing to revoke): release the finalizer.
+    Done,
+    /// Failed, still within the bound: retry after this long.
+    RetryIn(Duration),
+    /// Failed for longer than the bound: release anyway.
+    GiveUp,
+}
+
+pub fn after_attempt(
+    succeeded: bool,
+    deleted_at: Timestamp,
+    now: Timestamp,
+    bound: Duration,
+    attempts: u32,
+) -> Release {
+    if succeeded {
+        return Release::Done;
+    }
+    let waited = now.duration_since(deleted_at);
+    let bound = SignedDuration::try_from(bound).unwrap_or(SignedDuration::MAX);
+    if waited >= bound {
+        Release::GiveUp
+    } else {
+        let left = Duration::try_from(bound - waited).unwrap_or_default();
+        Release::RetryIn(backoff(attempts).min(left).max(Duration::from_secs(1)))
+    }
+}
+
+/// Adds or removes the finalizer so that it is there exactly when deleting
+/// the connection must revoke tokens.
+pub async fn ensure_finalizer(conn: &SourceConnection, ctx: &Context) -> Result<(), Error> {
+    let wanted = conn.revokes_on_delete();
+    if wanted == conn.has_revoke_finalizer() {
+        return Ok(());
+    }
+    let mut finalizers: Vec<String> = conn
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER_REVOKE)
+        .cloned()
+        .collect();
+    if wanted {
+        finalizers.push(FINALIZER_REVOKE.to_owned());
+    }
+    patch_finalizers(conn, ctx, finalizers).await
+}
+
+async fn patch_finalizers(
+    conn: &SourceConnection,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let api: Api<SourceConnection> =
+        Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+    // resourceVersion makes the patch fail instead of dropping a finalizer
+    // someone else added meanwhile.
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": conn.resource_version()}});
+    match api
+        .patch(
+            &conn.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Revokes the tokens of a deleted connection, then releases it.
+pub async fn finalize(
+    conn: &SourceConnection,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<(Action, Vec<Note>), Error> {
+    if !conn.has_revoke_finalizer() {
+        return Ok((Action::await_change(), Vec::new()));
+    }
+    let Some(oauth) = conn
+        .spec
+        .oauth2
+        .as_ref()
+        .filter(|_| conn.revokes_on_delete())
+    else {
+        release(conn, ctx).await?;
+        return Ok((Action::await_change(), Vec::new()));
+    };
+    let deleted_at = conn
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map_or(now, |t| t.0);
+    let outcome = revoke_all(conn, oauth, ctx, now).await;
+    let attempts = match &outcome {
+        Ok(()) => 0,
+        Err(_) => ctx.record_transient_failure(conn),
+    };
+    let release_after = after_attempt(
+        outcome.is_ok(),
+        deleted_at,
+        now,
+        ctx.revocation_timeout,
+        attempts,
+    );
+    let name = display_name(conn);
+    let mut notes = Vec::new();
+    match (&release_after, &outcome) {
+        (Release::Done, _) => {
+            info!(connection = %name, "revoked the connection's tokens; releasing it");
+            notes.push(Note {
+                type_: EventType::Normal,
+                reason: "TokensRevoked".into(),
+                message: "Revoked the refresh and access tokens at the provider before deletion"
+                    .into(),
+            });
+        }
+        (Release::RetryIn(delay), Err(error)) => {
+            warn!(connection = %name, %error, attempts, retry_in = ?delay, "revocation failed; retrying");
+            notes.push(Note {
+                type_: EventType::Warning,
+                reason: "RevocationFailed".into(),
+                message: format!(
+                    "Could not revoke the tokens before deletion ({error}). Retrying in {} s; the \
+                     connection is released anyway {} s after its deletion.",
+                    delay.as_secs(),
+                    ctx.revocation_timeout.as_secs()
+                ),
+            });
+        }
+        (_, Err(error)) => {
+            warn!(connection = %name, %error, "revocation kept failing; releasing the connection anyway");
+            notes.push(Note {
+                type_: EventType::Warning,
+                reason: "RevocationAbandoned".into(),
+                message: format!(
+                    "Gave up revoking the tokens {} s after deletion ({error}); the grant may \
+                     still be valid at the provider: revoke the app's access there.",
+                    ctx.revocation_timeout.as_secs()
+                ),
+            });
+        }
+        (_, Ok(())) => {}
+    }
+    match release_after {
+        Release::RetryIn(delay) => Ok((Action::requeue(delay), notes)),
+        Release::Done | Release::GiveUp => {
+            // Events first: after the release the object is gone.
+            for note in notes.drain(..) {
+                crate::controller::publish_note(ctx, conn, &note).await;
+            }
+            ctx.clear_transient_failures(conn);
+            release(conn, ctx).await?;
+            Ok((Action::await_change(), notes))
+        }
+    }
+}
+
+async fn release(conn: &SourceConnection, ctx: &Context) -> Result<(), Error> {
+    let finalizers = conn
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER_REVOKE)
+        .cloned()
+        .collect();
+    patch_finalizers(conn, ctx, finalizers).await
+}
+
+/// Revokes the refresh token (which most providers take as revoking the
+/// grant) and the access token. Tokens already gone are fine.
+async fn revoke_all(
+    conn: &SourceConnection,
+    oauth: &OAuth2Auth,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let namespace = conn.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let client_ref = &oauth.client.secret_ref;
+    let Some(client) = secrets.get_opt(&client_ref.name).await? else {
+        return Err(Error::SecretNotFound {
+            namespace,
+            name: client_ref.name.clone(),
+            field: "oauth2.client.secretRef",
+            example_literals:
+                "--from-literal=client_id=CLIENT_ID --from-literal=client_secret=CLIENT_SECRET"
+                    .into(),
+        });
+    };
+    let client_id = text(decide::secret_key(
+        &client,
+        &client_ref.client_id_key,
+        "oauth2.client.secretRef.clientIdKey",
+    )?);
+    let client_secret = text(decide::secret_key(
+        &client,
+        &client_ref.client_secret_key,
+        "oauth2.client.secretRef.clientSecretKey",
+    )?);
+    let refresh_token = secrets
+        .get_opt(&conn.state_secret_name())
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
+    let access_token = secrets
+        .get_opt(&conn.target_secret_name())
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| {
+            d.get(KEY_ACCESS_TOKEN)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        });
+    let revocation_url = oauth.revocation_url.as_deref().unwrap_or_default();
+    let tokens = refresh_token
+        .as_deref()
+        .map(Revocable::RefreshToken)
+        .into_iter()
+        .chain(access_token.as_deref().map(Revocable::AccessToken));
+    for token in tokens {
+        let result = token_client::revoke(
+            &ctx.http,
+            revocation_url,
+            &client_id,
+            &client_secret,
+            oauth.client.auth_method,
+            token,
+        )
+        .await;
+        if let Err(failure) = result {
+            let error = classify::classify(
+                &failure,
+                &FailureContext {
+                    now,
+                    token_endpoint: revocation_url,
+                    refresh_token_expires_at: None,
+                    reauthorize_fix: "",
+                    client_secret_namespace: &namespace,
+                    client_secret_name: &client_ref.name,
+                },
+            );
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8_lossy(&bytes).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn success_releases_failure_retries_within_the_bound_then_gives_up() {
+        let bound = Duration::from_secs(300);
+        assert_eq!(after_attempt(true, at(0), at(10), bound, 0), Release::Done);
+        assert_eq!(
+            after_attempt(false, at(0), at(10), bound, 1),
+            Release::RetryIn(Duration::from_secs(5))
+        );
+        assert_eq!(
+            after_attempt(false, at(0), at(10), bound, 3),
+            Release::RetryIn(Duration::from_secs(20))
+        );
+        // The retry never lands after the bound.
+        assert_eq!(
+            after_attempt(false, at(0), at(290), bound, 9),
+            Release::RetryIn(Duration::from_secs(10))
+        );
+        assert_eq!(
+            after_attempt(false, at(0), at(300), bound, 9),
+            Release::GiveUp
+        );
+    }
+}
