@@ -172,6 +172,10 @@ pub struct OAuth2Auth {
     /// as InsufficientPermissions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_scopes: Vec<String>,
+    /// Extra parameters of the authorization request (for example
+    /// `access_type: offline` and `prompt: consent` for Google).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub authorization_params: BTreeMap<String, String>,
     /// Extra parameters sent with every token request (for example
     /// `audience` or `resource`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -308,6 +312,10 @@ pub struct SourceConnectionStatus {
     /// When the last token request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<Time>,
+    /// Where a person authorizes this connection (authorization-code flow
+    /// through tokenkeeper); also the way to re-authorize it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_url: Option<String>,
     /// The value of the `tokenkeeper.dev/force-refresh` annotation that was
     /// last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]

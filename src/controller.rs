@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY, SourceConnection};
+use crate::authorize;
 use crate::decide;
 use crate::error::{Error, Retry, backoff};
 use crate::leader::{self, LeaseSettings};
@@ -51,6 +52,17 @@ pub struct Settings {
     /// Release a deleted connection after this long even when its tokens
     /// could not be revoked.
     pub revocation_timeout: Duration,
+    /// Serve the authorization-code flow; `None` disables it.
+    pub authorization: Option<AuthorizationSettings>,
+}
+
+pub struct AuthorizationSettings {
+    pub bind_address: SocketAddr,
+    /// How people's browsers reach `bind_address` (an Ingress, or a
+    /// port-forward): the base of the links in status and of the callback.
+    pub external_url: String,
+    /// How long a started authorization may take.
+    pub state_ttl: Duration,
 }
 
 pub struct Context {
@@ -62,11 +74,36 @@ pub struct Context {
     pub(crate) metrics: Arc<Metrics>,
     /// How long a deleted connection waits for its tokens to be revoked.
     pub(crate) revocation_timeout: Duration,
+    /// Base URL under which people reach the authorization endpoints.
+    pub(crate) external_url: Option<String>,
     /// Consecutive transient failures per connection, for backoff.
     transient_failures: Mutex<HashMap<ObjectRef<SourceConnection>, u32>>,
 }
 
 impl Context {
+    /// The callback registered at the provider as redirect URI.
+    pub(crate) fn callback_url(&self) -> String {
+        format!(
+            "{}/callback",
+            self.external_url.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// The link a person opens to authorize `conn`, when it can be served.
+    pub(crate) fn authorization_link(
+        &self,
+        conn: &SourceConnection,
+        oauth: &crate::api::OAuth2Auth,
+    ) -> Option<String> {
+        let base = self.external_url.as_deref()?;
+        oauth.authorization_url.as_ref()?;
+        Some(format!(
+            "{base}/authorize/{}/{}",
+            conn.namespace().unwrap_or_default(),
+            conn.name_any()
+        ))
+    }
+
     pub(crate) fn record_transient_failure(&self, conn: &SourceConnection) -> u32 {
         let mut failures = self.transient_failures.lock().expect("not poisoned");
         let count = failures.entry(ObjectRef::from_obj(conn)).or_default();
@@ -125,7 +162,29 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         transient_failures: Mutex::default(),
         metrics: metrics.clone(),
         revocation_timeout: settings.revocation_timeout,
+        external_url: settings
+            .authorization
+            .as_ref()
+            .map(|a| a.external_url.trim_end_matches('/').to_owned()),
     });
+    if let Some(authorization) = &settings.authorization {
+        let flow = authorize::Flow {
+            ctx: context.clone(),
+            state_ttl: authorization.state_ttl,
+        };
+        let address = authorization.bind_address;
+        tokio::spawn(async move {
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(listener) => {
+                    info!(%address, "serving the authorization flow");
+                    if let Err(error) = axum::serve(listener, authorize::router(flow)).await {
+                        error!(%error, "the authorization server stopped");
+                    }
+                }
+                Err(error) => error!(%address, %error, "cannot serve the authorization flow"),
+            }
+        });
+    }
 
     let Some(lease) = settings.leader_election else {
         ready.store(true, Ordering::Relaxed);

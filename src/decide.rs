@@ -333,6 +333,9 @@ pub struct OAuthSettings {
 pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
     let invalid = |message: String| Error::InvalidSpec(message);
     check_endpoint("spec.oauth2.tokenUrl", &oauth.token_url).map_err(invalid)?;
+    if let Some(authorization) = &oauth.authorization_url {
+        check_endpoint("spec.oauth2.authorizationUrl", authorization).map_err(invalid)?;
+    }
     if let Some(revocation) = &oauth.revocation_url {
         check_endpoint("spec.oauth2.revocationUrl", revocation).map_err(invalid)?;
     }
@@ -340,7 +343,13 @@ pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
         check_endpoint("spec.oauth2.verification.url", &verification.url).map_err(invalid)?;
     }
     match oauth.grant {
-        OAuth2Grant::AuthorizationCode => return Err(Error::NotImplemented),
+        OAuth2Grant::AuthorizationCode if oauth.authorization_url.is_none() => {
+            return Err(invalid(
+                "spec.oauth2.grant is authorizationCode, but spec.oauth2.authorizationUrl is not \
+                 set: name the provider's authorization endpoint."
+                    .into(),
+            ));
+        }
         OAuth2Grant::RefreshToken if oauth.refresh_token_secret_ref.is_none() => {
             return Err(invalid(
                 "spec.oauth2.grant is refreshToken, but spec.oauth2.refreshTokenSecretRef is not \

@@ -43,11 +43,14 @@ pub enum Error {
     TargetSecretConflict { namespace: String, name: String },
 
     #[error(
-        "The authorizationCode grant (a person authorizing on the provider's consent page) is \
-         not supported by this version of tokenkeeper yet; nothing was written. Use the \
-         refreshToken grant with a refresh token obtained elsewhere, or clientCredentials."
+        "Nobody has authorized SourceConnection {namespace}/{name} yet. Open {url} in a browser \
+         and grant access on the provider's consent page."
     )]
-    NotImplemented,
+    AuthorizationRequired {
+        url: String,
+        namespace: String,
+        name: String,
+    },
 
     #[error(
         "The provider rejected the refresh token (invalid_grant{detail}): the grant was revoked \
@@ -125,7 +128,7 @@ impl Error {
             Error::MissingKey { .. } => "MissingKey",
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::TargetSecretConflict { .. } => "TargetSecretConflict",
-            Error::NotImplemented => "NotImplemented",
+            Error::AuthorizationRequired { .. } => "AuthorizationRequired",
             Error::InvalidGrant { .. } => "InvalidGrant",
             Error::RefreshTokenExpired { .. } => "RefreshTokenExpired",
             Error::InsufficientPermissions { .. } => "InsufficientPermissions",
@@ -144,7 +147,7 @@ impl Error {
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
             | Error::TargetSecretConflict { .. }
-            | Error::NotImplemented
+            | Error::AuthorizationRequired { .. }
             | Error::InvalidGrant { .. }
             | Error::RefreshTokenExpired { .. }
             | Error::InsufficientPermissions { .. }
@@ -165,7 +168,7 @@ impl Error {
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
             | Error::TargetSecretConflict { .. }
-            | Error::NotImplemented
+            | Error::AuthorizationRequired { .. }
             | Error::ProviderUnavailable { .. }
             | Error::AccessTokenRejected { .. }
             | Error::Kube(_) => false,

@@ -1,6 +1,7 @@
 //! tokenkeeper: keeps SaaS source credentials fresh in Kubernetes Secrets.
 
 pub mod api;
+pub mod authorize;
 pub mod classify;
 pub mod controller;
 pub mod crdgen;

@@ -17,7 +17,7 @@ struct Cli {
 enum Command {
     /// Run the controller against the cluster of the current kubeconfig
     /// (or the in-cluster service account).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CRD as YAML, separated by `---`.
     Crd,
 }
@@ -58,6 +58,18 @@ struct RunArgs {
     /// revoked is released anyway.
     #[arg(long, default_value_t = 300)]
     revocation_timeout_seconds: u64,
+    /// Where to serve the authorization-code flow (/authorize, /callback);
+    /// empty disables it.
+    #[arg(long, default_value = "")]
+    authorization_bind_address: String,
+    /// How browsers reach the authorization endpoints (default:
+    /// http://<authorization-bind-address>); the provider must accept
+    /// <external-url>/callback as redirect URI.
+    #[arg(long)]
+    external_url: Option<String>,
+    /// Seconds a started authorization stays valid.
+    #[arg(long, default_value_t = 600)]
+    authorization_state_ttl_seconds: u64,
     /// Seconds between lease renewals or attempts.
     #[arg(long, default_value_t = 2)]
     retry_period_seconds: u64,
@@ -71,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
+            let args = *args;
             telemetry::init(args.log_format);
             let metrics_address = match args.metrics_bind_address.as_str() {
                 "" => None,
@@ -94,12 +107,29 @@ async fn main() -> anyhow::Result<()> {
                 renew_deadline: Duration::from_secs(args.renew_deadline_seconds),
                 retry_period: Duration::from_secs(args.retry_period_seconds),
             });
+            let authorization = match args.authorization_bind_address.as_str() {
+                "" => None,
+                text => {
+                    let bind_address: SocketAddr = text.parse().map_err(|e| {
+                        anyhow::anyhow!("--authorization-bind-address {text:?}: {e}")
+                    })?;
+                    Some(controller::AuthorizationSettings {
+                        bind_address,
+                        external_url: args
+                            .external_url
+                            .clone()
+                            .unwrap_or_else(|| format!("http://{bind_address}")),
+                        state_ttl: Duration::from_secs(args.authorization_state_ttl_seconds),
+                    })
+                }
+            };
             let client = kube::Client::try_default().await?;
             let settings = controller::Settings {
                 namespaces: args.namespaces,
                 metrics_address,
                 leader_election,
                 revocation_timeout: Duration::from_secs(args.revocation_timeout_seconds),
+                authorization,
             };
             controller::run(client, settings).await
         }

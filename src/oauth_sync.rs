@@ -60,7 +60,37 @@ pub async fn sync(
         .as_deref()
         .map(|t| fingerprint(&[t]));
     let new_user_refresh_token = user_hash.is_some() && user_hash != inputs.state.imported_hash;
-    let token_status = TokenStatus::current(conn);
+    let authorization_link = ctx.authorization_link(conn, oauth);
+    let token_status = TokenStatus {
+        authorization_url: authorization_link.clone(),
+        ..TokenStatus::current(conn)
+    };
+    if oauth.grant == OAuth2Grant::AuthorizationCode
+        && inputs.current.is_none()
+        && inputs.state.refresh_token.is_none()
+    {
+        let error = Error::AuthorizationRequired {
+            url: authorization_link.unwrap_or_else(|| {
+                "the operator's authorization endpoint (start tokenkeeper with --external-url)"
+                    .into()
+            }),
+            namespace: namespace.clone(),
+            name: conn.name_any(),
+        };
+        return Ok(Synced {
+            report: Report {
+                verdict: Some(Verdict::failed(&error)),
+                secret_name: None,
+                token: Some(token_status),
+            },
+            action: Action::await_change(),
+            notes: vec![Note {
+                type_: EventType::Normal,
+                reason: error.reason().into(),
+                message: error.to_string(),
+            }],
+        });
+    }
     let force_value = conn.annotations().get(ANNOTATION_FORCE_REFRESH).cloned();
     let jitter_key = conn.uid().unwrap_or_else(|| display_name(conn));
     let plan = schedule::plan(&PlanInput {
@@ -414,7 +444,7 @@ fn text(bytes: Vec<u8>) -> String {
 
 /// Fingerprint of everything that shapes a token request: a change means
 /// the current token may not be what the spec asks for.
-fn request_fingerprint(oauth: &OAuth2Auth, client_id: &str) -> String {
+pub(crate) fn request_fingerprint(oauth: &OAuth2Auth, client_id: &str) -> String {
     let grant = format!("{:?}", oauth.grant);
     let mut parts = vec![oauth.token_url.as_str(), client_id, grant.as_str()];
     parts.extend(oauth.scopes.iter().map(String::as_str));
@@ -557,6 +587,7 @@ fn healthy(
                 failed_refresh_attempts: 0,
                 last_failure_time: token_status.last_failure_time,
                 force_refresh_handled: token_status.force_refresh_handled,
+                authorization_url: token_status.authorization_url,
             }),
         },
         action: Action::requeue(schedule::delay_until(now, due)),
@@ -662,7 +693,14 @@ fn jitter_fraction(key: &str, attempt: u32) -> f64 {
 /// What the user does to give the connection a new grant.
 fn reauthorize_fix(conn: &SourceConnection, oauth: &OAuth2Auth) -> String {
     let namespace = conn.namespace().unwrap_or_default();
-    match (&oauth.grant, &oauth.refresh_token_secret_ref) {
+    let open_link = conn
+        .status
+        .as_ref()
+        .and_then(|s| s.authorization_url.as_deref())
+        .filter(|_| oauth.authorization_url.is_some())
+        .map(|link| format!("open {link} in a browser and grant access again; or "))
+        .unwrap_or_default();
+    let command = match (&oauth.grant, &oauth.refresh_token_secret_ref) {
         (OAuth2Grant::RefreshToken, Some(reference)) => format!(
             "kubectl create secret generic {name} -n {namespace} \
              --from-literal={key}=NEW_REFRESH_TOKEN --dry-run=client -o yaml | kubectl apply -f -",
@@ -674,7 +712,8 @@ fn reauthorize_fix(conn: &SourceConnection, oauth: &OAuth2Auth) -> String {
              kubectl annotate srcconn {} -n {namespace} {ANNOTATION_FORCE_REFRESH}=\"$(date +%s)\" --overwrite",
             conn.name_any()
         ),
-    }
+    };
+    format!("{open_link}{command}")
 }
 
 fn humanize(duration: SignedDuration) -> String {

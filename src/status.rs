@@ -58,6 +58,7 @@ pub struct TokenStatus {
     pub failed_refresh_attempts: u32,
     pub last_failure_time: Option<Timestamp>,
     pub force_refresh_handled: Option<String>,
+    pub authorization_url: Option<String>,
 }
 
 impl TokenStatus {
@@ -78,6 +79,7 @@ impl TokenStatus {
                 .unwrap_or_default(),
             last_failure_time: time(&status.last_failure_time),
             force_refresh_handled: status.force_refresh_handled.clone(),
+            authorization_url: status.authorization_url.clone(),
         }
     }
 }
@@ -159,6 +161,7 @@ pub fn desired_status(
             .then(|| i32::try_from(token.failed_refresh_attempts).unwrap_or(i32::MAX)),
         last_failure_time: time(token.last_failure_time),
         force_refresh_handled: token.force_refresh_handled,
+        authorization_url: token.authorization_url,
     }
 }
 

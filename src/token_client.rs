@@ -157,6 +157,12 @@ pub async fn request_token(
         }
     };
 
+    issued(result)
+}
+
+fn issued(
+    result: Result<ProviderTokenResponse, RequestTokenError<HttpError, BasicErrorResponse>>,
+) -> Result<IssuedToken, TokenFailure> {
     match result {
         Ok(response) => Ok(IssuedToken {
             access_token: response.access_token().secret().clone(),
@@ -198,6 +204,82 @@ pub async fn request_token(
             Err(TokenFailure::Malformed)
         }
     }
+}
+
+/// What starts an authorization-code flow: the provider's consent URL and
+/// the PKCE verifier that must stay with the operator.
+pub struct AuthorizationStart {
+    pub url: String,
+    pub pkce_verifier: String,
+}
+
+/// Builds the consent URL (RFC 6749 section 4.1.1) with S256 PKCE
+/// (RFC 7636), `state`, the scopes and provider-specific parameters.
+pub fn authorization_start(
+    authorization_url: &str,
+    client_id: &str,
+    redirect_url: &str,
+    scopes: &[String],
+    params: &BTreeMap<String, String>,
+    state: &str,
+) -> Result<AuthorizationStart, String> {
+    let client = oauth2::basic::BasicClient::new(ClientId::new(client_id.to_owned()))
+        .set_auth_uri(
+            oauth2::AuthUrl::new(authorization_url.to_owned()).map_err(|e| e.to_string())?,
+        )
+        .set_redirect_uri(
+            oauth2::RedirectUrl::new(redirect_url.to_owned()).map_err(|e| e.to_string())?,
+        );
+    let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
+    let state = state.to_owned();
+    let mut request = client
+        .authorize_url(move || oauth2::CsrfToken::new(state))
+        .add_scopes(scopes.iter().cloned().map(Scope::new))
+        .set_pkce_challenge(challenge);
+    for (name, value) in params {
+        request = request.add_extra_param(name.clone(), value.clone());
+    }
+    let (url, _) = request.url();
+    Ok(AuthorizationStart {
+        url: url.to_string(),
+        pkce_verifier: verifier.secret().clone(),
+    })
+}
+
+/// Exchanges an authorization code for tokens, proving PKCE.
+#[allow(clippy::too_many_arguments)]
+pub async fn exchange_code(
+    http: &reqwest::Client,
+    token_url: &str,
+    client_id: &str,
+    client_secret: &str,
+    auth_method: ClientAuthMethod,
+    redirect_url: &str,
+    code: &str,
+    pkce_verifier: &str,
+) -> Result<IssuedToken, TokenFailure> {
+    let token_url = TokenUrl::new(token_url.to_owned()).map_err(|e| TokenFailure::Transport {
+        detail: format!("invalid token URL: {e}"),
+    })?;
+    let redirect =
+        oauth2::RedirectUrl::new(redirect_url.to_owned()).map_err(|e| TokenFailure::Transport {
+            detail: format!("invalid redirect URL: {e}"),
+        })?;
+    let client: OAuthClient = oauth2::Client::new(ClientId::new(client_id.to_owned()))
+        .set_client_secret(ClientSecret::new(client_secret.to_owned()))
+        .set_token_uri(token_url)
+        .set_auth_type(match auth_method {
+            ClientAuthMethod::ClientSecretBasic => AuthType::BasicAuth,
+            ClientAuthMethod::ClientSecretPost => AuthType::RequestBody,
+        });
+    let send = ProviderHttp(http.clone());
+    let result = client
+        .exchange_code(oauth2::AuthorizationCode::new(code.to_owned()))
+        .set_pkce_verifier(oauth2::PkceCodeVerifier::new(pkce_verifier.to_owned()))
+        .set_redirect_uri(std::borrow::Cow::Owned(redirect))
+        .request_async(&send)
+        .await;
+    issued(result)
 }
 
 /// The HTTP layer handed to `oauth2`. A named type with a boxed `Send`

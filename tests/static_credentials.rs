@@ -423,30 +423,6 @@ fn generation_is_observed_and_a_quiet_connection_is_not_rewritten() {
 }
 
 #[test]
-fn the_authorization_code_grant_says_honestly_that_it_is_not_served_yet() {
-    let ns = TestNamespace::new("oauth-pending");
-    let _operator = Operator::start(&ns);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "client",
-        "--from-literal=client_id=a",
-        "--from-literal=client_secret=b",
-    ]);
-    ns.apply_ok(
-        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\n\
-         spec:\n  oauth2:\n    tokenUrl: https://crm.example.test/oauth/token\n    grant: authorizationCode\n\
-         \x20   client:\n      secretRef:\n        name: client\n",
-    );
-    ns.wait_ready("crm", "False", "NotImplemented", READY_TIMEOUT);
-    assert_eq!(
-        ns.jsonpath("secret", "crm-credentials", "{.metadata.name}"),
-        ""
-    );
-}
-
-#[test]
 fn sigterm_stops_the_operator_cleanly() {
     let ns = TestNamespace::new("sigterm");
     let mut operator = Operator::start(&ns);

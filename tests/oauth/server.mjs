@@ -15,6 +15,7 @@ const options = {
   rotateRefreshToken: true,
   omitExpiresIn: false, // answer without expires_in, as some providers do
   reportRefreshTokenExpiresIn: true, // GitHub-style refresh_token_expires_in
+  redirectUris: ['http://127.0.0.1/callback'], // where the consent flow may return
   ...JSON.parse(process.argv[2] ?? '{}'),
 };
 
@@ -63,7 +64,7 @@ const clients = [
     client_id: 'crm-client',
     client_secret: 'crm-client-secret',
     grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
-    redirect_uris: ['http://127.0.0.1/callback'],
+    redirect_uris: options.redirectUris,
     response_types: ['code'],
     token_endpoint_auth_method: 'client_secret_basic',
     scope: ['openid', 'offline_access', ...RESOURCE_SCOPES].join(' '),
@@ -72,7 +73,7 @@ const clients = [
     client_id: 'crm-post-client',
     client_secret: 'crm-post-client-secret',
     grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
-    redirect_uris: ['http://127.0.0.1/callback'],
+    redirect_uris: options.redirectUris,
     response_types: ['code'],
     token_endpoint_auth_method: 'client_secret_post',
     scope: ['openid', 'offline_access', ...RESOURCE_SCOPES].join(' '),

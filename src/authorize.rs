@@ -1,0 +1,451 @@
+//! The authorization-code flow through the operator (RFC 6749 section 4.1
+//! with S256 PKCE, RFC 7636): `/authorize/{namespace}/{name}` sends the
+//! person to the provider's consent page; `/callback` exchanges the code,
+//! stores the refresh token in the connection's state Secret and fills its
+//! target Secret.
+//!
+//! The pending request (a hash of `state`, the PKCE verifier, its expiry
+//! and the connection's UID) lives in the operator-private state Secret,
+//! not in memory, so any replica behind the Service can answer the
+//! callback. It is single-use: the write that stores the grant removes it,
+//! with optimistic concurrency, so a replayed callback finds nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, PostParams};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::api::{OAuth2Auth, SourceConnection};
+use crate::controller::{Context, write_target};
+use crate::decide;
+use crate::token::{GrantState, TokenRecord, fingerprint, rfc3339};
+use crate::token_client;
+
+const PENDING_STATE_HASH: &str = "pending_authorization_state_sha256";
+const PENDING_VERIFIER: &str = "pending_authorization_pkce_verifier";
+const PENDING_EXPIRES_AT: &str = "pending_authorization_expires_at";
+const PENDING_UID: &str = "pending_authorization_uid";
+
+#[derive(Clone)]
+pub struct Flow {
+    pub ctx: Arc<Context>,
+    /// How long a started authorization may take.
+    pub state_ttl: Duration,
+}
+
+pub fn router(flow: Flow) -> Router {
+    Router::new()
+        .route("/authorize/{namespace}/{name}", get(start))
+        .route("/callback", get(callback))
+        .with_state(flow)
+}
+
+/// The page a person sees, in plain words.
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
+         <body style=\"font-family: sans-serif; max-width: 40em; margin: 3em auto\">\
+         <h1>{title}</h1><p>{body}</p></body></html>",
+        title = escape(title),
+        body = escape(body)
+    );
+    (status, [(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+async fn start(
+    State(flow): State<Flow>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    match begin(&flow, &namespace, &name).await {
+        Ok(url) => (
+            StatusCode::FOUND,
+            [
+                (header::LOCATION, url),
+                (header::CACHE_CONTROL, "no-store".into()),
+            ],
+        )
+            .into_response(),
+        Err((status, message)) => page(status, "Cannot start the authorization", &message),
+    }
+}
+
+type PageError = (StatusCode, String);
+
+async fn begin(flow: &Flow, namespace: &str, name: &str) -> Result<String, PageError> {
+    let ctx = &flow.ctx;
+    let conn = Api::<SourceConnection>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("There is no SourceConnection {namespace}/{name}."),
+            )
+        })?;
+    let oauth = conn.spec.oauth2.as_ref().filter(|o| o.authorization_url.is_some()).ok_or_else(|| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("SourceConnection {namespace}/{name} has no spec.oauth2.authorizationUrl to authorize with."),
+        )
+    })?;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let (client_id, _) = client_credentials(&secrets, oauth).await?;
+    // state carries the connection it is for; the random part makes it
+    // unguessable, and only its hash is stored.
+    let random = oauth2::CsrfToken::new_random_len(32);
+    let state = format!("{namespace}:{name}:{}", random.secret());
+    let started = token_client::authorization_start(
+        oauth.authorization_url.as_deref().unwrap_or_default(),
+        &client_id,
+        &ctx.callback_url(),
+        &oauth.scopes,
+        &oauth.authorization_params,
+        &state,
+    )
+    .map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("spec.oauth2.authorizationUrl is not usable: {e}"),
+        )
+    })?;
+
+    let expires = Timestamp::now()
+        + SignedDuration::try_from(flow.state_ttl).unwrap_or(SignedDuration::from_mins(10));
+    let existing = secrets
+        .get_opt(&conn.state_secret_name())
+        .await
+        .map_err(unavailable)?;
+    decide::check_state_ownership(&conn, existing.as_ref())
+        .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
+    let mut data = existing
+        .as_ref()
+        .and_then(|s| s.data.clone())
+        .unwrap_or_default();
+    put(&mut data, PENDING_STATE_HASH, &fingerprint(&[&state]));
+    put(&mut data, PENDING_VERIFIER, &started.pkce_verifier);
+    put(&mut data, PENDING_EXPIRES_AT, &rfc3339(expires));
+    put(&mut data, PENDING_UID, &conn.uid().unwrap_or_default());
+    write_state(&secrets, &conn, existing.as_ref(), data).await?;
+    info!(connection = %format!("{namespace}/{name}"), "authorization started");
+    Ok(started.url)
+}
+
+#[derive(Deserialize)]
+struct CallbackQuery {
+    state: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+async fn callback(State(flow): State<Flow>, Query(query): Query<CallbackQuery>) -> Response {
+    match finish(&flow, query).await {
+        Ok((title, message)) => page(StatusCode::OK, &title, &message),
+        Err((status, message)) => page(status, "Authorization failed", &message),
+    }
+}
+
+async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), PageError> {
+    let ctx = &flow.ctx;
+    let invalid = |why: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{why} Nothing was changed. Start again from the link in the connection's status \
+                 (kubectl describe srcconn NAME)."
+            ),
+        )
+    };
+    let state = query.state.as_deref().unwrap_or_default();
+    let mut parts = state.splitn(3, ':');
+    let (Some(namespace), Some(name), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid(
+            "This answer does not belong to an authorization tokenkeeper started.",
+        ));
+    };
+    let conn = Api::<SourceConnection>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| invalid("The SourceConnection of this authorization no longer exists."))?;
+    let oauth = conn.spec.oauth2.as_ref().ok_or_else(|| {
+        invalid("The SourceConnection of this authorization is no longer an OAuth 2.0 connection.")
+    })?;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = secrets
+        .get_opt(&conn.state_secret_name())
+        .await
+        .map_err(unavailable)?;
+    let data = existing
+        .as_ref()
+        .and_then(|s| s.data.clone())
+        .unwrap_or_default();
+    let pending_hash = text(&data, PENDING_STATE_HASH);
+    if pending_hash.is_none() {
+        return Err(invalid(
+            "This authorization was already completed, or was never started.",
+        ));
+    }
+    if pending_hash.as_deref() != Some(fingerprint(&[state]).as_str()) {
+        return Err(invalid(
+            "This answer does not match the authorization in progress (a forged or outdated link).",
+        ));
+    }
+    if text(&data, PENDING_UID).as_deref() != conn.uid().as_deref() {
+        return Err(invalid(
+            "The SourceConnection was replaced since this authorization started.",
+        ));
+    }
+    let expired = text(&data, PENDING_EXPIRES_AT)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .is_none_or(|at| at <= Timestamp::now());
+    let mut cleared = data.clone();
+    for key in [
+        PENDING_STATE_HASH,
+        PENDING_VERIFIER,
+        PENDING_EXPIRES_AT,
+        PENDING_UID,
+    ] {
+        cleared.remove(key);
+    }
+    if expired {
+        write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
+        return Err(invalid("This authorization took too long and expired."));
+    }
+    if let Some(error) = &query.error {
+        write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
+        let said = query
+            .error_description
+            .as_deref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        let what = if error == "access_denied" {
+            "Access was not granted on the provider's page".to_owned()
+        } else {
+            format!("The provider answered {error}")
+        };
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{what}{said}. Nothing was stored. To try again, open the link in the connection's status."
+            ),
+        ));
+    }
+    let code = query
+        .code
+        .as_deref()
+        .ok_or_else(|| invalid("The provider's answer has no code."))?;
+    let verifier = text(&data, PENDING_VERIFIER).unwrap_or_default();
+    let (client_id, client_secret) = client_credentials(&secrets, oauth).await?;
+    let issued = token_client::exchange_code(
+        &ctx.http,
+        &oauth.token_url,
+        &client_id,
+        &client_secret,
+        oauth.client.auth_method,
+        &ctx.callback_url(),
+        code,
+        &verifier,
+    )
+    .await
+    .map_err(|failure| {
+        warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
+        (
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "The provider did not exchange the authorization code for tokens ({}). Nothing was \
+                 stored. Start again from the link in the connection's status.",
+                describe(&failure)
+            ),
+        )
+    })?;
+    let Some(refresh_token) = issued.refresh_token.clone() else {
+        write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
+        return Err((
+            StatusCode::BAD_GATEWAY,
+            "The provider granted access but sent no refresh token, so tokenkeeper could not keep \
+             the connection authorized. Ask for offline access (for example \
+             spec.oauth2.authorizationParams access_type: offline, or the offline_access scope) \
+             and authorize again."
+                .to_owned(),
+        ));
+    };
+    let settings =
+        decide::oauth_settings(oauth).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let now = Timestamp::now();
+    let record = TokenRecord::issued(
+        now,
+        &issued,
+        settings.default_lifetime,
+        (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")),
+        &oauth.response_fields,
+        &crate::oauth_sync::request_fingerprint(oauth, &client_id),
+    );
+    let previous = GrantState::from_data(&data, &oauth.response_fields);
+    let state_after = GrantState {
+        refresh_token: Some(refresh_token),
+        refresh_token_expires_at: issued
+            .refresh_token_expires_in()
+            .and_then(|d| SignedDuration::try_from(d).ok())
+            .map(|d| record.issued_at + d),
+        imported_hash: previous.imported_hash,
+        token: Some(record.clone()),
+    };
+    // Single use: this write fails if another callback or writer got there
+    // first, because it carries the version read above.
+    write_state(&secrets, &conn, existing.as_ref(), state_after.to_data()).await?;
+    let target = secrets
+        .get_opt(&conn.target_secret_name())
+        .await
+        .map_err(unavailable)?;
+    decide::check_ownership(&conn, target.as_ref())
+        .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
+    write_target(&conn, &secrets, target, &record)
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    info!(connection = %format!("{namespace}/{name}"), "authorized through the consent page");
+
+    let granted = record.granted_scopes();
+    let missing = crate::classify::missing_scopes(
+        &oauth.required_scopes,
+        record.scope.is_some().then_some(&granted[..]),
+    );
+    if missing.is_empty() {
+        Ok((
+            "Connected".to_owned(),
+            format!(
+                "SourceConnection {namespace}/{name} is authorized. tokenkeeper keeps a fresh access \
+                 token in Secret {} from now on. You can close this window.",
+                conn.target_secret_name()
+            ),
+        ))
+    } else {
+        Ok((
+            "Connected, but without every permission".to_owned(),
+            format!(
+                "SourceConnection {namespace}/{name} is authorized, but the grant lacks {} (granted: \
+                 {}). Extraction that needs them will fail: authorize again and allow them.",
+                missing.join(", "),
+                if granted.is_empty() {
+                    "none".to_owned()
+                } else {
+                    granted.join(" ")
+                }
+            ),
+        ))
+    }
+}
+
+async fn client_credentials(
+    secrets: &Api<Secret>,
+    oauth: &OAuth2Auth,
+) -> Result<(String, String), PageError> {
+    let reference = &oauth.client.secret_ref;
+    let secret = secrets
+        .get_opt(&reference.name)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| {
+            (
+                StatusCode::CONFLICT,
+                format!(
+                    "The client Secret {} does not exist yet; create it first.",
+                    reference.name
+                ),
+            )
+        })?;
+    let value = |key: &str, field| {
+        decide::secret_key(&secret, key, field)
+            .map(|v| String::from_utf8_lossy(&v).trim().to_owned())
+            .map_err(|e| (StatusCode::CONFLICT, e.to_string()))
+    };
+    Ok((
+        value(
+            &reference.client_id_key,
+            "oauth2.client.secretRef.clientIdKey",
+        )?,
+        value(
+            &reference.client_secret_key,
+            "oauth2.client.secretRef.clientSecretKey",
+        )?,
+    ))
+}
+
+async fn write_state(
+    secrets: &Api<Secret>,
+    conn: &SourceConnection,
+    existing: Option<&Secret>,
+    data: BTreeMap<String, ByteString>,
+) -> Result<(), PageError> {
+    let mut desired = decide::state_secret(conn, data);
+    let result = match existing {
+        None => secrets.create(&PostParams::default(), &desired).await,
+        Some(existing) => {
+            desired.metadata.resource_version = existing.resource_version();
+            secrets
+                .replace(&desired.name_any(), &PostParams::default(), &desired)
+                .await
+        }
+    };
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Err((
+            StatusCode::CONFLICT,
+            "This authorization was completed or changed by another request meanwhile. Nothing \
+             more was changed; check the connection with kubectl describe srcconn."
+                .to_owned(),
+        )),
+        Err(error) => Err(unavailable(error)),
+    }
+}
+
+fn unavailable(error: kube::Error) -> PageError {
+    warn!(%error, "Kubernetes API request failed during authorization");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "tokenkeeper could not reach the Kubernetes API. Try again in a moment.".to_owned(),
+    )
+}
+
+fn describe(failure: &crate::classify::TokenFailure) -> String {
+    match failure {
+        crate::classify::TokenFailure::OAuth {
+            code, description, ..
+        } => match description {
+            Some(d) => format!("{code}: {d}"),
+            None => code.clone(),
+        },
+        crate::classify::TokenFailure::Http { status, .. } => format!("HTTP {status}"),
+        crate::classify::TokenFailure::Transport { detail } => detail.clone(),
+        crate::classify::TokenFailure::Malformed => "an answer that is not a token response".into(),
+    }
+}
+
+fn put(data: &mut BTreeMap<String, ByteString>, key: &str, value: &str) {
+    data.insert(key.to_owned(), ByteString(value.as_bytes().to_vec()));
+}
+
+fn text(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
+    data.get(key)
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+}

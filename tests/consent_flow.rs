@@ -1,0 +1,263 @@
+//! The authorization-code flow through the operator's endpoints, driven by
+//! an HTTP client with a cookie jar through `oidc-provider`'s own login and
+//! consent pages, as a person's browser would go.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{OAuthServer, Operator, TestNamespace, free_port, wait_for};
+use serde_json::json;
+
+const READY: Duration = Duration::from_secs(30);
+
+struct Setup {
+    server: OAuthServer,
+    ns: TestNamespace,
+    _operator: Operator,
+    external: String,
+}
+
+fn setup(test: &str, extra_operator_args: &[&str]) -> Setup {
+    let port = free_port();
+    let external = format!("http://127.0.0.1:{port}");
+    let server = OAuthServer::start(json!({
+        "accessTokenTtl": 4,
+        "redirectUris": [format!("{external}/callback")],
+    }));
+    let ns = TestNamespace::new(test);
+    let bind = format!("127.0.0.1:{port}");
+    let mut args = vec!["--authorization-bind-address", bind.as_str()];
+    args.extend_from_slice(extra_operator_args);
+    let operator = Operator::start_with(&ns, &args);
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "crm-client",
+        "--from-literal=client_id=crm-client",
+        "--from-literal=client_secret=crm-client-secret",
+    ]);
+    ns.apply_ok(&format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\nspec:\n  oauth2:\n    \
+         tokenUrl: {issuer}/token\n    authorizationUrl: {issuer}/auth\n    grant: authorizationCode\n    \
+         scopes: [openid, offline_access, crm.read]\n    requiredScopes: [crm.read]\n    \
+         authorizationParams:\n      prompt: consent\n    client:\n      secretRef:\n        name: crm-client\n",
+        issuer = server.issuer
+    ));
+    Setup {
+        server,
+        ns,
+        _operator: operator,
+        external,
+    }
+}
+
+/// A browser: cookies, redirects followed, every URL it went through kept.
+struct Browser {
+    client: reqwest::blocking::Client,
+    visited: Arc<Mutex<Vec<String>>>,
+}
+
+impl Browser {
+    fn new() -> Self {
+        let visited = Arc::new(Mutex::new(Vec::new()));
+        let seen = visited.clone();
+        let client = reqwest::blocking::Client::builder()
+            .cookie_store(true)
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                seen.lock().unwrap().push(attempt.url().to_string());
+                if attempt.previous().len() > 10 {
+                    attempt.stop()
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .unwrap();
+        Browser { client, visited }
+    }
+
+    fn get(&self, url: &str) -> (u16, String, String) {
+        let response = self.client.get(url).send().expect("GET");
+        let url = response.url().to_string();
+        (response.status().as_u16(), url, response.text().unwrap())
+    }
+
+    /// Submits the page's form with `fields`.
+    fn submit(&self, page_url: &str, page: &str, fields: &[(&str, &str)]) -> (u16, String, String) {
+        let action = form_action(page).unwrap_or_else(|| panic!("a form on {page_url}:\n{page}"));
+        let target = reqwest::Url::parse(page_url)
+            .unwrap()
+            .join(&action)
+            .unwrap();
+        let response = self.client.post(target).form(fields).send().expect("POST");
+        let url = response.url().to_string();
+        (response.status().as_u16(), url, response.text().unwrap())
+    }
+
+    fn callback_visited(&self, external: &str) -> Option<String> {
+        let prefix = format!("{external}/callback");
+        self.visited
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|u| u.starts_with(&prefix))
+            .cloned()
+    }
+}
+
+fn form_action(page: &str) -> Option<String> {
+    let start = page.find("action=\"")? + "action=\"".len();
+    let end = page[start..].find('"')? + start;
+    Some(page[start..end].replace("&amp;", "&"))
+}
+
+/// Goes through login and consent; returns the operator's final page.
+fn authorize(browser: &Browser, link: &str) -> (u16, String) {
+    let (_, url, login) = browser.get(link);
+    assert!(
+        login.contains("name=\"login\""),
+        "the provider's login page at {url}:\n{login}"
+    );
+    let (_, url, consent) = browser.submit(
+        &url,
+        &login,
+        &[("prompt", "login"), ("login", "alice"), ("password", "any")],
+    );
+    assert!(
+        consent.contains("name=\"prompt\" value=\"consent\""),
+        "the consent page at {url}:\n{consent}"
+    );
+    let (status, _, done) = browser.submit(&url, &consent, &[("prompt", "consent")]);
+    (status, done)
+}
+
+fn link_of(setup: &Setup) -> String {
+    let ns = &setup.ns;
+    ns.wait_ready("crm", "False", "AuthorizationRequired", READY);
+    let link = ns.jsonpath("srcconn", "crm", "{.status.authorizationUrl}");
+    assert_eq!(
+        link,
+        format!("{}/authorize/{}/crm", setup.external, ns.name)
+    );
+    link
+}
+
+#[test]
+fn a_person_authorizes_through_the_operator_and_the_connection_stays_fresh() {
+    let setup = setup("consent", &[]);
+    let ns = &setup.ns;
+    let link = link_of(&setup);
+    let describe = ns.kubectl_ok(&["describe", "srcconn", "crm"]);
+    assert!(
+        describe.contains(&format!("Open {link} in a browser")),
+        "{describe}"
+    );
+
+    let browser = Browser::new();
+    let (status, page) = authorize(&browser, &link);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h1>Connected</h1>"), "{page}");
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    assert!(
+        ns.secret_value("crm-tokenkeeper-state", "refresh_token")
+            .is_some()
+    );
+    // Tokens keep being refreshed with the grant the person gave.
+    let first = ns.secret_value("crm-credentials", "access_token").unwrap();
+    wait_for("a refreshed token", Duration::from_secs(15), || {
+        let now = ns.secret_value("crm-credentials", "access_token").unwrap();
+        (now != first).then_some(()).ok_or(now)
+    });
+    assert_eq!(setup.server.stats()["refreshTokenReuse"], 0);
+
+    // The same callback again is refused and changes nothing.
+    let callback = browser
+        .callback_visited(&setup.external)
+        .expect("the browser came back through the callback");
+    let state_version = ns.jsonpath(
+        "secret",
+        "crm-tokenkeeper-state",
+        "{.metadata.resourceVersion}",
+    );
+    let (status, _, page) = Browser::new().get(&callback);
+    assert_eq!(status, 400);
+    assert!(page.contains("already completed"), "{page}");
+    let (status, _, page) = Browser::new().get(&format!(
+        "{}/callback?state={}:crm:forged&code=stolen",
+        setup.external, ns.name
+    ));
+    assert_eq!(status, 400);
+    assert!(
+        page.contains("does not match") || page.contains("already completed"),
+        "{page}"
+    );
+    assert_eq!(
+        ns.jsonpath(
+            "secret",
+            "crm-tokenkeeper-state",
+            "{.metadata.resourceVersion}"
+        ),
+        state_version
+    );
+
+    // Revoked at the provider (the user disconnects the app), then
+    // re-authorized through the same link: the failure clears.
+    setup.server.control("revoke-grants", json!({}));
+    ns.wait_ready("crm", "False", "InvalidGrant", READY);
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(
+        message.contains(&format!("open {link} in a browser")),
+        "{message}"
+    );
+    let (status, page) = authorize(&Browser::new(), &link);
+    assert_eq!(status, 200, "{page}");
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
+}
+
+#[test]
+fn a_denied_or_expired_authorization_stores_nothing() {
+    let setup = setup(
+        "consent-denied",
+        &["--authorization-state-ttl-seconds", "3"],
+    );
+    let ns = &setup.ns;
+    let link = link_of(&setup);
+
+    // The person declines on the provider's page.
+    let browser = Browser::new();
+    let (_, url, _login) = browser.get(&link);
+    let uid = url.rsplit('/').next().unwrap().to_owned();
+    let (status, _, page) =
+        browser.get(&format!("{}/interaction/{uid}/abort", setup.server.issuer));
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("Access was not granted"), "{page}");
+    assert_eq!(
+        ns.secret_value("crm-tokenkeeper-state", "refresh_token"),
+        None
+    );
+    assert_eq!(
+        ns.condition("crm", "Ready", "reason"),
+        "AuthorizationRequired"
+    );
+
+    // Too slow: the started authorization expires.
+    let browser = Browser::new();
+    let (_, url, login) = browser.get(&link);
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, url, consent) = browser.submit(
+        &url,
+        &login,
+        &[("prompt", "login"), ("login", "alice"), ("password", "any")],
+    );
+    let (status, _, page) = browser.submit(&url, &consent, &[("prompt", "consent")]);
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("expired"), "{page}");
+    assert_eq!(
+        ns.secret_value("crm-tokenkeeper-state", "refresh_token"),
+        None
+    );
+}
