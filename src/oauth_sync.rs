@@ -444,7 +444,7 @@ fn text(bytes: Vec<u8>) -> String {
 
 /// Fingerprint of everything that shapes a token request: a change means
 /// the current token may not be what the spec asks for.
-pub(crate) fn request_fingerprint(oauth: &OAuth2Auth, client_id: &str) -> String {
+pub fn request_fingerprint(oauth: &OAuth2Auth, client_id: &str) -> String {
     let grant = format!("{:?}", oauth.grant);
     let mut parts = vec![oauth.token_url.as_str(), client_id, grant.as_str()];
     parts.extend(oauth.scopes.iter().map(String::as_str));

@@ -25,6 +25,7 @@ fn setup(test: &str, extra_operator_args: &[&str]) -> Setup {
     let server = OAuthServer::start(json!({
         "accessTokenTtl": 4,
         "redirectUris": [format!("{external}/callback")],
+        "applicationType": "native",
     }));
     let ns = TestNamespace::new(test);
     let bind = format!("127.0.0.1:{port}");
@@ -260,4 +261,100 @@ fn a_denied_or_expired_authorization_stores_nothing() {
         ns.secret_value("crm-tokenkeeper-state", "refresh_token"),
         None
     );
+}
+
+/// Runs `kubectl tokenkeeper ...` as a user would: the plugin found on PATH.
+fn plugin(ns: &TestNamespace) -> std::process::Command {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-tokenkeeper"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = std::process::Command::new("kubectl");
+    command
+        .env("PATH", path)
+        .env("KUBECONFIG", common::kubeconfig())
+        .args(["tokenkeeper", "-n", &ns.name]);
+    command
+}
+
+#[test]
+fn kubectl_tokenkeeper_authorizes_from_the_terminal_then_shows_and_refreshes() {
+    use std::io::{BufRead, BufReader};
+    let setup = setup("plugin", &[]);
+    let ns = &setup.ns;
+    link_of(&setup);
+
+    let mut authorize = plugin(ns)
+        .args(["authorize", "crm", "--no-browser", "--timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(authorize.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("the plugin prints the URL").unwrap();
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(&format!("{}/auth?", setup.server.issuer))
+        {
+            break format!("{}/auth?{url}", setup.server.issuer);
+        }
+    };
+    assert!(
+        url.contains("code_challenge_method=S256")
+            && url.contains("redirect_uri=http%3A%2F%2F127.0.0.1%3A"),
+        "{url}"
+    );
+    let (status, page) = authorize_at(&url);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Back to the terminal"), "{page}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let outcome = authorize.wait().unwrap();
+    assert!(outcome.success(), "plugin failed: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("is Ready")), "{rest:?}");
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    let status = plugin(ns).args(["status", "crm"]).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.status.success(), "{text}");
+    for expected in [
+        "Ready:       True (SecretSynced)",
+        "AuthFailed:  False (NotRejected)",
+        "Token expires:",
+        "Next refresh:",
+        "Events:",
+    ] {
+        assert!(text.contains(expected), "{expected} in\n{text}");
+    }
+    let access_token = ns.secret_value("crm-credentials", "access_token").unwrap();
+    let refresh_token = ns
+        .secret_value("crm-tokenkeeper-state", "refresh_token")
+        .unwrap();
+    assert!(
+        !text.contains(&access_token) && !text.contains(&refresh_token),
+        "no token values"
+    );
+
+    let before = ns.jsonpath("srcconn", "crm", "{.status.lastRefreshTime}");
+    std::thread::sleep(Duration::from_secs(1));
+    let refresh = plugin(ns).args(["refresh", "crm"]).output().unwrap();
+    assert!(
+        refresh.status.success(),
+        "{}",
+        String::from_utf8_lossy(&refresh.stderr)
+    );
+    wait_for("a forced refresh", READY, || {
+        let now = ns.jsonpath("srcconn", "crm", "{.status.lastRefreshTime}");
+        (now != before).then_some(()).ok_or(now)
+    });
+}
+
+/// Login and consent at the provider for a consent URL; returns the last page.
+fn authorize_at(url: &str) -> (u16, String) {
+    authorize(&Browser::new(), url)
 }

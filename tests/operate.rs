@@ -482,6 +482,8 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
         .map(|a| {
             if a.starts_with("--metrics-bind-address") {
                 format!("--metrics-bind-address=127.0.0.1:{port}")
+            } else if a.starts_with("--authorization-bind-address") {
+                format!("--authorization-bind-address=127.0.0.1:{}", free_port())
             } else {
                 a
             }

@@ -16,6 +16,8 @@ const options = {
   omitExpiresIn: false, // answer without expires_in, as some providers do
   reportRefreshTokenExpiresIn: true, // GitHub-style refresh_token_expires_in
   redirectUris: ['http://127.0.0.1/callback'], // where the consent flow may return
+  // 'native' lets loopback redirects use any port (RFC 8252), as a CLI needs.
+  applicationType: 'web',
   ...JSON.parse(process.argv[2] ?? '{}'),
 };
 
@@ -63,6 +65,7 @@ const clients = [
   {
     client_id: 'crm-client',
     client_secret: 'crm-client-secret',
+    application_type: options.applicationType,
     grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
     redirect_uris: options.redirectUris,
     response_types: ['code'],

@@ -1,0 +1,364 @@
+//! `kubectl tokenkeeper`: connect, inspect and refresh SourceConnections
+//! from a terminal, with the user's own Kubernetes credentials (so RBAC
+//! decides who may connect a source). Never prints token values.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Query;
+use axum::response::Html;
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde::Deserialize;
+use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
+use tokenkeeper::token::{GrantState, TokenRecord};
+use tokenkeeper::{decide, oauth_sync, token_client};
+use tokio::sync::mpsc;
+
+/// Connect, inspect and refresh tokenkeeper SourceConnections.
+#[derive(Parser)]
+#[command(name = "kubectl tokenkeeper", version)]
+struct Cli {
+    /// Namespace of the SourceConnection (default: the kubeconfig's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Authorize a connection on the provider's consent page, from this
+    /// machine (RFC 8252 loopback redirect), and store the grant.
+    Authorize {
+        name: String,
+        /// Do not try to open a browser; only print the URL.
+        #[arg(long)]
+        no_browser: bool,
+        /// Seconds to wait for the consent page to come back.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Conditions with cause and fix, token times, and recent events.
+    Status { name: String },
+    /// Ask tokenkeeper to refresh the connection's token now.
+    Refresh { name: String },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let client = Client::try_default().await?;
+    let namespace = cli
+        .namespace
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let connections: Api<SourceConnection> = Api::namespaced(client.clone(), &namespace);
+    match cli.command {
+        Command::Status { name } => status(&client, &connections, &namespace, &name).await,
+        Command::Refresh { name } => {
+            let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_FORCE_REFRESH: Timestamp::now().to_string()}}});
+            connections
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            println!(
+                "Refresh of {namespace}/{name} requested. Follow it with: kubectl tokenkeeper status {name} -n {namespace}"
+            );
+            Ok(())
+        }
+        Command::Authorize {
+            name,
+            no_browser,
+            timeout,
+        } => {
+            authorize(
+                &client,
+                &connections,
+                &namespace,
+                &name,
+                no_browser,
+                Duration::from_secs(timeout),
+            )
+            .await
+        }
+    }
+}
+
+async fn status(
+    client: &Client,
+    connections: &Api<SourceConnection>,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let conn = connections.get(name).await?;
+    let method = if conn.spec.basic.is_some() {
+        "Basic"
+    } else if conn.spec.api_key.is_some() {
+        "API key"
+    } else {
+        "OAuth 2.0"
+    };
+    println!("Name:        {name}");
+    println!("Namespace:   {namespace}");
+    println!("Method:      {method}");
+    let status = conn.status.clone().unwrap_or_default();
+    for condition in &status.conditions {
+        println!(
+            "{:<12} {} ({})",
+            format!("{}:", condition.type_),
+            condition.status,
+            condition.reason
+        );
+        println!("             {}", condition.message);
+    }
+    let show = |label: &str, value: Option<String>| {
+        if let Some(value) = value {
+            println!("{label:<24} {value}");
+        }
+    };
+    show("Secret:", status.secret_name.clone());
+    show(
+        "Token expires:",
+        status.token_expires_at.as_ref().map(|t| t.0.to_string()),
+    );
+    show(
+        "Last refresh:",
+        status.last_refresh_time.as_ref().map(|t| t.0.to_string()),
+    );
+    show(
+        "Next refresh:",
+        status.next_refresh_time.as_ref().map(|t| t.0.to_string()),
+    );
+    show(
+        "Granted scopes:",
+        (!status.granted_scopes.is_empty()).then(|| status.granted_scopes.join(" ")),
+    );
+    show(
+        "Failed refresh attempts:",
+        status.failed_refresh_attempts.map(|n| {
+            let last = status
+                .last_failure_time
+                .as_ref()
+                .map(|t| format!(" (last {})", t.0))
+                .unwrap_or_default();
+            format!("{n}{last}")
+        }),
+    );
+    show("Authorize at:", status.authorization_url.clone());
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("involvedObject.name={name},involvedObject.kind=SourceConnection");
+    let mut items = events
+        .list(&ListParams::default().fields(&selector))
+        .await?
+        .items;
+    items.sort_by_key(|e| {
+        e.last_timestamp
+            .clone()
+            .map(|t| t.0)
+            .or(e.event_time.clone().map(|t| t.0))
+    });
+    println!("Events:");
+    if items.is_empty() {
+        println!("  <none>");
+    }
+    for event in items.iter().rev().take(10).rev() {
+        println!(
+            "  {:<8} {:<24} {}",
+            event.type_.clone().unwrap_or_default(),
+            event.reason.clone().unwrap_or_default(),
+            event.message.clone().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Callback {
+    state: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+async fn authorize(
+    client: &Client,
+    connections: &Api<SourceConnection>,
+    namespace: &str,
+    name: &str,
+    no_browser: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let conn = connections.get(name).await?;
+    let oauth = conn
+        .spec
+        .oauth2
+        .as_ref()
+        .filter(|o| o.authorization_url.is_some())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{namespace}/{name} has no spec.oauth2.authorizationUrl to authorize with"
+            )
+        })?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let reference = &oauth.client.secret_ref;
+    let client_secret_object = secrets.get(&reference.name).await?;
+    let read = |key: &str, field| -> anyhow::Result<String> {
+        Ok(
+            String::from_utf8_lossy(&decide::secret_key(&client_secret_object, key, field)?)
+                .trim()
+                .to_owned(),
+        )
+    };
+    let client_id = read(
+        &reference.client_id_key,
+        "oauth2.client.secretRef.clientIdKey",
+    )?;
+    let client_secret = read(
+        &reference.client_secret_key,
+        "oauth2.client.secretRef.clientSecretKey",
+    )?;
+
+    // RFC 8252: a loopback redirect on an ephemeral port of this machine.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let redirect = format!(
+        "http://127.0.0.1:{}/callback",
+        listener.local_addr()?.port()
+    );
+    let state = oauth2::CsrfToken::new_random_len(32).secret().clone();
+    let started = token_client::authorization_start(
+        oauth.authorization_url.as_deref().unwrap_or_default(),
+        &client_id,
+        &redirect,
+        &oauth.scopes,
+        &oauth.authorization_params,
+        &state,
+    )
+    .map_err(|e| anyhow::anyhow!("spec.oauth2.authorizationUrl: {e}"))?;
+    let (sender, mut receiver) = mpsc::channel::<Callback>(1);
+    let app = Router::new().route(
+        "/callback",
+        get(move |Query(callback): Query<Callback>| {
+            let sender = sender.clone();
+            async move {
+                let _ = sender.send(callback).await;
+                Html("<!doctype html><html><body style=\"font-family: sans-serif\"><h1>Back to the terminal</h1>\
+                      <p>kubectl tokenkeeper received the provider's answer; you can close this window.</p></body></html>")
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    println!(
+        "Open this URL in a browser to authorize {namespace}/{name}:\n\n  {}\n",
+        started.url
+    );
+    if !no_browser {
+        let _ = std::process::Command::new("xdg-open")
+            .arg(&started.url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+    let callback = tokio::time::timeout(timeout, receiver.recv())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the consent page within {} s",
+                timeout.as_secs()
+            )
+        })?
+        .ok_or_else(|| anyhow::anyhow!("the callback listener stopped"))?;
+    if callback.state.as_deref() != Some(state.as_str()) {
+        anyhow::bail!(
+            "the answer does not belong to this authorization (state mismatch); nothing was stored"
+        );
+    }
+    if let Some(error) = callback.error {
+        let said = callback
+            .error_description
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        anyhow::bail!("the provider answered {error}{said}; nothing was stored");
+    }
+    let code = callback
+        .code
+        .ok_or_else(|| anyhow::anyhow!("the provider's answer has no code"))?;
+    let http = token_client::http_client();
+    let issued = token_client::exchange_code(
+        &http,
+        &oauth.token_url,
+        &client_id,
+        &client_secret,
+        oauth.client.auth_method,
+        &redirect,
+        &code,
+        &started.pkce_verifier,
+    )
+    .await
+    .map_err(|failure| anyhow::anyhow!("the provider did not exchange the code: {failure:?}"))?;
+    let refresh_token = issued.refresh_token.clone().ok_or_else(|| {
+        anyhow::anyhow!("the provider sent no refresh token; ask for offline access (authorizationParams or the offline_access scope)")
+    })?;
+    let settings = decide::oauth_settings(oauth)?;
+    let record = TokenRecord::issued(
+        Timestamp::now(),
+        &issued,
+        settings.default_lifetime,
+        (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")),
+        &oauth.response_fields,
+        &oauth_sync::request_fingerprint(oauth, &client_id),
+    );
+    let existing = secrets.get_opt(&conn.state_secret_name()).await?;
+    decide::check_state_ownership(&conn, existing.as_ref())?;
+    let previous = existing
+        .as_ref()
+        .and_then(|s| s.data.as_ref())
+        .map(|d| GrantState::from_data(d, &oauth.response_fields))
+        .unwrap_or_default();
+    let state_after = GrantState {
+        refresh_token: Some(refresh_token),
+        refresh_token_expires_at: issued
+            .refresh_token_expires_in()
+            .and_then(|d| SignedDuration::try_from(d).ok())
+            .map(|d| record.issued_at + d),
+        imported_hash: previous.imported_hash,
+        token: Some(record),
+    };
+    let mut desired = decide::state_secret(&conn, state_after.to_data());
+    match existing {
+        None => {
+            secrets.create(&PostParams::default(), &desired).await?;
+        }
+        Some(existing) => {
+            desired.metadata.resource_version = existing.resource_version();
+            secrets
+                .replace(&desired.name_any(), &PostParams::default(), &desired)
+                .await?;
+        }
+    }
+    println!(
+        "Stored the grant in Secret {}/{}; waiting for tokenkeeper...",
+        namespace,
+        conn.state_secret_name()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = connections.get(name).await?;
+        let ready = now
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+        if let Some(ready) = ready.filter(|c| c.status == "True") {
+            println!("{namespace}/{name} is Ready: {}", ready.message);
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{namespace}/{name} is not Ready after 60 s; see kubectl tokenkeeper status {name} -n {namespace}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
