@@ -358,3 +358,181 @@ fn kubectl_tokenkeeper_authorizes_from_the_terminal_then_shows_and_refreshes() {
 fn authorize_at(url: &str) -> (u16, String) {
     authorize(&Browser::new(), url)
 }
+
+/// Headless Chromium driven over WebDriver (Debian's chromium and
+/// chromedriver). Stopped on drop.
+struct Chromium {
+    driver: std::process::Child,
+    base: String,
+    session: String,
+    http: reqwest::blocking::Client,
+    _profile: tempfile::TempDir,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Chromium {
+    fn start() -> Self {
+        let port = free_port();
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start chromedriver (tests/tools/install-chromium.sh installs it)");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::blocking::Client::new();
+        let profile = tempfile::tempdir().unwrap();
+        let mut chromium = Chromium {
+            driver,
+            base,
+            session: String::new(),
+            http,
+            _profile: profile,
+        };
+        wait_for("chromedriver", Duration::from_secs(20), || {
+            chromium
+                .http
+                .get(format!("{}/status", chromium.base))
+                .send()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1000,700",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([format!(
+            "--user-data-dir={}",
+            chromium._profile.path().display()
+        )])
+        .collect::<Vec<_>>();
+        let created = chromium.call(
+            "POST",
+            "/session",
+            json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}}}}),
+        );
+        chromium.session = created["sessionId"]
+            .as_str()
+            .expect("a WebDriver session")
+            .to_owned();
+        chromium
+    }
+
+    fn call(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let url = format!("{}{path}", self.base);
+        let request = match method {
+            "GET" => self.http.get(url),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.post(url).json(&body),
+        };
+        let answer: serde_json::Value = request
+            .send()
+            .and_then(|r| r.json())
+            .expect("WebDriver answers");
+        answer["value"].clone()
+    }
+
+    fn session(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+    }
+
+    fn open(&self, url: &str) {
+        self.session("POST", "/url", json!({ "url": url }));
+    }
+
+    fn element(&self, css: &str) -> String {
+        wait_for(&format!("element {css}"), Duration::from_secs(20), || {
+            let found = self.session(
+                "POST",
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            );
+            found[ELEMENT]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or(found.to_string())
+        })
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let element = self.element(css);
+        self.session(
+            "POST",
+            &format!("/element/{element}/value"),
+            json!({ "text": text }),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let element = self.element(css);
+        self.session("POST", &format!("/element/{element}/click"), json!({}));
+    }
+
+    fn source(&self) -> String {
+        self.session("GET", "/source", json!({}))
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine;
+        let encoded = self.session("GET", "/screenshot", json!({}));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_str().unwrap())
+            .unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self
+                .http
+                .delete(format!("{}/session/{}", self.base, self.session))
+                .send();
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[test]
+fn a_person_authorizes_in_a_real_browser() {
+    let setup = setup("consent-browser", &[]);
+    let ns = &setup.ns;
+    let link = link_of(&setup);
+    let browser = Chromium::start();
+    browser.open(&link);
+    browser.type_into("input[name=login]", "alice");
+    browser.type_into("input[name=password]", "any");
+    browser.click("button[type=submit]");
+    wait_for("the consent page", READY, || {
+        let page = browser.source();
+        page.contains("value=\"consent\"").then_some(()).ok_or(page)
+    });
+    browser.click("button[type=submit]");
+    wait_for("the success page", READY, || {
+        let page = browser.source();
+        page.contains("<h1>Connected</h1>")
+            .then_some(())
+            .ok_or(page)
+    });
+    let screenshot = common::artifacts_dir().join("consent-success.png");
+    browser.screenshot(&screenshot);
+    assert!(
+        std::fs::metadata(&screenshot).unwrap().len() > 1000,
+        "a real screenshot"
+    );
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+}

@@ -15,6 +15,8 @@ if [[ "${1:-}" == "--use-current-cluster" ]]; then use_current=true; shift; fi
 [[ "${1:-}" == "--" ]] && shift
 
 tests/cluster/build.sh
+# Headless Chromium for the browser test of the consent flow.
+tests/tools/install-chromium.sh
 # The OAuth 2.0 provider of the tests (oidc-provider), from the npm registry.
 if [[ ! -d tests/oauth/node_modules/oidc-provider ]]; then
   npm ci --prefix tests/oauth --no-audit --no-fund --loglevel=error
