@@ -29,9 +29,9 @@ use tracing::{info, warn};
 
 use crate::api::{OAuth2Auth, SourceConnection};
 use crate::controller::{Context, write_target};
-use crate::decide;
-use crate::token::{GrantState, TokenRecord, fingerprint, rfc3339};
+use crate::token::{GrantState, fingerprint, rfc3339};
 use crate::token_client;
+use crate::{decide, oauth_sync};
 
 const PENDING_STATE_HASH: &str = "pending_authorization_state_sha256";
 const PENDING_VERIFIER: &str = "pending_authorization_pkce_verifier";
@@ -290,27 +290,20 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
                 .to_owned(),
         ));
     };
-    let settings =
-        decide::oauth_settings(oauth).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-    let now = Timestamp::now();
-    let record = TokenRecord::issued(
-        now,
-        &issued,
-        settings.default_lifetime,
-        (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")),
-        &oauth.response_fields,
-        &crate::oauth_sync::request_fingerprint(oauth, &client_id),
-    );
     let previous = GrantState::from_data(&data, &oauth.response_fields);
-    let state_after = GrantState {
-        refresh_token: Some(refresh_token),
-        refresh_token_expires_at: issued
-            .refresh_token_expires_in()
-            .and_then(|d| SignedDuration::try_from(d).ok())
-            .map(|d| record.issued_at + d),
-        imported_hash: previous.imported_hash,
-        token: Some(record.clone()),
-    };
+    let state_after = oauth_sync::consented_grant(
+        oauth,
+        &issued,
+        refresh_token,
+        &client_id,
+        previous,
+        Timestamp::now(),
+    )
+    .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let record = state_after
+        .token
+        .clone()
+        .expect("a consented grant carries its token");
     // Single use: this write fails if another callback or writer got there
     // first, because it carries the version read above.
     write_state(&secrets, &conn, existing.as_ref(), state_after.to_data()).await?;
@@ -374,21 +367,7 @@ async fn client_credentials(
                 ),
             )
         })?;
-    let value = |key: &str, field| {
-        decide::secret_key(&secret, key, field)
-            .map(|v| String::from_utf8_lossy(&v).trim().to_owned())
-            .map_err(|e| (StatusCode::CONFLICT, e.to_string()))
-    };
-    Ok((
-        value(
-            &reference.client_id_key,
-            "oauth2.client.secretRef.clientIdKey",
-        )?,
-        value(
-            &reference.client_secret_key,
-            "oauth2.client.secretRef.clientSecretKey",
-        )?,
-    ))
+    decide::client_credentials(oauth, &secret).map_err(|e| (StatusCode::CONFLICT, e.to_string()))
 }
 
 async fn write_state(

@@ -190,6 +190,25 @@ pub fn secret_key(secret: &Secret, key: &str, field: &'static str) -> Result<Vec
     }
 }
 
+/// The client id and secret of an OAuth 2.0 connection, from its client
+/// Secret.
+pub fn client_credentials(oauth: &OAuth2Auth, secret: &Secret) -> Result<(String, String), Error> {
+    let reference = &oauth.client.secret_ref;
+    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).trim().to_owned();
+    Ok((
+        text(secret_key(
+            secret,
+            &reference.client_id_key,
+            "oauth2.client.secretRef.clientIdKey",
+        )?),
+        text(secret_key(
+            secret,
+            &reference.client_secret_key,
+            "oauth2.client.secretRef.clientSecretKey",
+        )?),
+    ))
+}
+
 /// Example `--from-literal` flags for the kubectl command that creates a
 /// missing source Secret.
 pub fn example_literals(method: Method<'_>) -> String {

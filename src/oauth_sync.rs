@@ -356,16 +356,7 @@ async fn read_inputs(
         example,
     )
     .await?;
-    let client_id = text(decide::secret_key(
-        &client,
-        &client_ref.client_id_key,
-        "oauth2.client.secretRef.clientIdKey",
-    )?);
-    let client_secret = text(decide::secret_key(
-        &client,
-        &client_ref.client_secret_key,
-        "oauth2.client.secretRef.clientSecretKey",
-    )?);
+    let (client_id, client_secret) = decide::client_credentials(oauth, &client)?;
 
     let user_refresh_token = match (&oauth.grant, &oauth.refresh_token_secret_ref) {
         (OAuth2Grant::RefreshToken, Some(reference)) => {
@@ -468,10 +459,8 @@ fn next_state(
     let rotated = issued.refresh_token.is_some();
     GrantState {
         refresh_token: issued.refresh_token.clone().or(used),
-        refresh_token_expires_at: match issued.refresh_token_expires_in() {
-            Some(lifetime) => SignedDuration::try_from(lifetime)
-                .ok()
-                .map(|d| record.issued_at + d),
+        refresh_token_expires_at: match issued.refresh_token_expires_at(record.issued_at) {
+            Some(at) => Some(at),
             None if rotated => None,
             None => previous.refresh_token_expires_at,
         },
@@ -521,6 +510,34 @@ async fn persist_state(
         || Error::Kube("state Secret kept conflicting".into()),
         Error::from,
     ))
+}
+
+/// The grant a person just gave on the consent page (through the
+/// operator's callback or `kubectl tokenkeeper authorize`), ready to be
+/// stored in the state Secret.
+pub fn consented_grant(
+    oauth: &OAuth2Auth,
+    issued: &IssuedToken,
+    refresh_token: String,
+    client_id: &str,
+    previous: GrantState,
+    now: Timestamp,
+) -> Result<GrantState, Error> {
+    let settings = decide::oauth_settings(oauth)?;
+    let record = TokenRecord::issued(
+        now,
+        issued,
+        settings.default_lifetime,
+        (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")),
+        &oauth.response_fields,
+        &request_fingerprint(oauth, client_id),
+    );
+    Ok(GrantState {
+        refresh_token: Some(refresh_token),
+        refresh_token_expires_at: issued.refresh_token_expires_at(record.issued_at),
+        imported_hash: previous.imported_hash,
+        token: Some(record),
+    })
 }
 
 /// The report of a connection whose token is current.

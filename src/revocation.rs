@@ -218,16 +218,7 @@ async fn revoke_all(
                     .into(),
         });
     };
-    let client_id = text(decide::secret_key(
-        &client,
-        &client_ref.client_id_key,
-        "oauth2.client.secretRef.clientIdKey",
-    )?);
-    let client_secret = text(decide::secret_key(
-        &client,
-        &client_ref.client_secret_key,
-        "oauth2.client.secretRef.clientSecretKey",
-    )?);
+    let (client_id, client_secret) = decide::client_credentials(oauth, &client)?;
     let refresh_token = secrets
         .get_opt(&conn.state_secret_name())
         .await?
@@ -273,10 +264,6 @@ async fn revoke_all(
         }
     }
     Ok(())
-}
-
-fn text(bytes: Vec<u8>) -> String {
-    String::from_utf8_lossy(&bytes).trim().to_owned()
 }
 
 #[cfg(test)]

@@ -93,6 +93,12 @@ impl IssuedToken {
             .map(Duration::from_secs)
     }
 
+    /// When the refresh token expires, for a token issued at `issued_at`.
+    pub fn refresh_token_expires_at(&self, issued_at: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        let lifetime = jiff::SignedDuration::try_from(self.refresh_token_expires_in()?).ok()?;
+        Some(issued_at + lifetime)
+    }
+
     /// A response field as text, for the target Secret.
     pub fn field(&self, name: &str) -> Option<String> {
         match self.extra.get(name)? {

@@ -9,13 +9,13 @@ use axum::extract::Query;
 use axum::response::Html;
 use axum::routing::get;
 use clap::{Parser, Subcommand};
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
-use tokenkeeper::token::{GrantState, TokenRecord};
+use tokenkeeper::token::GrantState;
 use tokenkeeper::{decide, oauth_sync, token_client};
 use tokio::sync::mpsc;
 
@@ -203,23 +203,8 @@ async fn authorize(
             )
         })?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let reference = &oauth.client.secret_ref;
-    let client_secret_object = secrets.get(&reference.name).await?;
-    let read = |key: &str, field| -> anyhow::Result<String> {
-        Ok(
-            String::from_utf8_lossy(&decide::secret_key(&client_secret_object, key, field)?)
-                .trim()
-                .to_owned(),
-        )
-    };
-    let client_id = read(
-        &reference.client_id_key,
-        "oauth2.client.secretRef.clientIdKey",
-    )?;
-    let client_secret = read(
-        &reference.client_secret_key,
-        "oauth2.client.secretRef.clientSecretKey",
-    )?;
+    let client_secret_object = secrets.get(&oauth.client.secret_ref.name).await?;
+    let (client_id, client_secret) = decide::client_credentials(oauth, &client_secret_object)?;
 
     // RFC 8252: a loopback redirect on an ephemeral port of this machine.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -301,15 +286,6 @@ async fn authorize(
     let refresh_token = issued.refresh_token.clone().ok_or_else(|| {
         anyhow::anyhow!("the provider sent no refresh token; ask for offline access (authorizationParams or the offline_access scope)")
     })?;
-    let settings = decide::oauth_settings(oauth)?;
-    let record = TokenRecord::issued(
-        Timestamp::now(),
-        &issued,
-        settings.default_lifetime,
-        (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")),
-        &oauth.response_fields,
-        &oauth_sync::request_fingerprint(oauth, &client_id),
-    );
     let existing = secrets.get_opt(&conn.state_secret_name()).await?;
     decide::check_state_ownership(&conn, existing.as_ref())?;
     let previous = existing
@@ -317,15 +293,14 @@ async fn authorize(
         .and_then(|s| s.data.as_ref())
         .map(|d| GrantState::from_data(d, &oauth.response_fields))
         .unwrap_or_default();
-    let state_after = GrantState {
-        refresh_token: Some(refresh_token),
-        refresh_token_expires_at: issued
-            .refresh_token_expires_in()
-            .and_then(|d| SignedDuration::try_from(d).ok())
-            .map(|d| record.issued_at + d),
-        imported_hash: previous.imported_hash,
-        token: Some(record),
-    };
+    let state_after = oauth_sync::consented_grant(
+        oauth,
+        &issued,
+        refresh_token,
+        &client_id,
+        previous,
+        Timestamp::now(),
+    )?;
     let mut desired = decide::state_secret(&conn, state_after.to_data());
     match existing {
         None => {
