@@ -32,14 +32,7 @@ fn setup(test: &str, extra_operator_args: &[&str]) -> Setup {
     let mut args = vec!["--authorization-bind-address", bind.as_str()];
     args.extend_from_slice(extra_operator_args);
     let operator = Operator::start_with(&ns, &args);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "crm-client",
-        "--from-literal=client_id=crm-client",
-        "--from-literal=client_secret=crm-client-secret",
-    ]);
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&format!(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\nspec:\n  oauth2:\n    \
          tokenUrl: {issuer}/token\n    authorizationUrl: {issuer}/auth\n    grant: authorizationCode\n    \

@@ -12,17 +12,6 @@ use serde_json::json;
 
 const READY: Duration = Duration::from_secs(30);
 
-fn client_secret(ns: &TestNamespace, id: &str, secret: &str) {
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "crm-client",
-        &format!("--from-literal=client_id={id}"),
-        &format!("--from-literal=client_secret={secret}"),
-    ]);
-}
-
 fn user_refresh_token(ns: &TestNamespace, token: &str) {
     let manifest = ns.kubectl_ok(&[
         "create",
@@ -118,7 +107,7 @@ fn client_credentials_tokens_are_kept_fresh() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 4 }));
     let ns = TestNamespace::new("oauth-cc");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&client_credentials(
         "crm",
         &server,
@@ -177,7 +166,7 @@ fn wrong_client_secret_is_invalid_client_and_heals_when_fixed() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 30 }));
     let ns = TestNamespace::new("oauth-client");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-post-client", "not-the-right-secret");
+    ns.create_client_secret("crm-post-client", "not-the-right-secret");
     ns.apply_ok(&client_credentials(
         "crm",
         &server,
@@ -230,7 +219,7 @@ fn rotating_refresh_tokens_over_many_cycles_never_leave_an_expired_token() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
     let ns = TestNamespace::new("oauth-rotation");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     let first = server.mint_refresh_token("crm.read crm.write");
     user_refresh_token(&ns, &first);
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
@@ -279,7 +268,7 @@ fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
     let ns = TestNamespace::new("oauth-revoked");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     let first = server.mint_refresh_token("crm.read");
     user_refresh_token(&ns, &first);
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
@@ -326,7 +315,7 @@ fn an_expired_refresh_token_is_reported_as_such() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 2, "refreshTokenTtl": 7 }));
     let ns = TestNamespace::new("oauth-rt-expired");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
@@ -353,7 +342,7 @@ fn narrowed_scopes_are_insufficient_permissions() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
     let ns = TestNamespace::new("oauth-scopes");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     user_refresh_token(&ns, &server.mint_refresh_token("crm.read crm.write"));
     ns.apply_ok(&refresh_token_grant(
         "crm",
@@ -386,7 +375,7 @@ fn an_unavailable_provider_backs_off_keeps_the_token_and_recovers() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 120 }));
     let ns = TestNamespace::new("oauth-outage");
     let mut operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&client_credentials("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     let token = ns.secret_value("crm-credentials", "access_token").unwrap();
@@ -468,7 +457,7 @@ fn a_provider_that_stays_down_lets_the_token_expire_visibly_then_recovers() {
     let port = server.port;
     let ns = TestNamespace::new("oauth-down");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&client_credentials("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
@@ -494,7 +483,7 @@ fn a_missing_expires_in_uses_the_configured_lifetime_and_says_so() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 600, "omitExpiresIn": true }));
     let ns = TestNamespace::new("oauth-no-expiry");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&client_credentials(
         "crm",
         &server,
@@ -516,7 +505,7 @@ fn the_force_refresh_annotation_refreshes_once_per_value() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 600 }));
     let ns = TestNamespace::new("oauth-force");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&client_credentials("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     let first = ns.secret_value("crm-credentials", "access_token").unwrap();
@@ -555,7 +544,7 @@ fn killing_the_operator_right_after_a_rotation_loses_no_refresh_token() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
     let ns = TestNamespace::new("oauth-kill");
     let mut operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
@@ -635,7 +624,7 @@ fn a_verification_request_turns_a_role_change_into_insufficient_permissions() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
     let ns = TestNamespace::new("oauth-verify-403");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     user_refresh_token(&ns, &server.mint_refresh_token("crm.read crm.write"));
     let verification = format!(
         "    verification:\n      url: {}/test/api?scope=crm.write\n",
@@ -681,7 +670,7 @@ fn a_verification_request_refusing_the_token_is_access_token_expired_and_retried
     let server = OAuthServer::start(json!({ "accessTokenTtl": 120 }));
     let ns = TestNamespace::new("oauth-verify-401");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     let verification = format!("    verification:\n      url: {}/test/api\n", server.issuer);
     ns.apply_ok(&client_credentials("crm", &server, &verification));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
@@ -733,7 +722,7 @@ fn deleting_a_connection_revokes_its_tokens_before_its_secrets_go() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
     let ns = TestNamespace::new("oauth-revoke");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant("crm", &server, &revoking(&server, "")));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
@@ -775,7 +764,7 @@ fn an_unreachable_provider_delays_deletion_only_for_the_bound() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
     let ns = TestNamespace::new("oauth-revoke-down");
     let _operator = Operator::start_with(&ns, &["--revocation-timeout-seconds", "12"]);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&client_credentials("crm", &server, &revoking(&server, "")));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     wait_for("the revocation finalizer", READY, || {
@@ -815,7 +804,7 @@ fn a_shared_grant_can_opt_out_of_revocation() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
     let ns = TestNamespace::new("oauth-revoke-optout");
     let _operator = Operator::start(&ns);
-    client_secret(&ns, "crm-client", "crm-client-secret");
+    ns.create_client_secret("crm-client", "crm-client-secret");
     user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant(
         "crm",

@@ -54,14 +54,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 fn two_replicas_one_writer_and_the_follower_takes_over_a_killed_leader() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 4, "rotateRefreshToken": true }));
     let ns = TestNamespace::new("leader");
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "crm-client",
-        "--from-literal=client_id=crm-client",
-        "--from-literal=client_secret=crm-client-secret",
-    ]);
+    ns.create_client_secret("crm-client", "crm-client-secret");
     let connections: Vec<String> = (0..6).map(|i| format!("crm-{i}")).collect();
     for name in &connections {
         let token = server.mint_refresh_token("crm.read");
@@ -197,14 +190,7 @@ fn metrics_and_health_follow_the_connections() {
     });
     assert_eq!(http_get(port, "/readyz").0, 200);
 
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "crm-client",
-        "--from-literal=client_id=crm-client",
-        "--from-literal=client_secret=crm-client-secret",
-    ]);
+    ns.create_client_secret("crm-client", "crm-client-secret");
     ns.apply_ok(&format!(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\nspec:\n  oauth2:\n    \
          tokenUrl: {}\n    grant: clientCredentials\n    client:\n      secretRef:\n        name: crm-client\n",

@@ -89,6 +89,19 @@ impl TestNamespace {
         stdout(&out)
     }
 
+    /// Secret `crm-client` with the client id and secret of the test
+    /// provider's OAuth 2.0 client, as a user creates it.
+    pub fn create_client_secret(&self, id: &str, secret: &str) {
+        self.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "crm-client",
+            &format!("--from-literal=client_id={id}"),
+            &format!("--from-literal=client_secret={secret}"),
+        ]);
+    }
+
     /// `kubectl apply -f -` of the given manifest.
     pub fn apply(&self, manifest: &str) -> Output {
         kubectl_stdin(&["-n", &self.name, "apply", "-f", "-"], manifest)
