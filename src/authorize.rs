@@ -23,7 +23,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -376,18 +376,9 @@ async fn write_state(
     existing: Option<&Secret>,
     data: BTreeMap<String, ByteString>,
 ) -> Result<(), PageError> {
-    let mut desired = decide::state_secret(conn, data);
-    let result = match existing {
-        None => secrets.create(&PostParams::default(), &desired).await,
-        Some(existing) => {
-            desired.metadata.resource_version = existing.resource_version();
-            secrets
-                .replace(&desired.name_any(), &PostParams::default(), &desired)
-                .await
-        }
-    };
-    match result {
-        Ok(_) => Ok(()),
+    let version = existing.and_then(|s| s.resource_version());
+    match oauth_sync::store_state_secret(secrets, conn, version, data).await {
+        Ok(()) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 409 => Err((
             StatusCode::CONFLICT,
             "This authorization was completed or changed by another request meanwhile. Nothing \

@@ -28,17 +28,6 @@ pub enum Method<'a> {
     OAuth2(&'a OAuth2Auth),
 }
 
-impl Method<'_> {
-    /// The Secret that static credentials are copied from.
-    pub fn static_source_secret(&self) -> Option<&str> {
-        match self {
-            Method::Basic(basic) => Some(&basic.secret_ref.name),
-            Method::ApiKey(api_key) => Some(&api_key.secret_ref.name),
-            Method::OAuth2(_) => None,
-        }
-    }
-}
-
 /// Checks what the CRD schema cannot: exactly one method, no reference into
 /// another namespace, and a target Secret that is not one of the inputs.
 pub fn validate(conn: &SourceConnection) -> Result<Method<'_>, Error> {

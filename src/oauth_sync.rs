@@ -344,10 +344,7 @@ async fn read_inputs(
 ) -> Result<Inputs, Error> {
     let namespace = conn.namespace().unwrap_or_default();
     let client_ref = &oauth.client.secret_ref;
-    let example = format!(
-        "--from-literal={}=CLIENT_ID --from-literal={}=CLIENT_SECRET",
-        client_ref.client_id_key, client_ref.client_secret_key
-    );
+    let example = decide::example_literals(decide::Method::OAuth2(oauth));
     let client = read_secret(
         secrets,
         &namespace,
@@ -481,21 +478,13 @@ async fn persist_state(
     let mut resource_version = existing.and_then(|s| s.resource_version());
     let mut last_error = None;
     for attempt in 1..=STATE_WRITE_ATTEMPTS {
-        let mut desired = decide::state_secret(conn, state.to_data());
-        let result = match &resource_version {
-            None => secrets.create(&PostParams::default(), &desired).await,
-            Some(version) => {
-                desired.metadata.resource_version = Some(version.clone());
-                secrets
-                    .replace(&desired.name_any(), &PostParams::default(), &desired)
-                    .await
-            }
-        };
+        let result =
+            store_state_secret(secrets, conn, resource_version.clone(), state.to_data()).await;
         match result {
-            Ok(_) => return Ok(()),
+            Ok(()) => return Ok(()),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 resource_version = secrets
-                    .get_opt(&desired.name_any())
+                    .get_opt(&conn.state_secret_name())
                     .await?
                     .and_then(|s| s.resource_version());
             }
@@ -510,6 +499,27 @@ async fn persist_state(
         || Error::Kube("state Secret kept conflicting".into()),
         Error::from,
     ))
+}
+
+/// Creates the state Secret, or replaces the version `resource_version`
+/// names: a write that lost a race fails with 409 instead of overwriting.
+pub async fn store_state_secret(
+    secrets: &Api<Secret>,
+    conn: &SourceConnection,
+    resource_version: Option<String>,
+    data: std::collections::BTreeMap<String, k8s_openapi::ByteString>,
+) -> Result<(), kube::Error> {
+    let mut desired = decide::state_secret(conn, data);
+    match resource_version {
+        None => secrets.create(&PostParams::default(), &desired).await?,
+        Some(version) => {
+            desired.metadata.resource_version = Some(version);
+            secrets
+                .replace(&desired.name_any(), &PostParams::default(), &desired)
+                .await?
+        }
+    };
+    Ok(())
 }
 
 /// The grant a person just gave on the consent page (through the

@@ -213,9 +213,7 @@ async fn revoke_all(
             namespace,
             name: client_ref.name.clone(),
             field: "oauth2.client.secretRef",
-            example_literals:
-                "--from-literal=client_id=CLIENT_ID --from-literal=client_secret=CLIENT_SECRET"
-                    .into(),
+            example_literals: decide::example_literals(decide::Method::OAuth2(oauth)),
         });
     };
     let (client_id, client_secret) = decide::client_credentials(oauth, &client)?;

@@ -11,7 +11,7 @@ use axum::routing::get;
 use clap::{Parser, Subcommand};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
@@ -301,18 +301,8 @@ async fn authorize(
         previous,
         Timestamp::now(),
     )?;
-    let mut desired = decide::state_secret(&conn, state_after.to_data());
-    match existing {
-        None => {
-            secrets.create(&PostParams::default(), &desired).await?;
-        }
-        Some(existing) => {
-            desired.metadata.resource_version = existing.resource_version();
-            secrets
-                .replace(&desired.name_any(), &PostParams::default(), &desired)
-                .await?;
-        }
-    }
+    let version = existing.and_then(|s| s.resource_version());
+    oauth_sync::store_state_secret(&secrets, &conn, version, state_after.to_data()).await?;
     println!(
         "Stored the grant in Secret {}/{}; waiting for tokenkeeper...",
         namespace,

@@ -80,13 +80,7 @@ impl TestNamespace {
 
     /// Like `kubectl`, panicking with kubectl's stderr when it fails.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            stderr(&out)
-        );
-        stdout(&out)
+        succeeded(args, self.kubectl(args))
     }
 
     /// Secret `crm-client` with the client id and secret of the test
@@ -274,13 +268,7 @@ pub fn kubectl(args: &[&str]) -> Output {
 }
 
 pub fn kubectl_ok(args: &[&str]) -> String {
-    let out = kubectl(args);
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed: {}",
-        stderr(&out)
-    );
-    stdout(&out)
+    succeeded(args, kubectl(args))
 }
 
 pub fn kubectl_stdin(args: &[&str], input: &str) -> Output {
@@ -300,6 +288,16 @@ pub fn kubectl_stdin(args: &[&str], input: &str) -> Output {
         .write_all(input.as_bytes())
         .unwrap();
     child.wait_with_output().expect("wait for kubectl")
+}
+
+/// kubectl's standard output, or a panic with its standard error.
+fn succeeded(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        stderr(&out)
+    );
+    stdout(&out)
 }
 
 pub fn stdout(out: &Output) -> String {
@@ -480,13 +478,7 @@ impl OwnControlPlane {
     }
 
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            stderr(&out)
-        );
-        stdout(&out)
+        succeeded(args, self.kubectl(args))
     }
 }
 
