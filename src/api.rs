@@ -54,7 +54,6 @@ pub mod target_keys {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
-    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.tokenExpiresAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -293,14 +292,11 @@ pub struct SourceConnectionStatus {
     /// The Secret that holds the credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
-    /// When the access token in the Secret expires (OAuth 2.0 only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_expires_at: Option<Time>,
-    /// When the current access token was obtained (OAuth 2.0 only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_refresh_time: Option<Time>,
-    /// When tokenkeeper will refresh next, or retry after a failure (OAuth
-    /// 2.0 only). Empty while a failure waits for a change.
+    /// When tokenkeeper retries after a failed token request (OAuth 2.0
+    /// only). Empty while healthy and while a failure waits for a change.
+    /// Routine refresh times are on the target Secret (`expires_at`,
+    /// `tokenkeeper.dev/issued-at`, `tokenkeeper.dev/next-refresh-at`):
+    /// writing them here would cost a status write per refresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_time: Option<Time>,
     /// Scopes the provider granted with the current access token.

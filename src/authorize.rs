@@ -1,8 +1,8 @@
 //! The authorization-code flow through the operator (RFC 6749 section 4.1
 //! with S256 PKCE, RFC 7636): `/authorize/{namespace}/{name}` sends the
-//! person to the provider's consent page; `/callback` exchanges the code,
-//! stores the refresh token in the connection's state Secret and fills its
-//! target Secret.
+//! person to the provider's consent page; `/callback` exchanges the code
+//! and leaves the grant in the connection's state Secret, from which the
+//! leader moves it, sealed, into the target Secret.
 //!
 //! The pending request (a hash of `state`, the PKCE verifier, its expiry
 //! and the connection's UID) lives in the operator-private state Secret,
@@ -28,11 +28,13 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::api::{OAuth2Auth, SourceConnection};
-use crate::controller::{Context, write_target};
+use crate::controller::Context;
 use crate::token::{GrantState, fingerprint, rfc3339};
 use crate::token_client;
 use crate::{decide, oauth_sync};
 
+/// Keys of the state Secret that belong to a pending authorization.
+pub const PENDING_PREFIX: &str = "pending_authorization_";
 const PENDING_STATE_HASH: &str = "pending_authorization_state_sha256";
 const PENDING_VERIFIER: &str = "pending_authorization_pkce_verifier";
 const PENDING_EXPIRES_AT: &str = "pending_authorization_expires_at";
@@ -305,17 +307,10 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
         .clone()
         .expect("a consented grant carries its token");
     // Single use: this write fails if another callback or writer got there
-    // first, because it carries the version read above.
+    // first, because it carries the version read above. The leader takes
+    // the grant from there into the target Secret, sealed, moments later:
+    // this replica may be a follower, and only the leader writes grants.
     write_state(&secrets, &conn, existing.as_ref(), state_after.to_data()).await?;
-    let target = secrets
-        .get_opt(&conn.target_secret_name())
-        .await
-        .map_err(unavailable)?;
-    decide::check_ownership(&conn, target.as_ref())
-        .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
-    write_target(&conn, &secrets, target, &record)
-        .await
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     info!(connection = %format!("{namespace}/{name}"), "authorized through the consent page");
 
     let granted = record.granted_scopes();
@@ -378,7 +373,7 @@ async fn write_state(
 ) -> Result<(), PageError> {
     let version = existing.and_then(|s| s.resource_version());
     match oauth_sync::store_state_secret(secrets, conn, version, data).await {
-        Ok(()) => Ok(()),
+        Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 409 => Err((
             StatusCode::CONFLICT,
             "This authorization was completed or changed by another request meanwhile. Nothing \

@@ -14,16 +14,16 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY, SourceConnection};
+use crate::api::{FIELD_MANAGER, SourceConnection};
 use crate::authorize;
 use crate::decide;
 use crate::error::{Error, Retry, backoff};
@@ -31,10 +31,14 @@ use crate::leader::{self, LeaseSettings};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::oauth_sync;
 use crate::revocation;
+use crate::schedule;
+use crate::seal::{self, SealingKey};
+use crate::secret_cache::SecretCache;
 use crate::server::{self, Health};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
-use crate::token::TokenRecord;
+use crate::throttle::{self, HostThrottle};
 use crate::token_client;
+use crate::triggers::SecretTriggers;
 
 /// Static credentials are re-read this often even without a watch event,
 /// as a safety net; watches normally bring changes within a second.
@@ -54,6 +58,14 @@ pub struct Settings {
     pub revocation_timeout: Duration,
     /// Serve the authorization-code flow; `None` disables it.
     pub authorization: Option<AuthorizationSettings>,
+    /// Limits on token requests per provider host.
+    pub token_limits: throttle::Limits,
+    /// Connections reconciled at the same time, per controller.
+    pub concurrency: u16,
+    /// The operator's own namespace, home of the sealing key.
+    pub operator_namespace: String,
+    /// The Secret there that holds the key sealing refresh tokens.
+    pub sealing_key_secret: String,
 }
 
 pub struct AuthorizationSettings {
@@ -70,7 +82,7 @@ pub struct Context {
     /// HTTP client for token endpoints, shared so connections reuse
     /// connection pools per provider.
     pub(crate) http: reqwest::Client,
-    recorder: Recorder,
+    reporter: Reporter,
     pub(crate) metrics: Arc<Metrics>,
     /// How long a deleted connection waits for its tokens to be revoked.
     pub(crate) revocation_timeout: Duration,
@@ -78,6 +90,14 @@ pub struct Context {
     pub(crate) external_url: Option<String>,
     /// Consecutive transient failures per connection, for backoff.
     transient_failures: Mutex<HashMap<ObjectRef<SourceConnection>, u32>>,
+    /// Token requests per provider host.
+    pub(crate) throttle: HostThrottle,
+    /// Which connections a Secret event wakes.
+    pub(crate) triggers: Arc<SecretTriggers>,
+    /// Secrets at their current versions, as read or written.
+    pub(crate) secrets: Arc<SecretCache>,
+    /// Seals the refresh tokens kept in target Secrets.
+    pub(crate) sealing_key: SealingKey,
 }
 
 impl Context {
@@ -155,11 +175,24 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
         });
     }
+    let key_secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.operator_namespace);
+    let sealing_key = seal::load_or_create(&key_secrets, &settings.sealing_key_secret)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot read or create the sealing key Secret {}/{}",
+                settings.operator_namespace, settings.sealing_key_secret
+            )
+        })?;
     let context = Arc::new(Context {
         client: client.clone(),
         http: token_client::http_client(),
-        recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
+        reporter: Reporter::from(FIELD_MANAGER),
         transient_failures: Mutex::default(),
+        throttle: HostThrottle::new(settings.token_limits),
+        triggers: Arc::default(),
+        secrets: Arc::default(),
+        sealing_key,
         metrics: metrics.clone(),
         revocation_timeout: settings.revocation_timeout,
         external_url: settings
@@ -189,7 +222,14 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let Some(lease) = settings.leader_election else {
         ready.store(true, Ordering::Relaxed);
         metrics.leader.set(1);
-        run_controllers(&client, &scopes, context, shutdown_signal()).await;
+        run_controllers(
+            &client,
+            &scopes,
+            context,
+            settings.concurrency,
+            shutdown_signal(),
+        )
+        .await;
         return Ok(());
     };
 
@@ -207,7 +247,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let stopped = async move {
         let _ = stop_rx.await;
     };
-    let controllers = run_controllers(&client, &scopes, context, stopped);
+    let controllers = run_controllers(&client, &scopes, context, settings.concurrency, stopped);
     tokio::pin!(controllers);
     tokio::select! {
         _ = &mut controllers => {
@@ -239,20 +279,41 @@ async fn run_controllers(
     client: &Client,
     scopes: &[Option<String>],
     context: Arc<Context>,
+    concurrency: u16,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let stop = stop.shared();
     let controllers = scopes.iter().map(|scope| {
         let namespace = scope.as_deref();
         let connections: Api<SourceConnection> = scoped(client.clone(), namespace);
-        let secrets: Api<Secret> = scoped(client.clone(), namespace);
         let (reader, writer) = reflector::store();
         context.metrics.watch(reader.clone());
+        let index = context.triggers.clone();
+        let cache = context.secrets.clone();
         // Status-only updates (our own writes) do not change the generation
         // or annotations, so they do not wake the reconciler again.
         let connection_changes = watcher(connections, watcher::Config::default())
             .default_backoff()
+            // The cache holds every connection; field-manager bookkeeping
+            // and kubectl's copy of the last applied object are most of
+            // each object's size and are never read.
+            .modify(|conn: &mut SourceConnection| {
+                conn.managed_fields_mut().clear();
+                conn.annotations_mut()
+                    .remove("kubectl.kubernetes.io/last-applied-configuration");
+            })
             .reflect(writer)
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    index.observe(event);
+                    if let watcher::Event::Delete(conn) = event {
+                        cache.forget(
+                            &conn.namespace().unwrap_or_default(),
+                            &[conn.target_secret_name(), conn.state_secret_name()],
+                        );
+                    }
+                }
+            })
             .applied_objects()
             .predicate_filter(
                 Predicate::<SourceConnection>::combine(
@@ -264,25 +325,30 @@ async fn run_controllers(
                 ),
                 Default::default(),
             );
-        // Secrets the users reference are watched by metadata only and
-        // mapped to their connections; their contents are read when
-        // reconciling.
+        // One metadata-only watch of Secrets serves both the Secrets users
+        // reference and the ones tokenkeeper writes; contents are read
+        // when reconciling, so no Secret data is cached.
         let secret_metadata: Api<PartialObjectMeta<Secret>> = scoped(client.clone(), namespace);
-        let referenced_secret_changes = watcher(secret_metadata, watcher::Config::default())
+        let cache = context.secrets.clone();
+        let scope = scope.clone();
+        let secret_changes = watcher(secret_metadata, watcher::Config::default())
             .default_backoff()
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    cache.observe(&scope, event);
+                }
+            })
             .touched_objects();
-        let connection_index = reader.clone();
+        let triggers = context.triggers.clone();
+        let cache = context.secrets.clone();
         info!(
             namespace = namespace.unwrap_or("<all>"),
             "tokenkeeper controller starting"
         );
         Controller::for_stream(connection_changes, reader)
-            .owns(
-                secrets,
-                watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
-            )
-            .watches_stream(referenced_secret_changes, move |secret| {
-                connections_reading(&connection_index, &secret)
+            .with_config(controller::Config::default().concurrency(concurrency))
+            .watches_stream(secret_changes, move |secret| {
+                triggers.connections_for(&secret, &cache)
             })
             .graceful_shutdown_on(stop.clone())
             .shutdown_on_signal()
@@ -315,26 +381,6 @@ async fn ensure_crd_installed(connections: &Api<SourceConnection>) -> anyhow::Re
     }
 }
 
-/// Connections in the Secret's namespace that read it. Secrets tokenkeeper
-/// writes itself come through `owns` instead.
-fn connections_reading(
-    index: &Store<SourceConnection>,
-    secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<SourceConnection>> {
-    if secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY) {
-        return Vec::new();
-    }
-    let name = secret.name_any();
-    let namespace = secret.namespace();
-    index
-        .state()
-        .iter()
-        .filter(|conn| conn.namespace() == namespace)
-        .filter(|conn| conn.spec.referenced_secret_names().contains(&name.as_str()))
-        .map(|conn| ObjectRef::from_obj(conn.as_ref()))
-        .collect()
-}
-
 /// Something to tell the user through an event.
 pub struct Note {
     pub type_: EventType,
@@ -342,11 +388,33 @@ pub struct Note {
     pub message: String,
 }
 
+/// When to reconcile again without a watch event.
+pub enum Next {
+    /// At a planned time, such as a refresh due time.
+    At(Timestamp),
+    /// After a delay counted from the end of the reconcile.
+    In(Duration),
+    AwaitChange,
+}
+
+impl Next {
+    /// The delay is counted when the reconcile ends, after its writes: a
+    /// due time computed at its start would otherwise be late by the
+    /// reconcile's own duration.
+    fn action(self) -> Action {
+        match self {
+            Next::At(at) => Action::requeue(schedule::delay_until(Timestamp::now(), at)),
+            Next::In(delay) => Action::requeue(delay),
+            Next::AwaitChange => Action::await_change(),
+        }
+    }
+}
+
 /// What a sync achieved: the status to report, when to look again, and
 /// events to publish.
 pub struct Synced {
     pub report: Report,
-    pub action: Action,
+    pub next: Next,
     pub notes: Vec<Note>,
 }
 
@@ -394,7 +462,7 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action
                 },
                 // Waits for a change to the connection or its Secrets; the
                 // watches bring that change.
-                action: Action::await_change(),
+                next: Next::AwaitChange,
                 notes: vec![Note {
                     type_: EventType::Warning,
                     reason: error.reason().to_owned(),
@@ -408,7 +476,7 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action
     for note in synced.notes {
         publish_note(ctx, conn, &note).await;
     }
-    Ok(synced.action)
+    Ok(synced.next.action())
 }
 
 fn error_policy(conn: Arc<SourceConnection>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -438,8 +506,9 @@ async fn sync_static(
         decide::Method::ApiKey(api_key) => (&api_key.secret_ref.name, "apiKey.secretRef"),
         decide::Method::OAuth2(_) => unreachable!("OAuth 2.0 connections sync in oauth_sync"),
     };
-    let source = secrets
-        .get_opt(source_name)
+    let source = ctx
+        .secrets
+        .get(&secrets, &namespace, source_name)
         .await?
         .ok_or_else(|| Error::SecretNotFound {
             namespace: namespace.clone(),
@@ -450,11 +519,15 @@ async fn sync_static(
     let data = decide::static_credentials(method, &source)?;
 
     let target_name = conn.target_secret_name();
-    let existing = secrets.get_opt(&target_name).await?;
-    decide::check_ownership(conn, existing.as_ref())?;
+    let existing = ctx.secrets.get(&secrets, &namespace, &target_name).await?;
+    decide::check_ownership(conn, existing.as_deref())?;
     let desired = decide::target_secret(conn, data, BTreeMap::new());
     let mut notes = Vec::new();
-    apply_if_changed(conn, &secrets, existing.as_ref(), &desired, &mut notes).await?;
+    if let Some(written) =
+        apply_if_changed(conn, &secrets, existing.as_deref(), &desired, &mut notes).await?
+    {
+        ctx.secrets.wrote(written);
+    }
     Ok(Synced {
         report: Report {
             verdict: Some(Verdict::ready(format!(
@@ -463,41 +536,27 @@ async fn sync_static(
             secret_name: Some(target_name),
             token: Some(TokenStatus::default()),
         },
-        action: Action::requeue(RESYNC_INTERVAL),
+        next: Next::In(RESYNC_INTERVAL),
         notes,
     })
 }
 
-/// Writes the target Secret of an OAuth 2.0 connection from `record` when
-/// it differs.
-pub(crate) async fn write_target(
-    conn: &SourceConnection,
-    secrets: &Api<Secret>,
-    existing: Option<Secret>,
-    record: &TokenRecord,
-) -> Result<(), Error> {
-    let desired = decide::target_secret(conn, record.target_data(), record.target_annotations());
-    // Routine refreshes publish no event: at thousands of connections that
-    // would be an API write per refresh for nobody to read.
-    apply_if_changed(conn, secrets, existing.as_ref(), &desired, &mut Vec::new()).await?;
-    Ok(())
-}
-
-/// Applies `desired` when the cluster's copy differs; says what it did.
-async fn apply_if_changed(
+/// Applies `desired` when the cluster's copy differs; says what it did and
+/// returns the Secret as written.
+pub(crate) async fn apply_if_changed(
     conn: &SourceConnection,
     secrets: &Api<Secret>,
     existing: Option<&Secret>,
     desired: &Secret,
     notes: &mut Vec<Note>,
-) -> Result<Option<&'static str>, Error> {
+) -> Result<Option<Secret>, Error> {
     if !decide::needs_write(existing, desired) {
         return Ok(None);
     }
     let name = desired.name_any();
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    match secrets.patch(&name, &params, &Patch::Apply(desired)).await {
-        Ok(_) => {}
+    let written = match secrets.patch(&name, &params, &Patch::Apply(desired)).await {
+        Ok(written) => written,
         // The server refuses the Secret for what the user wrote into
         // spec.target (an invalid label, say): a spec problem, not an outage.
         Err(kube::Error::Api(status)) if status.code == 422 => {
@@ -507,7 +566,7 @@ async fn apply_if_changed(
             )));
         }
         Err(error) => return Err(error.into()),
-    }
+    };
     let verb = if existing.is_some() {
         "Updated"
     } else {
@@ -519,7 +578,7 @@ async fn apply_if_changed(
         reason: status::REASON_SECRET_SYNCED.to_owned(),
         message: format!("{verb} Secret {name} with the current credentials"),
     });
-    Ok(Some(verb))
+    Ok(Some(written))
 }
 
 async fn write_status(
@@ -565,7 +624,12 @@ pub(crate) async fn publish_note(ctx: &Context, conn: &SourceConnection, note: &
         action: "Reconcile".to_owned(),
         secondary: None,
     };
-    if let Err(error) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
+    // A recorder per event: a shared one keeps every event it published
+    // for minutes to merge repeats (tens of MiB after a cold start of
+    // thousands of connections), and tokenkeeper's notes rarely repeat
+    // word for word (they carry the attempt and the retry time).
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(error) = recorder.publish(&event, &conn.object_ref(&())).await {
         // An event is a courtesy; the status already carries the outcome.
         warn!(connection = %display_name(conn), %error, "could not publish event");
     }

@@ -249,8 +249,9 @@ pub fn state_secret(conn: &SourceConnection, data: BTreeMap<String, ByteString>)
     let annotations = BTreeMap::from([(
         "tokenkeeper.dev/description".to_owned(),
         format!(
-            "Operator-private state of SourceConnection {}: holds its refresh token. Do not \
-             mount, copy or edit; pods use Secret {}.",
+            "Operator-private state of SourceConnection {}: a pending authorization, or a \
+             grant just given until tokenkeeper moves it into Secret {}. Do not mount, copy \
+             or edit.",
             conn.name_any(),
             conn.target_secret_name()
         ),

@@ -1,7 +1,10 @@
 //! Prometheus metrics. Per-connection series are computed at scrape time
 //! from the SourceConnections the controller watches, so the series of a
 //! deleted connection disappear with it; process-wide counters live here.
+//! Token times change on every refresh and are not in the status; the
+//! reconciler reports them here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -105,6 +108,15 @@ impl Metrics {
             .push(store);
     }
 
+    /// What the series of `namespace/name` show until the next report.
+    pub fn report_token_times(&self, namespace: &str, name: &str, times: TokenTimes) {
+        self.connections
+            .token_times
+            .lock()
+            .expect("not poisoned")
+            .insert((namespace.to_owned(), name.to_owned()), times);
+    }
+
     pub fn observe_reconcile(&self, took: Duration) {
         self.reconcile_duration.observe(took.as_secs_f64());
     }
@@ -136,9 +148,17 @@ impl Metrics {
     }
 }
 
+/// When a connection's token expires and when tokenkeeper acts next.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenTimes {
+    pub expires_at: Option<i64>,
+    pub next_action_at: Option<i64>,
+}
+
 #[derive(Debug, Default)]
 struct ConnectionCollector {
     stores: std::sync::Mutex<Vec<Store<SourceConnection>>>,
+    token_times: std::sync::Mutex<HashMap<(String, String), TokenTimes>>,
 }
 
 impl prometheus_client::collector::Collector for ConnectionCollector {
@@ -148,20 +168,24 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
         let failed_attempts = Family::<ConnectionLabels, Gauge>::default();
         let conditions = Family::<ConditionLabels, Gauge>::default();
         let stores = self.stores.lock().expect("not poisoned").clone();
+        let mut token_times = self.token_times.lock().expect("not poisoned");
+        let mut live = HashMap::with_capacity(token_times.len());
         for conn in stores.iter().flat_map(Store::state) {
             let labels = ConnectionLabels {
                 namespace: conn.namespace().unwrap_or_default(),
                 name: conn.name_any(),
             };
+            let key = (labels.namespace.clone(), labels.name.clone());
+            if let Some(times) = token_times.remove(&key) {
+                if let Some(t) = times.expires_at {
+                    expiry.get_or_create(&labels).set(t as f64);
+                }
+                if let Some(t) = times.next_action_at {
+                    next_refresh.get_or_create(&labels).set(t as f64);
+                }
+                live.insert(key, times);
+            }
             let Some(status) = &conn.status else { continue };
-            if let Some(t) = &status.token_expires_at {
-                expiry.get_or_create(&labels).set(t.0.as_second() as f64);
-            }
-            if let Some(t) = &status.next_refresh_time {
-                next_refresh
-                    .get_or_create(&labels)
-                    .set(t.0.as_second() as f64);
-            }
             failed_attempts
                 .get_or_create(&labels)
                 .set(i64::from(status.failed_refresh_attempts.unwrap_or(0)));
@@ -177,6 +201,9 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
                     .set(1);
             }
         }
+        // Times of deleted connections go with this scrape.
+        *token_times = live;
+        drop(token_times);
         for (name, help, family) in [
             (
                 "connection_token_expiry_timestamp_seconds",

@@ -1,45 +1,54 @@
-//! Reconciling one OAuth 2.0 connection: read the client, the grant's
-//! state and the target Secret; decide with `schedule::plan`; request a
-//! token when due; persist the refresh token and the access token in one
-//! write of the state Secret, then the target Secret; report.
+//! Reconciling one OAuth 2.0 connection: read the client, the grant and
+//! the target Secret; decide with `schedule::plan`; request a token when
+//! due; write the new access token and the (sealed) refresh token to the
+//! target Secret in one write; report.
 //!
 //! One refresh per connection runs at a time: the controller runtime never
-//! reconciles the same object concurrently.
+//! reconciles the same object concurrently. Only the leader writes grants,
+//! and it keeps the target Secret it wrote last (see `secret_cache`), so
+//! the refresh token it sends is the one it stored; after a restart or a
+//! change by anyone else it reads the Secret from the API again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{ANNOTATION_FORCE_REFRESH, OAuth2Auth, OAuth2Grant, SourceConnection};
 use crate::classify::{self, FailureContext};
-use crate::controller::{Context, Note, Synced, write_target};
+use crate::controller::{Context, Next, Note, Synced, apply_if_changed};
 use crate::decide::{self, OAuthSettings};
 use crate::error::{Error, Retry, backoff};
+use crate::metrics::{Metrics, TokenTimes};
 use crate::schedule::{self, Plan, PlanInput, RefreshReason};
+use crate::seal::{ANNOTATION_SEALED_GRANT, OpenError, SealedGrant};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
 use crate::token::{GrantState, TokenRecord, fingerprint, rfc3339};
 use crate::token_client::{self, Grant, IssuedToken, TokenRequest};
 
 /// How often a write of a freshly rotated refresh token is retried before
 /// giving up: losing it would lose the grant.
-const STATE_WRITE_ATTEMPTS: u32 = 5;
+const GRANT_WRITE_ATTEMPTS: u32 = 5;
 
 struct Inputs {
     client_id: String,
     client_secret: String,
     /// The user-supplied refresh token (refreshToken grant).
     user_refresh_token: Option<String>,
-    state_secret: Option<Secret>,
-    state: GrantState,
-    target: Option<Secret>,
-    /// The newest token known: from the state (refresh-token grants) or
-    /// the target Secret (client credentials).
+    target: Option<Arc<Secret>>,
+    /// The grant kept (sealed) in the target Secret.
+    grant: Option<SealedGrant>,
+    /// Why the target Secret's sealed grant could not be used.
+    grant_problem: Option<OpenError>,
+    /// The state Secret, when it holds a grant given on the consent page
+    /// or by `kubectl tokenkeeper authorize` that is not adopted yet.
+    inbox: Option<(Arc<Secret>, GrantState)>,
+    /// The newest token: the target Secret's, or the consented one.
     current: Option<TokenRecord>,
 }
 
@@ -52,23 +61,41 @@ pub async fn sync(
     let settings = decide::oauth_settings(oauth)?;
     let namespace = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let inputs = read_inputs(conn, oauth, &secrets).await?;
+    let mut inputs = read_inputs(conn, oauth, ctx, &secrets).await?;
+    if let Some(problem) = &inputs.grant_problem {
+        warn!(connection = %display_name(conn), %problem, "the sealed refresh token in the target Secret cannot be used");
+    }
+    let adopted = adopt_consented_grant(&mut inputs);
+    if !adopted && inputs.inbox.is_some() {
+        // An older consent than the grant in use: only in the way, and its
+        // refresh token must not be taken for a rotation later.
+        clear_inbox(ctx, conn, &secrets, &inputs).await;
+        inputs.inbox = None;
+    }
 
     let request_hash = request_fingerprint(oauth, &inputs.client_id);
     let user_hash = inputs
         .user_refresh_token
         .as_deref()
         .map(|t| fingerprint(&[t]));
-    let new_user_refresh_token = user_hash.is_some() && user_hash != inputs.state.imported_hash;
+    let imported_hash = inputs.grant.as_ref().and_then(|g| g.imported_hash.clone());
+    let new_user_refresh_token = user_hash.is_some() && user_hash != imported_hash;
     let authorization_link = ctx.authorization_link(conn, oauth);
     let token_status = TokenStatus {
         authorization_url: authorization_link.clone(),
         ..TokenStatus::current(conn)
     };
-    if oauth.grant == OAuth2Grant::AuthorizationCode
-        && inputs.current.is_none()
-        && inputs.state.refresh_token.is_none()
-    {
+    // Which refresh token to use: a new one from the user wins over ours.
+    let refresh_token = match oauth.grant {
+        OAuth2Grant::ClientCredentials => None,
+        _ if new_user_refresh_token => inputs.user_refresh_token.clone(),
+        _ => inputs
+            .grant
+            .as_ref()
+            .map(|g| g.refresh_token.clone())
+            .or_else(|| inputs.user_refresh_token.clone()),
+    };
+    if oauth.grant != OAuth2Grant::ClientCredentials && refresh_token.is_none() {
         let error = Error::AuthorizationRequired {
             url: authorization_link.unwrap_or_else(|| {
                 "the operator's authorization endpoint (start tokenkeeper with --external-url)"
@@ -83,7 +110,7 @@ pub async fn sync(
                 secret_name: None,
                 token: Some(token_status),
             },
-            action: Action::await_change(),
+            next: Next::AwaitChange,
             notes: vec![Note {
                 type_: EventType::Normal,
                 reason: error.reason().into(),
@@ -105,21 +132,23 @@ pub async fn sync(
         jitter_key: &jitter_key,
     });
 
-    // Without a request, the target must still hold the newest token: a
-    // restart between the state write and the target write leaves it behind.
+    // Without a request, the target must still hold the newest token and
+    // grant: a consent may have just been given.
     let reason = match plan {
         Plan::Refresh(reason) => reason,
         Plan::RetryAt { until } => {
             if let Some(current) = &inputs.current {
-                write_target(conn, &secrets, inputs.target.clone(), current).await?;
+                let grant = inputs.grant.as_ref();
+                write_token(ctx, conn, &secrets, &inputs, current, grant, until).await?;
             }
+            clear_inbox(ctx, conn, &secrets, &inputs).await;
             return Ok(Synced {
                 report: Report {
                     verdict: None,
                     secret_name: None,
                     token: None,
                 },
-                action: Action::requeue(schedule::delay_until(now, until)),
+                next: Next::At(until),
                 notes: Vec::new(),
             });
         }
@@ -128,38 +157,33 @@ pub async fn sync(
                 .current
                 .as_ref()
                 .expect("the plan waits only while a token exists");
-            let current =
-                &with_verification_of(current, inputs.target.as_ref(), &oauth.response_fields);
-            write_target(conn, &secrets, inputs.target.clone(), current).await?;
+            let due = planned_refresh(conn, &settings, current);
+            let grant = inputs.grant.as_ref();
+            write_token(ctx, conn, &secrets, &inputs, current, grant, due).await?;
+            clear_inbox(ctx, conn, &secrets, &inputs).await;
+            let notes = adopted
+                .then(|| consent_note(conn, current))
+                .into_iter()
+                .collect();
             return Ok(healthy(
+                &ctx.metrics,
                 conn,
                 oauth,
                 &settings,
                 current,
                 token_status,
-                now,
-                Vec::new(),
+                notes,
                 &jitter_key,
             ));
         }
     };
 
-    // Which refresh token to use: a new one from the user wins over ours.
-    let refresh_token = match oauth.grant {
-        OAuth2Grant::ClientCredentials => None,
-        _ if new_user_refresh_token => inputs.user_refresh_token.clone(),
-        _ => inputs
-            .state
-            .refresh_token
-            .clone()
-            .or_else(|| inputs.user_refresh_token.clone()),
-    };
-    let imported_hash = if new_user_refresh_token {
+    let import_hash = if new_user_refresh_token {
         user_hash.clone()
     } else {
-        inputs.state.imported_hash.clone()
+        imported_hash
     };
-    info!(connection = %display_name(conn), ?reason, "requesting a token");
+    debug!(connection = %display_name(conn), ?reason, "requesting a token");
     // A forced refresh is done once per annotation value, whatever its
     // result: otherwise a failing one would skip the backoff forever.
     let token_status = TokenStatus {
@@ -178,13 +202,16 @@ pub async fn sync(
             None => Grant::ClientCredentials,
         },
     };
+    let slot = ctx.throttle.acquire(&oauth.token_url).await;
     let response = token_client::request_token(&ctx.http, request).await;
+    drop(slot);
     let failure_context = FailureContext {
         now,
         token_endpoint: &oauth.token_url,
         refresh_token_expires_at: inputs
-            .state
-            .refresh_token_expires_at
+            .grant
+            .as_ref()
+            .and_then(|g| g.refresh_token_expires_at)
             .filter(|_| !new_user_refresh_token),
         reauthorize_fix: &reauthorize_fix(conn, oauth),
         client_secret_namespace: &namespace,
@@ -212,19 +239,8 @@ pub async fn sync(
                 &oauth.response_fields,
                 &request_hash,
             );
-            let mut notes = Vec::new();
-            // The rotated refresh token is stored first, before anything else
-            // that could fail or take time.
-            if refresh_token.is_some() {
-                let state = next_state(
-                    &inputs.state,
-                    &issued,
-                    refresh_token,
-                    imported_hash,
-                    &record,
-                );
-                persist_state(conn, &secrets, inputs.state_secret.clone(), &state).await?;
-            }
+            let grant = refresh_token
+                .map(|used| next_grant(inputs.grant.as_ref(), &issued, used, import_hash, &record));
             let mut rejected = None;
             if let Some(verification) = &oauth.verification {
                 match token_client::verify(&ctx.http, &verification.url, &record.access_token).await
@@ -245,9 +261,13 @@ pub async fn sync(
                     }
                 }
             }
-            write_target(conn, &secrets, inputs.target.clone(), &record).await?;
+            let due = planned_refresh(conn, &settings, &record);
+            // The new refresh token and access token go out in one write.
+            write_token(ctx, conn, &secrets, &inputs, &record, grant.as_ref(), due).await?;
+            clear_inbox(ctx, conn, &secrets, &inputs).await;
             if let Some(error) = rejected {
                 return Ok(failed(
+                    &ctx.metrics,
                     conn,
                     &error,
                     Some(&record),
@@ -258,6 +278,7 @@ pub async fn sync(
             }
             let was_ready = status::find_condition(conn, status::CONDITION_READY)
                 .is_some_and(|c| c.status == "True" && c.reason == status::REASON_SECRET_SYNCED);
+            let mut notes = Vec::new();
             if !was_ready || reason == RefreshReason::NewRefreshToken {
                 notes.push(Note {
                     type_: EventType::Normal,
@@ -270,12 +291,12 @@ pub async fn sync(
                 });
             }
             Ok(healthy(
+                &ctx.metrics,
                 conn,
                 oauth,
                 &settings,
                 &record,
                 token_status,
-                now,
                 notes,
                 &jitter_key,
             ))
@@ -285,29 +306,23 @@ pub async fn sync(
                 error,
                 Error::InvalidGrant { .. } | Error::RefreshTokenExpired { .. }
             ) && refresh_token.is_some()
+                && rotated_meanwhile(conn, ctx, &secrets, refresh_token.as_deref()).await?
             {
-                // A sibling refresh may have rotated the token under us:
-                // then ours is merely stale, not revoked.
-                let fresh = secrets.get_opt(&conn.state_secret_name()).await?;
-                let fresh_state = fresh
-                    .and_then(|s| s.data)
-                    .map(|d| GrantState::from_data(&d, &oauth.response_fields))
-                    .unwrap_or_default();
-                if fresh_state.refresh_token.is_some() && fresh_state.refresh_token != refresh_token
-                {
-                    info!(connection = %display_name(conn), "refresh token was rotated meanwhile; retrying with the new one");
-                    return Ok(Synced {
-                        report: Report {
-                            verdict: None,
-                            secret_name: None,
-                            token: None,
-                        },
-                        action: Action::requeue(Duration::from_millis(100)),
-                        notes: Vec::new(),
-                    });
-                }
+                // A sibling refresh or a new consent changed the grant
+                // under us: ours is merely stale, not revoked.
+                info!(connection = %display_name(conn), "the refresh token changed meanwhile; retrying with the new one");
+                return Ok(Synced {
+                    report: Report {
+                        verdict: None,
+                        secret_name: None,
+                        token: None,
+                    },
+                    next: Next::In(Duration::from_millis(100)),
+                    notes: Vec::new(),
+                });
             }
             Ok(failed(
+                &ctx.metrics,
                 conn,
                 &error,
                 inputs.current.as_ref(),
@@ -319,33 +334,125 @@ pub async fn sync(
     }
 }
 
-/// The verification result belongs to one access token and is kept on the
-/// target Secret; a state copy of the same token takes it from there.
-fn with_verification_of(
-    current: &TokenRecord,
-    target: Option<&Secret>,
-    fields: &[String],
-) -> TokenRecord {
-    let in_target =
-        target.and_then(|t| TokenRecord::from_target(t.data.as_ref()?, t.annotations(), fields));
-    match in_target {
-        Some(copy) if copy.access_token == current.access_token => TokenRecord {
-            verification_denied: copy.verification_denied,
-            ..current.clone()
-        },
-        _ => current.clone(),
+fn consent_note(conn: &SourceConnection, record: &TokenRecord) -> Note {
+    Note {
+        type_: EventType::Normal,
+        reason: "TokenIssued".into(),
+        message: format!(
+            "Authorized: an access token valid until {}; Secret {} holds it",
+            rfc3339(record.expires_at),
+            conn.target_secret_name()
+        ),
     }
+}
+
+/// Takes a consented grant waiting in the state Secret as the current one
+/// when it is newer than the target Secret's. Says whether it did.
+fn adopt_consented_grant(inputs: &mut Inputs) -> bool {
+    let Some((_, consented)) = &inputs.inbox else {
+        return false;
+    };
+    let (Some(refresh_token), Some(token)) = (&consented.refresh_token, &consented.token) else {
+        return false;
+    };
+    let newer = match (&inputs.current, &inputs.grant) {
+        (Some(current), Some(_)) => token.issued_at > current.issued_at,
+        _ => true,
+    };
+    if !newer {
+        return false;
+    }
+    inputs.grant = Some(SealedGrant {
+        refresh_token: refresh_token.clone(),
+        refresh_token_expires_at: consented.refresh_token_expires_at,
+        imported_hash: inputs
+            .grant
+            .as_ref()
+            .and_then(|g| g.imported_hash.clone())
+            .or_else(|| consented.imported_hash.clone()),
+    });
+    inputs.current = Some(token.clone());
+    true
+}
+
+/// After a consent is adopted (or found stale), the state Secret keeps only
+/// a pending authorization, if any. A failure leaves it for next time.
+async fn clear_inbox(
+    ctx: &Context,
+    conn: &SourceConnection,
+    secrets: &Api<Secret>,
+    inputs: &Inputs,
+) {
+    let Some((secret, _)) = &inputs.inbox else {
+        return;
+    };
+    let data = secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(crate::authorize::PENDING_PREFIX))
+        .collect();
+    match store_state_secret(secrets, conn, secret.resource_version(), data).await {
+        Ok(written) => ctx.secrets.wrote(written),
+        Err(error) => {
+            debug!(connection = %display_name(conn), %error, "could not clear the adopted consent");
+        }
+    }
+}
+
+/// Whether the grant now stored differs from the refresh token `used`.
+async fn rotated_meanwhile(
+    conn: &SourceConnection,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    used: Option<&str>,
+) -> Result<bool, Error> {
+    let namespace = conn.namespace().unwrap_or_default();
+    let target = ctx
+        .secrets
+        .get_fresh(secrets, &namespace, &conn.target_secret_name())
+        .await?;
+    let stored = target
+        .as_deref()
+        .and_then(|t| open_grant(ctx, conn, t).ok().flatten())
+        .map(|g| g.refresh_token);
+    let consented = ctx
+        .secrets
+        .get_fresh(secrets, &namespace, &conn.state_secret_name())
+        .await?
+        .and_then(|s| s.data.clone())
+        .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
+    Ok([stored, consented]
+        .into_iter()
+        .flatten()
+        .any(|token| Some(token.as_str()) != used))
+}
+
+fn open_grant(
+    ctx: &Context,
+    conn: &SourceConnection,
+    target: &Secret,
+) -> Result<Option<SealedGrant>, OpenError> {
+    let Some(sealed) = target.annotations().get(ANNOTATION_SEALED_GRANT) else {
+        return Ok(None);
+    };
+    ctx.sealing_key
+        .open(sealed, &conn.uid().unwrap_or_default())
+        .map(Some)
 }
 
 async fn read_inputs(
     conn: &SourceConnection,
     oauth: &OAuth2Auth,
+    ctx: &Context,
     secrets: &Api<Secret>,
 ) -> Result<Inputs, Error> {
     let namespace = conn.namespace().unwrap_or_default();
     let client_ref = &oauth.client.secret_ref;
     let example = decide::example_literals(decide::Method::OAuth2(oauth));
     let client = read_secret(
+        ctx,
         secrets,
         &namespace,
         &client_ref.name,
@@ -359,6 +466,7 @@ async fn read_inputs(
         (OAuth2Grant::RefreshToken, Some(reference)) => {
             let example = format!("--from-literal={}=REFRESH_TOKEN", reference.key);
             let secret = read_secret(
+                ctx,
                 secrets,
                 &namespace,
                 &reference.name,
@@ -375,48 +483,67 @@ async fn read_inputs(
         _ => None,
     };
 
-    let target = secrets.get_opt(&conn.target_secret_name()).await?;
-    decide::check_ownership(conn, target.as_ref())?;
-    let (state_secret, state) = if oauth.grant == OAuth2Grant::ClientCredentials {
-        (None, GrantState::default())
-    } else {
-        // Read fresh from the API, never from a cache: the refresh token in
-        // it may have been rotated a moment ago.
-        let secret = secrets.get_opt(&conn.state_secret_name()).await?;
-        decide::check_state_ownership(conn, secret.as_ref())?;
-        let state = secret
-            .as_ref()
-            .and_then(|s| s.data.as_ref())
-            .map(|d| GrantState::from_data(d, &oauth.response_fields))
-            .unwrap_or_default();
-        (secret, state)
+    let target = ctx
+        .secrets
+        .get(secrets, &namespace, &conn.target_secret_name())
+        .await?;
+    decide::check_ownership(conn, target.as_deref())?;
+    // A deleted target Secret is written again from what tokenkeeper wrote
+    // last, grant included.
+    let remembered = match &target {
+        Some(_) => None,
+        None => ctx
+            .secrets
+            .last_written(&namespace, &conn.target_secret_name()),
     };
-    let current = match oauth.grant {
-        OAuth2Grant::ClientCredentials => target.as_ref().and_then(|t| {
-            TokenRecord::from_target(t.data.as_ref()?, t.annotations(), &oauth.response_fields)
-        }),
-        _ => state.token.clone(),
+    let source = target.as_deref().or(remembered.as_deref());
+    let current = source.and_then(|t| {
+        TokenRecord::from_target(t.data.as_ref()?, t.annotations(), &oauth.response_fields)
+    });
+    let (grant, grant_problem, inbox) = if oauth.grant == OAuth2Grant::ClientCredentials {
+        (None, None, None)
+    } else {
+        let (grant, problem) = match source.map(|t| open_grant(ctx, conn, t)) {
+            Some(Ok(grant)) => (grant, None),
+            Some(Err(problem)) => (None, Some(problem)),
+            None => (None, None),
+        };
+        let state = ctx
+            .secrets
+            .get(secrets, &namespace, &conn.state_secret_name())
+            .await?;
+        decide::check_state_ownership(conn, state.as_deref())?;
+        let inbox = state.and_then(|secret| {
+            let consented = GrantState::from_data(secret.data.as_ref()?, &oauth.response_fields);
+            consented
+                .refresh_token
+                .is_some()
+                .then_some((secret, consented))
+        });
+        (grant, problem, inbox)
     };
     Ok(Inputs {
         client_id,
         client_secret,
         user_refresh_token,
-        state_secret,
-        state,
         target,
+        grant,
+        grant_problem,
+        inbox,
         current,
     })
 }
 
 async fn read_secret(
+    ctx: &Context,
     secrets: &Api<Secret>,
     namespace: &str,
     name: &str,
     field: &'static str,
     example_literals: String,
-) -> Result<Secret, Error> {
-    secrets
-        .get_opt(name)
+) -> Result<Arc<Secret>, Error> {
+    ctx.secrets
+        .get(secrets, namespace, name)
         .await?
         .ok_or_else(|| Error::SecretNotFound {
             namespace: namespace.to_owned(),
@@ -444,61 +571,98 @@ pub fn request_fingerprint(oauth: &OAuth2Auth, client_id: &str) -> String {
     fingerprint(&parts)
 }
 
-/// The state after a successful token request: a refresh token the
-/// provider did not rotate stays.
-fn next_state(
-    previous: &GrantState,
+/// The grant after a successful refresh: a refresh token the provider did
+/// not rotate stays.
+fn next_grant(
+    previous: Option<&SealedGrant>,
     issued: &IssuedToken,
-    used: Option<String>,
+    used: String,
     imported_hash: Option<String>,
     record: &TokenRecord,
-) -> GrantState {
+) -> SealedGrant {
     let rotated = issued.refresh_token.is_some();
-    GrantState {
-        refresh_token: issued.refresh_token.clone().or(used),
+    SealedGrant {
+        refresh_token: issued.refresh_token.clone().unwrap_or(used),
         refresh_token_expires_at: match issued.refresh_token_expires_at(record.issued_at) {
             Some(at) => Some(at),
             None if rotated => None,
-            None => previous.refresh_token_expires_at,
+            None => previous.and_then(|p| p.refresh_token_expires_at),
         },
         imported_hash,
-        token: Some(record.clone()),
     }
 }
 
-/// Writes the state Secret with optimistic concurrency. A conflict means
-/// another writer touched it; the token just obtained is the newest, so it
-/// is written again on top of the fresh version.
-async fn persist_state(
+/// The target Secret for `record` and `grant`. An unchanged grant keeps
+/// its seal, which is different each time it is made, so that an
+/// unchanged token rewrites nothing.
+fn desired_target(
+    ctx: &Context,
+    conn: &SourceConnection,
+    existing: Option<&Secret>,
+    record: &TokenRecord,
+    grant: Option<&SealedGrant>,
+    next_refresh_at: Timestamp,
+) -> Secret {
+    let mut annotations = record.target_annotations(Some(next_refresh_at));
+    if let Some(grant) = grant {
+        let kept_seal = existing.and_then(|t| {
+            let sealed = t.annotations().get(ANNOTATION_SEALED_GRANT)?;
+            let opened = open_grant(ctx, conn, t).ok().flatten()?;
+            (&opened == grant).then(|| sealed.clone())
+        });
+        let sealed = kept_seal
+            .unwrap_or_else(|| ctx.sealing_key.seal(grant, &conn.uid().unwrap_or_default()));
+        annotations.insert(ANNOTATION_SEALED_GRANT.to_owned(), sealed);
+    }
+    decide::target_secret(conn, record.target_data(), annotations)
+}
+
+/// Writes the target Secret when it differs from what `record` and
+/// `grant` make. A freshly rotated refresh token exists nowhere else, so
+/// that write is retried before giving up.
+async fn write_token(
+    ctx: &Context,
     conn: &SourceConnection,
     secrets: &Api<Secret>,
-    existing: Option<Secret>,
-    state: &GrantState,
+    inputs: &Inputs,
+    record: &TokenRecord,
+    grant: Option<&SealedGrant>,
+    next_refresh_at: Timestamp,
 ) -> Result<(), Error> {
-    let mut resource_version = existing.and_then(|s| s.resource_version());
-    let mut last_error = None;
-    for attempt in 1..=STATE_WRITE_ATTEMPTS {
-        let result =
-            store_state_secret(secrets, conn, resource_version.clone(), state.to_data()).await;
+    let desired = desired_target(
+        ctx,
+        conn,
+        inputs.target.as_deref(),
+        record,
+        grant,
+        next_refresh_at,
+    );
+    let mut attempt = 1;
+    loop {
+        let result = apply_if_changed(
+            conn,
+            secrets,
+            inputs.target.as_deref(),
+            &desired,
+            &mut Vec::new(),
+        )
+        .await;
         match result {
-            Ok(()) => return Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                resource_version = secrets
-                    .get_opt(&conn.state_secret_name())
-                    .await?
-                    .and_then(|s| s.resource_version());
+            Ok(Some(written)) => {
+                ctx.secrets.wrote(written);
+                return Ok(());
             }
-            Err(error) => {
-                warn!(connection = %display_name(conn), attempt, %error, "could not persist the refresh token; retrying");
-                last_error = Some(error);
+            Ok(None) => return Ok(()),
+            Err(error)
+                if error.retry() == Retry::Infrastructure && attempt < GRANT_WRITE_ATTEMPTS =>
+            {
+                warn!(connection = %display_name(conn), attempt, %error, "could not write the target Secret; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                attempt += 1;
             }
+            Err(error) => return Err(error),
         }
     }
-    Err(last_error.map_or_else(
-        || Error::Kube("state Secret kept conflicting".into()),
-        Error::from,
-    ))
 }
 
 /// Creates the state Secret, or replaces the version `resource_version`
@@ -508,18 +672,17 @@ pub async fn store_state_secret(
     conn: &SourceConnection,
     resource_version: Option<String>,
     data: std::collections::BTreeMap<String, k8s_openapi::ByteString>,
-) -> Result<(), kube::Error> {
+) -> Result<Secret, kube::Error> {
     let mut desired = decide::state_secret(conn, data);
     match resource_version {
-        None => secrets.create(&PostParams::default(), &desired).await?,
+        None => secrets.create(&PostParams::default(), &desired).await,
         Some(version) => {
             desired.metadata.resource_version = Some(version);
             secrets
                 .replace(&desired.name_any(), &PostParams::default(), &desired)
-                .await?
+                .await
         }
-    };
-    Ok(())
+    }
 }
 
 /// The grant a person just gave on the consent page (through the
@@ -550,24 +713,37 @@ pub fn consented_grant(
     })
 }
 
-/// The report of a connection whose token is current.
+/// When tokenkeeper replaces `record`: the same for every replica and
+/// every reconcile, so recomputing it never rewrites the target Secret.
+pub fn planned_refresh(
+    conn: &SourceConnection,
+    settings: &OAuthSettings,
+    record: &TokenRecord,
+) -> Timestamp {
+    let jitter_key = conn.uid().unwrap_or_else(|| display_name(conn));
+    schedule::refresh_due_at(record, settings.refresh_before, &jitter_key)
+}
+
+/// The report of a connection whose token is current. Nothing in it
+/// changes from one routine refresh to the next, so a refresh writes no
+/// status: the token's times are on the target Secret and in the metrics.
 #[allow(clippy::too_many_arguments)]
 fn healthy(
+    metrics: &Metrics,
     conn: &SourceConnection,
     oauth: &OAuth2Auth,
     settings: &OAuthSettings,
     record: &TokenRecord,
     token_status: TokenStatus,
-    now: Timestamp,
     notes: Vec<Note>,
     jitter_key: &str,
 ) -> Synced {
     let due = schedule::refresh_due_at(record, settings.refresh_before, jitter_key);
+    report_token_times(metrics, conn, Some(record.expires_at), Some(due));
     let target = conn.target_secret_name();
     let mut message = format!(
-        "Secret {target} holds an access token valid until {}; next refresh at {}.",
-        rfc3339(record.expires_at),
-        rfc3339(due)
+        "Secret {target} holds a valid access token; tokenkeeper replaces it before it expires. \
+         Its expires_at key and tokenkeeper.dev/next-refresh-at annotation say when."
     );
     if record.lifetime_assumed {
         message.push_str(&format!(
@@ -607,9 +783,7 @@ fn healthy(
             verdict: Some(verdict),
             secret_name: Some(target),
             token: Some(TokenStatus {
-                token_expires_at: Some(record.expires_at),
-                last_refresh_time: Some(record.issued_at),
-                next_refresh_time: Some(due),
+                next_refresh_time: None,
                 granted_scopes: granted,
                 failed_refresh_attempts: 0,
                 last_failure_time: token_status.last_failure_time,
@@ -617,13 +791,14 @@ fn healthy(
                 authorization_url: token_status.authorization_url,
             }),
         },
-        action: Action::requeue(schedule::delay_until(now, due)),
+        next: Next::At(due),
         notes,
     }
 }
 
 /// The report after a failed token request.
 fn failed(
+    metrics: &Metrics,
     conn: &SourceConnection,
     error: &Error,
     current: Option<&TokenRecord>,
@@ -689,6 +864,7 @@ fn failed(
         Retry::AwaitChange | Retry::Infrastructure => (Verdict::failed(error), None),
     };
     warn!(connection = %display_name(conn), reason = error.reason(), attempts, "token request failed");
+    report_token_times(metrics, conn, current.map(|c| c.expires_at), retry_at);
     Synced {
         report: Report {
             verdict: Some(verdict),
@@ -700,9 +876,9 @@ fn failed(
                 ..previous
             }),
         },
-        action: match retry_at {
-            Some(at) => Action::requeue(schedule::delay_until(now, at)),
-            None => Action::await_change(),
+        next: match retry_at {
+            Some(at) => Next::At(at),
+            None => Next::AwaitChange,
         },
         notes: vec![Note {
             type_: EventType::Warning,
@@ -710,6 +886,22 @@ fn failed(
             message: error.to_string(),
         }],
     }
+}
+
+fn report_token_times(
+    metrics: &Metrics,
+    conn: &SourceConnection,
+    expires_at: Option<Timestamp>,
+    next_action_at: Option<Timestamp>,
+) {
+    metrics.report_token_times(
+        &conn.namespace().unwrap_or_default(),
+        &conn.name_any(),
+        TokenTimes {
+            expires_at: expires_at.map(|t| t.as_second()),
+            next_action_at: next_action_at.map(|t| t.as_second()),
+        },
+    );
 }
 
 fn jitter_fraction(key: &str, attempt: u32) -> f64 {
@@ -751,5 +943,76 @@ fn humanize(duration: SignedDuration) -> String {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn token(issued: i64) -> TokenRecord {
+        TokenRecord {
+            access_token: format!("at-{issued}"),
+            token_type: "Bearer".into(),
+            issued_at: Timestamp::from_second(issued).unwrap(),
+            expires_at: Timestamp::from_second(issued + 3600).unwrap(),
+            lifetime_assumed: false,
+            scope: None,
+            fields: BTreeMap::new(),
+            request_hash: "h".into(),
+            verification_denied: None,
+        }
+    }
+
+    fn inputs(current: Option<i64>, grant: Option<&str>, consented: Option<i64>) -> Inputs {
+        Inputs {
+            client_id: "id".into(),
+            client_secret: "secret".into(),
+            user_refresh_token: None,
+            target: None,
+            grant: grant.map(|rt| SealedGrant {
+                refresh_token: rt.into(),
+                imported_hash: Some("imported".into()),
+                ..Default::default()
+            }),
+            grant_problem: None,
+            inbox: consented.map(|issued| {
+                (
+                    Arc::new(Secret::default()),
+                    GrantState {
+                        refresh_token: Some("consented-rt".into()),
+                        token: Some(token(issued)),
+                        ..Default::default()
+                    },
+                )
+            }),
+            current: current.map(token),
+        }
+    }
+
+    #[test]
+    fn a_newer_consent_replaces_the_grant_and_keeps_the_import_fingerprint() {
+        let mut fresh = inputs(Some(100), Some("old-rt"), Some(200));
+        assert!(adopt_consented_grant(&mut fresh));
+        let grant = fresh.grant.unwrap();
+        assert_eq!(grant.refresh_token, "consented-rt");
+        assert_eq!(grant.imported_hash.as_deref(), Some("imported"));
+        assert_eq!(fresh.current.unwrap().issued_at.as_second(), 200);
+    }
+
+    #[test]
+    fn an_older_consent_is_not_adopted() {
+        let mut stale = inputs(Some(300), Some("current-rt"), Some(200));
+        assert!(!adopt_consented_grant(&mut stale));
+        assert_eq!(stale.grant.unwrap().refresh_token, "current-rt");
+    }
+
+    #[test]
+    fn a_consent_is_adopted_when_there_is_no_grant_yet() {
+        let mut first = inputs(None, None, Some(50));
+        assert!(adopt_consented_grant(&mut first));
+        let mut nothing = inputs(Some(10), Some("rt"), None);
+        assert!(!adopt_consented_grant(&mut nothing));
     }
 }

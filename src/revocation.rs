@@ -20,6 +20,7 @@ use crate::classify::{self, FailureContext};
 use crate::controller::{Context, Note};
 use crate::decide;
 use crate::error::{Error, backoff};
+use crate::seal::ANNOTATION_SEALED_GRANT;
 use crate::status::display_name;
 use crate::token::{GrantState, KEY_ACCESS_TOKEN};
 use crate::token_client::{self, Revocable};
@@ -217,24 +218,31 @@ async fn revoke_all(
         });
     };
     let (client_id, client_secret) = decide::client_credentials(oauth, &client)?;
-    let refresh_token = secrets
+    // The grant is the sealed one in the target Secret, or a consent that
+    // was not adopted yet.
+    let target = secrets.get_opt(&conn.target_secret_name()).await?;
+    let sealed_refresh_token = target.as_ref().and_then(|t| {
+        let sealed = t.annotations().get(ANNOTATION_SEALED_GRANT)?;
+        let uid = conn.uid().unwrap_or_default();
+        ctx.sealing_key
+            .open(sealed, &uid)
+            .ok()
+            .map(|g| g.refresh_token)
+    });
+    let consented_refresh_token = secrets
         .get_opt(&conn.state_secret_name())
         .await?
         .and_then(|s| s.data)
         .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
-    let access_token = secrets
-        .get_opt(&conn.target_secret_name())
-        .await?
-        .and_then(|s| s.data)
-        .and_then(|d| {
-            d.get(KEY_ACCESS_TOKEN)
-                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-        });
+    let access_token = target.and_then(|s| s.data).and_then(|d| {
+        d.get(KEY_ACCESS_TOKEN)
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    });
     let revocation_url = oauth.revocation_url.as_deref().unwrap_or_default();
-    let tokens = refresh_token
-        .as_deref()
-        .map(Revocable::RefreshToken)
-        .into_iter()
+    let tokens = sealed_refresh_token
+        .iter()
+        .chain(consented_refresh_token.iter())
+        .map(|t| Revocable::RefreshToken(t))
         .chain(access_token.as_deref().map(Revocable::AccessToken));
     for token in tokens {
         let result = token_client::revoke(

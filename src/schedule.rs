@@ -46,12 +46,12 @@ pub fn refresh_due_at(
     };
     let jitter_span = (lifetime / 20).min(MAX_JITTER);
     let jitter = jitter_span.mul_f64(jitter_fraction(jitter_key));
-    ceil_to_second((planned - jitter).max(token.issued_at))
+    ceil_to_millisecond((planned - jitter).max(token.issued_at))
 }
 
-/// How long to wait before `due`. The API server keeps seconds, so due
-/// times are whole seconds; timers never fire early, so a requeue after
-/// this delay finds the token due and never wakes just before to do nothing.
+/// How long to wait before `due` (a whole millisecond, the timers'
+/// resolution); timers never fire early, so a requeue after this delay
+/// finds the token due and never wakes just before to do nothing.
 pub fn delay_until(now: Timestamp, due: Timestamp) -> Duration {
     let wait = due.duration_since(now);
     if wait.is_positive() {
@@ -151,12 +151,15 @@ fn jitter_fraction(key: &str) -> f64 {
     f64::from(value) / (f64::from(u32::MAX) + 1.0)
 }
 
-fn ceil_to_second(t: Timestamp) -> Timestamp {
-    let floor = Timestamp::from_second(t.as_second()).expect("valid");
+/// Due times keep the jitter's sub-second part: connections due in the
+/// same second reach the provider spread over it, not in one burst at its
+/// start.
+fn ceil_to_millisecond(t: Timestamp) -> Timestamp {
+    let floor = Timestamp::from_millisecond(t.as_millisecond()).expect("valid");
     if floor == t {
         t
     } else {
-        floor + SignedDuration::from_secs(1)
+        floor + SignedDuration::from_millis(1)
     }
 }
 
@@ -204,11 +207,17 @@ mod tests {
             panic!("should wait")
         };
         assert_eq!(
-            plan(&input(until.as_second() - 1, Some(&t))),
+            plan(&PlanInput {
+                now: until - SignedDuration::from_millis(1),
+                ..input(0, Some(&t))
+            }),
             Plan::Wait { until }
         );
         assert_eq!(
-            plan(&input(until.as_second(), Some(&t))),
+            plan(&PlanInput {
+                now: until,
+                ..input(0, Some(&t))
+            }),
             Plan::Refresh(RefreshReason::Due)
         );
         assert_eq!(
@@ -298,12 +307,26 @@ mod tests {
     }
 
     #[test]
-    fn due_times_are_whole_seconds_and_never_before_issue() {
+    fn due_times_are_whole_milliseconds_and_never_before_issue() {
         let mut t = token(0, 1);
         t.issued_at = Timestamp::from_millisecond(10_500).unwrap();
-        t.expires_at = Timestamp::from_millisecond(10_700).unwrap();
+        t.expires_at = Timestamp::from_millisecond(10_800).unwrap();
         let due = refresh_due_at(&t, None, "k");
-        assert_eq!(due, Timestamp::from_second(11).unwrap());
+        assert_eq!(due.subsec_nanosecond() % 1_000_000, 0);
+        // Two thirds in, less at most 5 % of the lifetime of jitter.
+        assert!((10_685..=10_700).contains(&due.as_millisecond()), "{due}");
+
+        t.expires_at = t.issued_at;
+        assert_eq!(refresh_due_at(&t, None, "k"), t.issued_at);
+    }
+
+    #[test]
+    fn connections_due_in_the_same_second_are_spread_over_it() {
+        let t = token(0, 3_600);
+        let offsets: std::collections::BTreeSet<i64> = (0..50)
+            .map(|i| refresh_due_at(&t, None, &format!("conn-{i}")).as_millisecond() % 1_000)
+            .collect();
+        assert!(offsets.len() > 40, "{offsets:?}");
     }
 
     #[test]

@@ -51,8 +51,6 @@ impl Verdict {
 /// The OAuth 2.0 fields of the status.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenStatus {
-    pub token_expires_at: Option<Timestamp>,
-    pub last_refresh_time: Option<Timestamp>,
     pub next_refresh_time: Option<Timestamp>,
     pub granted_scopes: Vec<String>,
     pub failed_refresh_attempts: u32,
@@ -69,8 +67,6 @@ impl TokenStatus {
         };
         let time = |t: &Option<Time>| t.as_ref().map(|t| t.0);
         TokenStatus {
-            token_expires_at: time(&status.token_expires_at),
-            last_refresh_time: time(&status.last_refresh_time),
             next_refresh_time: time(&status.next_refresh_time),
             granted_scopes: status.granted_scopes.clone(),
             failed_refresh_attempts: status
@@ -153,8 +149,6 @@ pub fn desired_status(
         observed_generation: generation,
         conditions,
         secret_name: report.secret_name.clone().or(current.secret_name),
-        token_expires_at: time(token.token_expires_at),
-        last_refresh_time: time(token.last_refresh_time),
         next_refresh_time: time(token.next_refresh_time),
         granted_scopes: token.granted_scopes,
         failed_refresh_attempts: (token.failed_refresh_attempts > 0)

@@ -3,9 +3,10 @@
 //!
 //! The target Secret (mounted by pods) holds `access_token`, `token_type`,
 //! `expires_at`, `scope` and the response fields the connection selects.
-//! The state Secret (operator-private) holds the same plus the refresh
-//! token, so that a new refresh token and the access token that came with
-//! it are persisted in one write.
+//! The refresh token travels with them, sealed (`seal`). `GrantState` is
+//! the form of a grant just given on the consent page or by `kubectl
+//! tokenkeeper authorize`, left in the operator-private state Secret until
+//! the leader moves it into the target Secret.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,6 +35,9 @@ pub const ANNOTATION_ISSUED_AT: &str = "tokenkeeper.dev/issued-at";
 pub const ANNOTATION_LIFETIME_ASSUMED: &str = "tokenkeeper.dev/lifetime-assumed";
 pub const ANNOTATION_REQUEST_HASH: &str = "tokenkeeper.dev/token-request-sha256";
 pub const ANNOTATION_VERIFICATION_DENIED: &str = "tokenkeeper.dev/verification-denied";
+/// When tokenkeeper plans to replace the token: for people and monitors,
+/// since the status does not change on routine refreshes.
+pub const ANNOTATION_NEXT_REFRESH_AT: &str = "tokenkeeper.dev/next-refresh-at";
 
 /// Keys of the target Secret that response fields may not take.
 pub const RESERVED_TARGET_KEYS: [&str; 4] =
@@ -105,9 +109,18 @@ impl TokenRecord {
         data
     }
 
-    /// Annotations of the target Secret.
-    pub fn target_annotations(&self) -> BTreeMap<String, String> {
+    /// Annotations of the target Secret; `next_refresh_at` is when
+    /// tokenkeeper plans to replace this token.
+    pub fn target_annotations(
+        &self,
+        next_refresh_at: Option<Timestamp>,
+    ) -> BTreeMap<String, String> {
         let mut annotations = BTreeMap::new();
+        if let Some(at) = next_refresh_at {
+            // To the millisecond: due times spread connections within a second.
+            let at = Timestamp::from_millisecond(at.as_millisecond()).expect("valid");
+            annotations.insert(ANNOTATION_NEXT_REFRESH_AT.to_owned(), at.to_string());
+        }
         annotations.insert(ANNOTATION_ISSUED_AT.to_owned(), rfc3339(self.issued_at));
         annotations.insert(
             ANNOTATION_REQUEST_HASH.to_owned(),
@@ -332,7 +345,7 @@ mod tests {
         assert_eq!(data["expires_at"].0, b"1970-01-01T01:16:40Z");
         let back = TokenRecord::from_target(
             &data,
-            &record.target_annotations(),
+            &record.target_annotations(None),
             &["instance_url".into()],
         );
         assert_eq!(back, Some(record));

@@ -211,7 +211,8 @@ fn metrics_and_health_follow_the_connections() {
             .ok_or(text)
     });
     let expiry: Timestamp = ns
-        .jsonpath("srcconn", "crm", "{.status.tokenExpiresAt}")
+        .secret_value("crm-credentials", "expires_at")
+        .unwrap()
         .parse()
         .unwrap();
     assert_eq!(
@@ -344,8 +345,8 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
     );
     assert_eq!(
         rendered.matches("\nkind: Role\n").count(),
-        3,
-        "two watched namespaces and the leader lease"
+        4,
+        "two watched namespaces, the leader lease and the sealing key"
     );
     for hardening in [
         "runAsNonRoot: true",

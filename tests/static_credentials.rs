@@ -89,10 +89,7 @@ fn basic_example_fills_the_target_secret_and_reports_ready() {
 
     let listing = ns.kubectl_ok(&["get", "srcconn"]);
     let header: Vec<&str> = listing.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        ["NAME", "READY", "REASON", "SECRET", "EXPIRES", "AGE"]
-    );
+    assert_eq!(header, ["NAME", "READY", "REASON", "SECRET", "AGE"]);
     assert!(
         listing.contains("warehouse-db   True    SecretSynced   warehouse-db-credentials"),
         "{listing}"

@@ -15,7 +15,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
-use tokenkeeper::token::GrantState;
+use tokenkeeper::token::{
+    ANNOTATION_ISSUED_AT, ANNOTATION_NEXT_REFRESH_AT, GrantState, KEY_EXPIRES_AT,
+};
 use tokenkeeper::{decide, oauth_sync, token_client};
 use tokio::sync::mpsc;
 
@@ -120,16 +122,24 @@ async fn status(
         }
     };
     show("Secret:", status.secret_name.clone());
+    // Token times live on the target Secret; its metadata and expires_at
+    // are read, never the token.
+    if conn.spec.oauth2.is_some() {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        if let Some(target) = secrets.get_opt(&conn.target_secret_name()).await? {
+            let expires = target
+                .data
+                .as_ref()
+                .and_then(|d| d.get(KEY_EXPIRES_AT))
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned());
+            show("Token expires:", expires);
+            let annotation = |key: &str| target.annotations().get(key).cloned();
+            show("Last refresh:", annotation(ANNOTATION_ISSUED_AT));
+            show("Next refresh:", annotation(ANNOTATION_NEXT_REFRESH_AT));
+        }
+    }
     show(
-        "Token expires:",
-        status.token_expires_at.as_ref().map(|t| t.0.to_string()),
-    );
-    show(
-        "Last refresh:",
-        status.last_refresh_time.as_ref().map(|t| t.0.to_string()),
-    );
-    show(
-        "Next refresh:",
+        "Retry at:",
         status.next_refresh_time.as_ref().map(|t| t.0.to_string()),
     );
     show(

@@ -5,6 +5,7 @@
 //! the test fails.
 #![allow(dead_code)]
 
+use base64::Engine as _;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -144,6 +145,40 @@ impl TestNamespace {
     }
 
     /// A Secret's value for `key`, decoded; `None` when the Secret or key is missing.
+    /// The refresh token tokenkeeper keeps for connection `name` (sealed in
+    /// its target Secret `target`), opened with the operator's sealing key
+    /// from `operator_namespace`, as only a cluster admin could.
+    pub fn stored_refresh_token_in(
+        &self,
+        name: &str,
+        target: &str,
+        operator_namespace: &str,
+    ) -> Option<String> {
+        let sealed = self.jsonpath(
+            "secret",
+            target,
+            "{.metadata.annotations.tokenkeeper\\.dev/sealed-grant}",
+        );
+        let uid = self.jsonpath("srcconn", name, "{.metadata.uid}");
+        let out = Command::new("kubectl")
+            .args(["--kubeconfig", &kubeconfig(), "get", "secret", "-n"])
+            .args([operator_namespace, "tokenkeeper-sealing-key"])
+            .args(["-o", "jsonpath={.data.key}"])
+            .output()
+            .expect("run kubectl");
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(stdout(&out))
+            .ok()?;
+        let key = tokenkeeper::seal::SealingKey::from_bytes(&key)?;
+        key.open(&sealed, &uid).ok().map(|g| g.refresh_token)
+    }
+
+    /// `stored_refresh_token_in` for a connection with the default target
+    /// name and an operator in the `default` namespace.
+    pub fn stored_refresh_token(&self, name: &str) -> Option<String> {
+        self.stored_refresh_token_in(name, &format!("{name}-credentials"), "default")
+    }
+
     pub fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
         let escaped = key.replace('.', "\\.");
         let encoded = self.jsonpath("secret", secret, &format!("{{.data.{escaped}}}"));

@@ -1,0 +1,750 @@
+//! The scale benchmark: N SourceConnections with rotating refresh tokens
+//! on a real kube-apiserver, refreshed by the release build of tokenkeeper
+//! against the benchmark's own token server, measured from the outside.
+//!
+//!   tests/bench/run.sh [CONNECTIONS] [MEASURE_SECONDS]
+//!
+//! That script starts the control plane; this program then creates the
+//! connections, starts the operator, and measures over a fixed window:
+//! freshness of the target Secrets (from a watch of the API), refresh
+//! lateness, API writes and token requests per refresh, the operator's RSS
+//! and CPU, cold start, and the CPU of a minimal "POST token + PUT Secret"
+//! loop doing the same number of refreshes with the same HTTP clients.
+//!
+//! The program runs in three roles: the benchmark (default), the token
+//! server (`token-server`) and the baseline loop (`baseline`); the last two
+//! are separate processes so that each one's CPU is measured apart.
+
+mod measure;
+mod token_server;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures::{StreamExt, TryStreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokenkeeper::api::{LABEL_SECRET_ROLE, SECRET_ROLE_CREDENTIALS, SourceConnection};
+use tokenkeeper::token::{ANNOTATION_NEXT_REFRESH_AT, KEY_ACCESS_TOKEN, KEY_EXPIRES_AT};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use measure::{ProcessSample, control_plane_cpu, percentile, request_counts};
+
+const NAMESPACE: &str = "bench";
+const BASELINE_NAMESPACE: &str = "bench-baseline";
+const CREATE_CONCURRENCY: usize = 48;
+
+struct Options {
+    connections: usize,
+    token_lifetime: u64,
+    measure: u64,
+    operator: PathBuf,
+    cold_start_timeout: u64,
+}
+
+fn options(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options {
+        connections: 1000,
+        token_lifetime: 120,
+        measure: 240,
+        operator: PathBuf::from("target/release/tokenkeeper"),
+        cold_start_timeout: 900,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().context("missing value");
+        match arg.as_str() {
+            "--connections" => o.connections = value()?.parse()?,
+            "--token-lifetime" => o.token_lifetime = value()?.parse()?,
+            "--measure" => o.measure = value()?.parse()?,
+            "--operator" => o.operator = value()?.into(),
+            "--cold-start-timeout" => o.cold_start_timeout = value()?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let role = args.first().map(String::as_str);
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it, and then there is nothing to test here.
+    if !args.iter().any(|a| a == "--bench") && !matches!(role, Some("token-server" | "baseline")) {
+        eprintln!(
+            "the scale benchmark runs through tests/bench/run.sh (cargo bench --bench scale)"
+        );
+        return Ok(());
+    }
+    let args: Vec<String> = args.into_iter().filter(|a| a != "--bench").collect();
+    // The baseline runs on the same kind of runtime as the operator.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match args.first().map(String::as_str) {
+        Some("token-server") => runtime.block_on(run_token_server(&args[1..])),
+        Some("baseline") => runtime.block_on(baseline(&args[1..])),
+        _ => runtime.block_on(benchmark(options(&args)?)),
+    }
+}
+
+async fn run_token_server(args: &[String]) -> anyhow::Result<()> {
+    let lifetime = args.first().context("lifetime")?.parse()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?.port());
+    token_server::serve(listener, lifetime).await
+}
+
+/// Spawns this program in another role; its first stdout line is returned.
+async fn spawn_role(args: &[&str]) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next_line().await?.context("no output")?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, first))
+}
+
+async fn mint(http: &reqwest::Client, base: &str, count: usize) -> anyhow::Result<Vec<String>> {
+    let body = http
+        .post(format!("{base}/mint?count={count}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(serde_json::from_str(&body)?)
+}
+
+async fn server_stats(http: &reqwest::Client, base: &str) -> anyhow::Result<serde_json::Value> {
+    let body = http
+        .get(format!("{base}/stats"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(serde_json::from_str(&body)?)
+}
+
+fn secret(name: &str, data: BTreeMap<String, String>) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        string_data: Some(data),
+        ..Default::default()
+    }
+}
+
+async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(name).await?.is_some() {
+        namespaces.delete(name, &DeleteParams::default()).await?;
+        while namespaces.get_opt(name).await?.is_some() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    namespaces.create(&PostParams::default(), &ns).await?;
+    Ok(())
+}
+
+fn connection_name(i: usize) -> String {
+    format!("c{i:05}")
+}
+
+async fn create_connections(
+    client: &Client,
+    token_url: &str,
+    refresh_tokens: Vec<String>,
+) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let connections: Api<SourceConnection> = Api::namespaced(client.clone(), NAMESPACE);
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret(
+                "oauth-client",
+                [
+                    ("client_id".to_owned(), token_server::CLIENT_ID.to_owned()),
+                    (
+                        "client_secret".to_owned(),
+                        token_server::CLIENT_SECRET.to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+        )
+        .await?;
+    futures::stream::iter(refresh_tokens.into_iter().enumerate())
+        .map(|(i, refresh_token)| {
+            let secrets = secrets.clone();
+            let connections = connections.clone();
+            async move {
+                let name = connection_name(i);
+                let grant = format!("{name}-grant");
+                secrets
+                    .create(
+                        &PostParams::default(),
+                        &secret(&grant, [("refresh_token".to_owned(), refresh_token)].into()),
+                    )
+                    .await?;
+                let conn: SourceConnection = serde_json::from_value(json!({
+                    "apiVersion": "tokenkeeper.dev/v1alpha1",
+                    "kind": "SourceConnection",
+                    "metadata": {"name": name},
+                    "spec": {"oauth2": {
+                        "tokenUrl": token_url,
+                        "grant": "refreshToken",
+                        "client": {"secretRef": {"name": "oauth-client"}},
+                        "refreshTokenSecretRef": {"name": grant, "key": "refresh_token"},
+                        "revokeOnDelete": false,
+                    }},
+                }))?;
+                connections.create(&PostParams::default(), &conn).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// What the benchmark knows of one connection's target Secret, from the
+/// watch.
+#[derive(Default, Clone)]
+struct Observed {
+    access_token: String,
+    expires_at: i64,
+    planned_refresh_at: Option<i64>,
+}
+
+#[derive(Default)]
+struct Observations {
+    secrets: HashMap<String, Observed>,
+    ready: HashSet<String>,
+    /// Window measurements: set while measuring.
+    measuring: bool,
+    refreshes_seen: u64,
+    lateness_ms: Vec<i64>,
+    fresh_samples: u64,
+    samples: u64,
+    stale_examples: Vec<String>,
+}
+
+fn observe_secret(obs: &mut Observations, secret: &Secret) {
+    let Some(owner) = secret.owner_references().first().map(|o| o.name.clone()) else {
+        return;
+    };
+    let data = secret.data.clone().unwrap_or_default();
+    let text = |key: &str| {
+        data.get(key)
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    let Some(access_token) = text(KEY_ACCESS_TOKEN) else {
+        return;
+    };
+    let expires_at = text(KEY_EXPIRES_AT)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .map_or(0, |t| t.as_second());
+    let planned_refresh_at = secret
+        .annotations()
+        .get(ANNOTATION_NEXT_REFRESH_AT)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .map(|t| t.as_millisecond());
+    let previous = obs.secrets.get(&owner).cloned();
+    if let Some(previous) = &previous
+        && previous.access_token != access_token
+        && obs.measuring
+    {
+        obs.refreshes_seen += 1;
+        if let (Some(planned), Some(requested)) = (
+            previous.planned_refresh_at,
+            token_server::requested_at_ms(&access_token),
+        ) {
+            obs.lateness_ms.push(requested - planned);
+        }
+    }
+    obs.secrets.insert(
+        owner,
+        Observed {
+            access_token,
+            expires_at,
+            planned_refresh_at,
+        },
+    );
+}
+
+fn is_ready(conn: &SourceConnection) -> bool {
+    conn.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+fn spawn_watches(client: &Client, obs: Arc<Mutex<Observations>>) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let config = watcher::Config::default()
+        .labels(&format!("{LABEL_SECRET_ROLE}={SECRET_ROLE_CREDENTIALS}"));
+    let secret_obs = obs.clone();
+    tokio::spawn(async move {
+        let mut stream = watcher(secrets, config)
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(event) = stream.next().await {
+            if let Ok(secret) = event {
+                observe_secret(&mut secret_obs.lock().expect("not poisoned"), &secret);
+            }
+        }
+    });
+    let connections: Api<SourceConnection> = Api::namespaced(client.clone(), NAMESPACE);
+    tokio::spawn(async move {
+        let mut stream = watcher(connections, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(event) = stream.next().await {
+            if let Ok(conn) = event {
+                let mut obs = obs.lock().expect("not poisoned");
+                if is_ready(&conn) {
+                    obs.ready.insert(conn.name_any());
+                } else {
+                    obs.ready.remove(&conn.name_any());
+                }
+            }
+        }
+    });
+}
+
+/// Once a second while measuring: which connections' Secrets hold an
+/// unexpired token right now.
+fn spawn_freshness_sampler(obs: Arc<Mutex<Observations>>, connections: usize) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = Timestamp::now().as_second();
+            let mut obs = obs.lock().expect("not poisoned");
+            if !obs.measuring {
+                continue;
+            }
+            let fresh = obs.secrets.values().filter(|o| o.expires_at > now).count();
+            obs.samples += connections as u64;
+            obs.fresh_samples += fresh as u64;
+            if fresh < connections && obs.stale_examples.len() < 5 {
+                let stale: Vec<String> = (0..connections)
+                    .map(connection_name)
+                    .filter(|n| obs.secrets.get(n).is_none_or(|o| o.expires_at <= now))
+                    .take(3)
+                    .collect();
+                obs.stale_examples
+                    .push(format!("{} at {}", stale.join(","), Timestamp::now()));
+            }
+        }
+    });
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn benchmark(o: Options) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("KUBECONFIG must point at the benchmark's control plane")?;
+    let http = reqwest::Client::new();
+    let (mut token_server, port) =
+        spawn_role(&["token-server", &o.token_lifetime.to_string()]).await?;
+    let server_pid = token_server.id().unwrap_or_default();
+    let base = format!("http://127.0.0.1:{port}");
+    let token_url = format!("{base}/token");
+
+    eprintln!("[bench] creating {} connections", o.connections);
+    let created = Instant::now();
+    ensure_namespace(&client, NAMESPACE).await?;
+    let refresh_tokens = mint(&http, &base, o.connections).await?;
+    create_connections(&client, &token_url, refresh_tokens).await?;
+    eprintln!(
+        "[bench] created {} connections and Secrets in {:.1}s",
+        o.connections,
+        created.elapsed().as_secs_f64()
+    );
+
+    let obs = Arc::new(Mutex::new(Observations::default()));
+    spawn_watches(&client, obs.clone());
+    spawn_freshness_sampler(obs.clone(), o.connections);
+
+    std::fs::create_dir_all("target/bench")?;
+    let log = std::fs::File::create("target/bench/operator.log")?;
+    let metrics_port = free_port()?;
+    let plane_cpu_at_start = control_plane_cpu();
+    let started = Instant::now();
+    // TOKENKEEPER_BENCH_WRAPPER runs the operator under a profiler, e.g.
+    // "heaptrack -o target/bench/heap" or "perf record -g -o target/bench/perf.data".
+    let wrapper: Vec<String> = std::env::var("TOKENKEEPER_BENCH_WRAPPER")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let (program, wrapper_args) = match wrapper.split_first() {
+        Some((program, rest)) => (
+            PathBuf::from(program),
+            rest.iter()
+                .cloned()
+                .chain([o.operator.display().to_string()])
+                .collect(),
+        ),
+        None => (o.operator.clone(), Vec::new()),
+    };
+    let mut operator = Command::new(&program)
+        .args(&wrapper_args)
+        .args([
+            "run",
+            "--namespace",
+            NAMESPACE,
+            "--leader-elect",
+            "--leader-election-namespace",
+            NAMESPACE,
+            "--metrics-bind-address",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let operator_pid = operator.id().context("operator pid")?;
+
+    // Cold start: from the operator's start to every connection Ready.
+    let mut peak_rss_cold = 0;
+    let cold_start = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(status) = operator.try_wait()? {
+            bail!(
+                "the operator exited during cold start ({status}); see target/bench/operator.log"
+            );
+        }
+        peak_rss_cold = peak_rss_cold.max(ProcessSample::read(operator_pid)?.rss_kib);
+        let ready = obs.lock().expect("not poisoned").ready.len();
+        if ready >= o.connections {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(o.cold_start_timeout) {
+            bail!("only {ready} of {} connections became Ready", o.connections);
+        }
+    };
+    let cold_plane_cpu = control_plane_cpu() - plane_cpu_at_start;
+    let cold_operator_cpu = ProcessSample::read(operator_pid)?.cpu_seconds;
+    let cold_requests = server_stats(&http, &base).await?["requests"]
+        .as_u64()
+        .unwrap_or_default();
+    eprintln!(
+        "[bench] all {} Ready after {:.1}s; measuring for {}s",
+        o.connections,
+        cold_start.as_secs_f64(),
+        o.measure
+    );
+
+    // The window.
+    let requests_before = request_counts(&client).await?;
+    let stats_before = server_stats(&http, &base).await?;
+    let cpu_before = ProcessSample::read(operator_pid)?;
+    let server_cpu_before = ProcessSample::read(server_pid)?;
+    let plane_cpu_before = control_plane_cpu();
+    obs.lock().expect("not poisoned").measuring = true;
+    let window_start = Instant::now();
+    let mut peak_rss = 0;
+    while window_start.elapsed() < Duration::from_secs(o.measure) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(status) = operator.try_wait()? {
+            bail!("the operator exited while measured ({status}); see target/bench/operator.log");
+        }
+        peak_rss = peak_rss.max(ProcessSample::read(operator_pid)?.rss_kib);
+    }
+    obs.lock().expect("not poisoned").measuring = false;
+    let window = window_start.elapsed().as_secs_f64();
+    let cpu_after = ProcessSample::read(operator_pid)?;
+    let server_cpu_after = ProcessSample::read(server_pid)?;
+    let plane_cpu = control_plane_cpu() - plane_cpu_before;
+    let stats_after = server_stats(&http, &base).await?;
+    let requests_after = request_counts(&client).await?;
+    let _ = Command::new("kill")
+        .args(["-TERM", &operator_pid.to_string()])
+        .status()
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), operator.wait()).await;
+
+    let counter = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_default();
+    let token_requests = counter(&stats_after, "requests") - counter(&stats_before, "requests");
+    let provider_refreshes =
+        counter(&stats_after, "refreshed") - counter(&stats_before, "refreshed");
+    let reused = counter(&stats_after, "reused");
+    let rejected = counter(&stats_after, "rejected");
+    let writes = deltas(&requests_before.writes, &requests_after.writes);
+    let reads = deltas(&requests_before.reads, &requests_after.reads);
+    let total_writes: f64 = writes.values().sum();
+    let total_reads: f64 = reads.values().sum();
+    let operator_cpu = cpu_after.cpu_seconds - cpu_before.cpu_seconds;
+    let server_cpu = server_cpu_after.cpu_seconds - server_cpu_before.cpu_seconds;
+
+    let (refreshes_seen, mut lateness, freshness, stale_examples) = {
+        let obs = obs.lock().expect("not poisoned");
+        (
+            obs.refreshes_seen,
+            obs.lateness_ms.clone(),
+            obs.fresh_samples as f64 / obs.samples.max(1) as f64,
+            obs.stale_examples.clone(),
+        )
+    };
+    lateness.sort_unstable();
+
+    // The baseline: the same number of refreshes, nothing but POST token +
+    // PUT Secret, with the operator's HTTP clients.
+    eprintln!("[bench] baseline: {provider_refreshes} refreshes of POST token + PUT Secret");
+    let (mut baseline_child, baseline_line) = spawn_role(&[
+        "baseline",
+        &token_url,
+        &provider_refreshes.max(1).to_string(),
+        &base,
+    ])
+    .await?;
+    let _ = baseline_child.wait().await;
+    let baseline: serde_json::Value = serde_json::from_str(&baseline_line)?;
+    let baseline_cpu = baseline["cpu_seconds"].as_f64().unwrap_or_default();
+    let baseline_refreshes = baseline["refreshes"].as_u64().unwrap_or(1).max(1);
+    let _ = token_server.kill().await;
+
+    let per_refresh = |x: f64| x / provider_refreshes.max(1) as f64;
+    let operator_cost = per_refresh(operator_cpu);
+    let baseline_cost = baseline_cpu / baseline_refreshes as f64;
+    let ms = |p: f64| percentile(&lateness, p).map_or("n/a".into(), |v| format!("{v} ms"));
+    let detail = |counts: &BTreeMap<String, f64>| {
+        counts
+            .iter()
+            .map(|(r, n)| format!("{r} {:.3}", n / provider_refreshes.max(1) as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rows = [
+        (
+            "freshness (connection-seconds with an unexpired token)".to_owned(),
+            format!("{:.3} %", freshness * 100.0),
+            "100.000 %",
+        ),
+        (
+            "refresh lateness p50 / p99 / max (requested - planned)".to_owned(),
+            format!("{} / {} / {}", ms(0.50), ms(0.99), ms(1.0)),
+            "p99 < 1 s",
+        ),
+        (
+            "API writes per refresh".to_owned(),
+            format!("{:.3}  ({})", per_refresh(total_writes), detail(&writes)),
+            "<= 1.05",
+        ),
+        (
+            "API reads per refresh (all clients, the benchmark's own included)".to_owned(),
+            format!("{:.3}  ({})", per_refresh(total_reads), detail(&reads)),
+            "",
+        ),
+        (
+            "token requests per refresh".to_owned(),
+            format!(
+                "{:.3}  ({token_requests} requests, {refreshes_seen} new tokens seen in Secrets)",
+                token_requests as f64 / refreshes_seen.max(1) as f64
+            ),
+            "1.00",
+        ),
+        (
+            "operator RSS peak (measured window / cold start)".to_owned(),
+            format!(
+                "{:.1} MiB / {:.1} MiB",
+                peak_rss as f64 / 1024.0,
+                peak_rss_cold as f64 / 1024.0
+            ),
+            "< 64 MiB at 10,000",
+        ),
+        (
+            "operator CPU per 1,000 refreshes".to_owned(),
+            format!("{:.2} s", operator_cost * 1000.0),
+            "",
+        ),
+        (
+            "cold start (operator start to all Ready)".to_owned(),
+            format!(
+                "{:.1} s  ({cold_requests} token requests; CPU: control plane {:.0} s, operator {:.0} s)",
+                cold_start.as_secs_f64(),
+                cold_plane_cpu,
+                cold_operator_cpu
+            ),
+            "< 60 s at 10,000",
+        ),
+        (
+            "baseline CPU per 1,000 refreshes (POST token + PUT Secret)".to_owned(),
+            format!(
+                "{:.2} s  ({baseline_refreshes} refreshes)",
+                baseline_cost * 1000.0
+            ),
+            "",
+        ),
+        (
+            "operator cost / baseline cost".to_owned(),
+            format!(
+                "{:.2}",
+                operator_cost / baseline_cost.max(f64::MIN_POSITIVE)
+            ),
+            "<= 1.2",
+        ),
+    ];
+    println!();
+    println!(
+        "tokenkeeper scale benchmark: {} connections, {} s tokens with rotation, {:.0} s measured, {} refreshes",
+        o.connections, o.token_lifetime, window, provider_refreshes
+    );
+    println!("{:<62} {:<70} goal", "", "");
+    for (name, value, goal) in &rows {
+        println!("{name:<62} {value:<70} {goal}");
+    }
+    println!(
+        "provider: {reused} reused refresh tokens, {rejected} rejected requests; CPU in the window: token server {:.1} s, control plane {:.1} s, operator {:.1} s",
+        server_cpu, plane_cpu, operator_cpu
+    );
+    if !stale_examples.is_empty() {
+        println!("stale samples, first seen: {}", stale_examples.join("; "));
+    }
+    let report = json!({
+        "connections": o.connections,
+        "token_lifetime_s": o.token_lifetime,
+        "window_s": window,
+        "refreshes": provider_refreshes,
+        "freshness": freshness,
+        "lateness_ms": {"p50": percentile(&lateness, 0.5), "p99": percentile(&lateness, 0.99), "max": percentile(&lateness, 1.0), "samples": lateness.len()},
+        "writes_per_refresh": per_refresh(total_writes),
+        "writes": writes,
+        "reads_per_refresh": per_refresh(total_reads),
+        "reads": reads,
+        "token_requests_per_refresh": token_requests as f64 / refreshes_seen.max(1) as f64,
+        "rss_peak_mib": peak_rss as f64 / 1024.0,
+        "rss_peak_cold_start_mib": peak_rss_cold as f64 / 1024.0,
+        "cpu_s_per_1000_refreshes": operator_cost * 1000.0,
+        "cold_start_s": cold_start.as_secs_f64(),
+        "cold_start_cpu_s": {"control_plane": cold_plane_cpu, "operator": cold_operator_cpu},
+        "window_cpu_s": {"control_plane": plane_cpu, "operator": operator_cpu, "token_server": server_cpu},
+        "baseline_cpu_s_per_1000_refreshes": baseline_cost * 1000.0,
+        "cost_ratio": operator_cost / baseline_cost.max(f64::MIN_POSITIVE),
+        "reused_refresh_tokens": reused,
+        "rejected_requests": rejected,
+    });
+    let path = format!("target/bench/scale-{}.json", o.connections);
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("[bench] figures written to {path}");
+    Ok(())
+}
+
+fn deltas(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or_default()))
+        .filter(|(_, d)| *d > 0.0)
+        .collect()
+}
+
+/// The minimal loop the operator is compared with: per refresh, one token
+/// request and one Secret write, nothing read, nothing decided.
+async fn baseline(args: &[String]) -> anyhow::Result<()> {
+    let token_url = args.first().context("token url")?.clone();
+    let refreshes: u64 = args.get(1).context("refresh count")?.parse()?;
+    let base = args.get(2).context("server base")?.clone();
+    const WORKERS: usize = 32;
+    let client = Client::try_default().await?;
+    let http = tokenkeeper::token_client::http_client();
+    ensure_namespace(&client, BASELINE_NAMESPACE).await?;
+    let tokens = mint(&reqwest::Client::new(), &base, WORKERS).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), BASELINE_NAMESPACE);
+    for i in 0..WORKERS {
+        secrets
+            .create(
+                &PostParams::default(),
+                &secret(&format!("b{i}"), BTreeMap::new()),
+            )
+            .await?;
+    }
+    let before = ProcessSample::read(std::process::id())?;
+    let started = Instant::now();
+    let per_worker = refreshes.div_ceil(WORKERS as u64);
+    let workers = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut refresh_token)| {
+            let secrets = secrets.clone();
+            let http = http.clone();
+            let token_url = token_url.clone();
+            async move {
+                let no_params = BTreeMap::new();
+                for _ in 0..per_worker {
+                    let issued = tokenkeeper::token_client::request_token(
+                        &http,
+                        tokenkeeper::token_client::TokenRequest {
+                            token_url: &token_url,
+                            client_id: token_server::CLIENT_ID,
+                            client_secret: token_server::CLIENT_SECRET,
+                            auth_method: Default::default(),
+                            scopes: &[],
+                            extra_params: &no_params,
+                            grant: tokenkeeper::token_client::Grant::RefreshToken(&refresh_token),
+                        },
+                    )
+                    .await
+                    .map_err(|f| anyhow::anyhow!("token request failed: {f:?}"))?;
+                    if let Some(next) = issued.refresh_token.clone() {
+                        refresh_token = next;
+                    }
+                    let expires_at = Timestamp::now()
+                        + jiff::SignedDuration::try_from(issued.expires_in.unwrap_or_default())?;
+                    let body = secret(
+                        &format!("b{i}"),
+                        [
+                            ("access_token".to_owned(), issued.access_token.clone()),
+                            ("refresh_token".to_owned(), refresh_token.clone()),
+                            ("expires_at".to_owned(), expires_at.to_string()),
+                        ]
+                        .into(),
+                    );
+                    secrets
+                        .replace(&format!("b{i}"), &PostParams::default(), &body)
+                        .await?;
+                }
+                anyhow::Ok(())
+            }
+        });
+    futures::future::try_join_all(workers).await?;
+    let after = ProcessSample::read(std::process::id())?;
+    println!(
+        "{}",
+        json!({
+            "refreshes": per_worker * WORKERS as u64,
+            "cpu_seconds": after.cpu_seconds - before.cpu_seconds,
+            "elapsed_seconds": started.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}

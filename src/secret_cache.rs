@@ -1,0 +1,373 @@
+//! Reads of Secrets that cost an API request only when the Secret changed.
+//!
+//! The metadata-only watch of Secrets tells which version of each Secret
+//! is current (or that it does not exist). A Secret's contents are read
+//! once per version and kept only for Secrets a connection reads, so a
+//! routine refresh reads nothing from the API: the client Secret, the
+//! imported refresh token and the target Secret (which tokenkeeper itself
+//! wrote last) are all at the versions read or written before.
+//!
+//! Until the watch of a namespace (or of all) has listed its Secrets once,
+//! nothing is known there and every read goes to the API.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
+
+type Key = (String, String);
+
+/// What one watch covers: a namespace, or all of them (`None`).
+pub type Scope = Option<String>;
+
+#[derive(Default)]
+pub struct SecretCache {
+    /// Scopes whose watch has listed its Secrets at least once.
+    listed: Mutex<HashSet<Scope>>,
+    /// The current resourceVersion of every Secret the watches have seen.
+    versions: Mutex<HashMap<Key, String>>,
+    /// Listings in progress after a (re)start of a watch.
+    listing: Mutex<HashMap<Scope, HashMap<Key, String>>>,
+    contents: Mutex<HashMap<Key, Entry>>,
+}
+
+fn in_scope(key: &Key, scope: &Scope) -> bool {
+    scope.as_ref().is_none_or(|namespace| *namespace == key.0)
+}
+
+struct Entry {
+    version: String,
+    secret: Arc<Secret>,
+    /// tokenkeeper wrote this version itself.
+    own: bool,
+}
+
+/// What is kept of a Secret: what reconciling reads, not its history.
+/// Secrets tokenkeeper manages keep tokenkeeper's own field ownership,
+/// which tells whether a write is needed; others keep only data and labels.
+fn slim(mut secret: Secret) -> Secret {
+    let managed = secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY);
+    let meta = &mut secret.metadata;
+    if managed {
+        if let Some(fields) = meta.managed_fields.as_mut() {
+            fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
+            for entry in fields {
+                // Only which labels and annotations tokenkeeper applied is
+                // ever read (decide::needs_write).
+                if let Some(applied) = entry.fields_v1.as_mut() {
+                    let metadata = &applied.0["f:metadata"];
+                    applied.0 = serde_json::json!({"f:metadata": {
+                        "f:labels": metadata["f:labels"].clone(),
+                        "f:annotations": metadata["f:annotations"].clone(),
+                    }});
+                }
+                entry.time = None;
+            }
+        }
+    } else {
+        meta.managed_fields = None;
+        meta.annotations = None;
+    }
+    meta.creation_timestamp = None;
+    meta.uid = None;
+    secret
+}
+
+fn key_of(secret: &impl Resource) -> Key {
+    (secret.namespace().unwrap_or_default(), secret.name_any())
+}
+
+impl SecretCache {
+    /// Follows the watch of `scope`.
+    pub fn observe(&self, scope: &Scope, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+        match event {
+            watcher::Event::Apply(meta) => self.set_version(meta),
+            watcher::Event::Delete(meta) => {
+                let key = key_of(meta);
+                self.versions.lock().expect("not poisoned").remove(&key);
+                // What tokenkeeper wrote itself is remembered past a
+                // deletion: it may be the only copy of a grant.
+                let mut contents = self.contents.lock().expect("not poisoned");
+                if contents.get(&key).is_some_and(|e| !e.own) {
+                    contents.remove(&key);
+                }
+            }
+            watcher::Event::Init => {
+                self.listing
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(scope.clone(), HashMap::new());
+            }
+            watcher::Event::InitApply(meta) => {
+                if let Some(listing) = self.listing.lock().expect("not poisoned").get_mut(scope)
+                    && let Some(version) = meta.resource_version()
+                {
+                    listing.insert(key_of(meta), version);
+                }
+            }
+            watcher::Event::InitDone => {
+                let Some(listed) = self.listing.lock().expect("not poisoned").remove(scope) else {
+                    return;
+                };
+                self.contents
+                    .lock()
+                    .expect("not poisoned")
+                    .retain(|key, entry| {
+                        entry.own
+                            || !in_scope(key, scope)
+                            || listed.get(key) == Some(&entry.version)
+                    });
+                let mut versions = self.versions.lock().expect("not poisoned");
+                versions.retain(|key, _| !in_scope(key, scope));
+                versions.extend(listed);
+                drop(versions);
+                self.listed
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(scope.clone());
+            }
+        }
+    }
+
+    fn set_version(&self, meta: &PartialObjectMeta<Secret>) {
+        if let Some(version) = meta.resource_version() {
+            self.versions
+                .lock()
+                .expect("not poisoned")
+                .insert(key_of(meta), version);
+        }
+    }
+
+    /// Records a Secret as tokenkeeper just wrote it (the API's answer).
+    pub fn wrote(&self, secret: Secret) {
+        let Some(version) = secret.resource_version() else {
+            return;
+        };
+        let key = key_of(&secret);
+        self.versions
+            .lock()
+            .expect("not poisoned")
+            .insert(key.clone(), version.clone());
+        self.contents.lock().expect("not poisoned").insert(
+            key,
+            Entry {
+                version,
+                secret: Arc::new(slim(secret)),
+                own: true,
+            },
+        );
+    }
+
+    /// True when `meta` is the version tokenkeeper wrote last: its watch
+    /// event is the echo of our own write.
+    pub fn is_own_write(&self, meta: &PartialObjectMeta<Secret>) -> bool {
+        let contents = self.contents.lock().expect("not poisoned");
+        contents
+            .get(&key_of(meta))
+            .is_some_and(|e| e.own && Some(&e.version) == meta.metadata.resource_version.as_ref())
+    }
+
+    /// The Secret as tokenkeeper last wrote it, even if it was changed or
+    /// deleted since.
+    pub fn last_written(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+        let contents = self.contents.lock().expect("not poisoned");
+        contents
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .filter(|e| e.own)
+            .map(|e| e.secret.clone())
+    }
+
+    /// Forgets what was kept for these Secrets (their connection is gone).
+    pub fn forget(&self, namespace: &str, names: &[String]) {
+        let mut contents = self.contents.lock().expect("not poisoned");
+        for name in names {
+            contents.remove(&(namespace.to_owned(), name.clone()));
+        }
+    }
+
+    /// What the watch says of `namespace/name`: `None` before the first
+    /// listing completed, `Some(None)` when it does not exist.
+    fn known_version(&self, key: &Key) -> Option<Option<String>> {
+        let listed = self.listed.lock().expect("not poisoned");
+        if !listed.contains(&None) && !listed.contains(&Some(key.0.clone())) {
+            return None;
+        }
+        drop(listed);
+        Some(
+            self.versions
+                .lock()
+                .expect("not poisoned")
+                .get(key)
+                .cloned(),
+        )
+    }
+
+    /// The Secret `name` in `secrets`' namespace: from what was read or
+    /// written before when that is still the current version, otherwise
+    /// from the API.
+    pub async fn get(
+        &self,
+        secrets: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+        let key = (namespace.to_owned(), name.to_owned());
+        match self.known_version(&key) {
+            Some(None) => return Ok(None),
+            Some(Some(version)) => {
+                let contents = self.contents.lock().expect("not poisoned");
+                if let Some(entry) = contents.get(&key)
+                    && entry.version == version
+                {
+                    return Ok(Some(entry.secret.clone()));
+                }
+            }
+            None => {}
+        }
+        self.read(secrets, key).await
+    }
+
+    /// Reads `name` from the API, bypassing what is kept.
+    pub async fn get_fresh(
+        &self,
+        secrets: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+        self.read(secrets, (namespace.to_owned(), name.to_owned()))
+            .await
+    }
+
+    async fn read(
+        &self,
+        secrets: &Api<Secret>,
+        key: Key,
+    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+        let Some(secret) = secrets.get_opt(&key.1).await? else {
+            self.contents.lock().expect("not poisoned").remove(&key);
+            return Ok(None);
+        };
+        let secret = Arc::new(slim(secret));
+        if let Some(version) = secret.resource_version() {
+            self.contents.lock().expect("not poisoned").insert(
+                key,
+                Entry {
+                    version,
+                    secret: secret.clone(),
+                    own: false,
+                },
+            );
+        }
+        Ok(Some(secret))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str, version: &str) -> PartialObjectMeta<Secret> {
+        let mut meta = PartialObjectMeta::<Secret>::default();
+        meta.metadata.name = Some(name.into());
+        meta.metadata.namespace = Some("data".into());
+        meta.metadata.resource_version = Some(version.into());
+        meta
+    }
+
+    fn secret(name: &str, version: &str) -> Secret {
+        let mut secret = Secret::default();
+        secret.metadata.name = Some(name.into());
+        secret.metadata.namespace = Some("data".into());
+        secret.metadata.resource_version = Some(version.into());
+        secret
+    }
+
+    fn key(name: &str) -> Key {
+        ("data".into(), name.into())
+    }
+
+    const ALL: Scope = None;
+
+    #[test]
+    fn a_namespace_is_known_once_its_own_watch_listed() {
+        let cache = SecretCache::default();
+        let data = Some("data".to_owned());
+        let other = Some("other".to_owned());
+        cache.observe(&data, &watcher::Event::Init);
+        cache.observe(&data, &watcher::Event::InitApply(meta("a", "1")));
+        cache.observe(&data, &watcher::Event::InitDone);
+        cache.observe(&other, &watcher::Event::Init);
+        assert_eq!(cache.known_version(&key("a")), Some(Some("1".into())));
+        assert_eq!(
+            cache.known_version(&("other".into(), "b".into())),
+            None,
+            "not listed yet"
+        );
+        cache.observe(&other, &watcher::Event::InitDone);
+        assert_eq!(
+            cache.known_version(&key("a")),
+            Some(Some("1".into())),
+            "another namespace's listing keeps this one's versions"
+        );
+    }
+
+    #[test]
+    fn nothing_is_known_before_the_first_listing() {
+        let cache = SecretCache::default();
+        cache.observe(&ALL, &watcher::Event::Apply(meta("a", "1")));
+        assert_eq!(cache.known_version(&key("a")), None);
+        cache.observe(&ALL, &watcher::Event::Init);
+        cache.observe(&ALL, &watcher::Event::InitApply(meta("a", "2")));
+        assert_eq!(cache.known_version(&key("a")), None);
+        cache.observe(&ALL, &watcher::Event::InitDone);
+        assert_eq!(cache.known_version(&key("a")), Some(Some("2".into())));
+        assert_eq!(cache.known_version(&key("missing")), Some(None));
+    }
+
+    #[test]
+    fn own_writes_are_recognised_until_someone_else_writes() {
+        let cache = SecretCache::default();
+        cache.observe(&ALL, &watcher::Event::Init);
+        cache.observe(&ALL, &watcher::Event::InitDone);
+        cache.wrote(secret("target", "10"));
+        assert!(cache.is_own_write(&meta("target", "10")));
+        assert_eq!(cache.known_version(&key("target")), Some(Some("10".into())));
+        cache.observe(&ALL, &watcher::Event::Apply(meta("target", "11")));
+        assert!(!cache.is_own_write(&meta("target", "11")));
+        cache.observe(&ALL, &watcher::Event::Delete(meta("target", "12")));
+        assert_eq!(cache.known_version(&key("target")), Some(None));
+        assert!(cache.last_written("data", "target").is_some());
+        cache.forget("data", &["target".to_owned()]);
+        assert!(cache.last_written("data", "target").is_none());
+    }
+
+    #[test]
+    fn a_relist_updates_versions_and_keeps_own_writes() {
+        let cache = SecretCache::default();
+        cache.observe(&ALL, &watcher::Event::Init);
+        cache.observe(&ALL, &watcher::Event::InitDone);
+        cache.wrote(secret("kept", "1"));
+        cache.wrote(secret("changed", "1"));
+        cache.observe(&ALL, &watcher::Event::Init);
+        cache.observe(&ALL, &watcher::Event::InitApply(meta("kept", "1")));
+        cache.observe(&ALL, &watcher::Event::InitApply(meta("changed", "5")));
+        cache.observe(&ALL, &watcher::Event::InitDone);
+        assert!(cache.is_own_write(&meta("kept", "1")));
+        assert_eq!(
+            cache.known_version(&key("changed")),
+            Some(Some("5".into())),
+            "the changed Secret is read again"
+        );
+        assert!(
+            cache.last_written("data", "changed").is_some(),
+            "what tokenkeeper wrote is kept to restore it"
+        );
+    }
+}

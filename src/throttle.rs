@@ -1,0 +1,160 @@
+//! Limits on token requests per provider host: at most `concurrency` in
+//! flight and `per_second` started, with a small burst. When thousands of
+//! connections start at once (a new operator, a restored cluster), the
+//! provider sees a steady stream instead of a stampede.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_second: f64,
+    pub burst: u32,
+    pub concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_second: 200.0,
+            burst: 20,
+            concurrency: 32,
+        }
+    }
+}
+
+pub struct HostThrottle {
+    limits: Limits,
+    hosts: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+struct Gate {
+    in_flight: Arc<Semaphore>,
+    /// The earliest start of the next request (a GCRA schedule).
+    next_start: Mutex<Option<Instant>>,
+}
+
+/// Held while a token request is in flight.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HostThrottle {
+    pub fn new(limits: Limits) -> Self {
+        HostThrottle {
+            limits,
+            hosts: Mutex::default(),
+        }
+    }
+
+    /// Waits until a request to `url`'s host may start.
+    pub async fn acquire(&self, url: &str) -> Slot {
+        let host = url::Url::parse(url)
+            .ok()
+            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+            .unwrap_or_default();
+        let gate = self
+            .hosts
+            .lock()
+            .expect("not poisoned")
+            .entry(host)
+            .or_insert_with(|| {
+                Arc::new(Gate {
+                    in_flight: Arc::new(Semaphore::new(self.limits.concurrency.max(1))),
+                    next_start: Mutex::new(None),
+                })
+            })
+            .clone();
+        let permit = gate
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let now = Instant::now();
+        let start = reserve(&gate.next_start, now, &self.limits);
+        if start > now {
+            tokio::time::sleep_until(start).await;
+        }
+        Slot { _permit: permit }
+    }
+}
+
+/// Reserves the next start time: requests are spaced `1 / per_second`
+/// apart, and up to `burst` may start at once after a quiet period.
+fn reserve(next_start: &Mutex<Option<Instant>>, now: Instant, limits: &Limits) -> Instant {
+    let interval = Duration::from_secs_f64(1.0 / limits.per_second.max(0.001));
+    let burst_window = interval * limits.burst.saturating_sub(1);
+    let mut next = next_start.lock().expect("not poisoned");
+    let earliest = now.checked_sub(burst_window).unwrap_or(now);
+    let start = next.map_or(earliest, |n| n.max(earliest));
+    *next = Some(start + interval);
+    start.max(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_starts_at_once_then_requests_are_spaced() {
+        let limits = Limits {
+            per_second: 10.0,
+            burst: 3,
+            concurrency: 100,
+        };
+        let next = Mutex::new(None);
+        let now = Instant::now();
+        let starts: Vec<Duration> = (0..6).map(|_| reserve(&next, now, &limits) - now).collect();
+        let ms: Vec<u128> = starts.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [0, 0, 0, 100, 200, 300]);
+    }
+
+    #[test]
+    fn a_quiet_period_restores_the_burst_but_no_more() {
+        let limits = Limits {
+            per_second: 10.0,
+            burst: 2,
+            concurrency: 100,
+        };
+        let next = Mutex::new(None);
+        let start = Instant::now();
+        for _ in 0..5 {
+            reserve(&next, start, &limits);
+        }
+        let later = start + Duration::from_secs(10);
+        let ms: Vec<u128> = (0..4)
+            .map(|_| (reserve(&next, later, &limits) - later).as_millis())
+            .collect();
+        assert_eq!(ms, [0, 0, 100, 200]);
+    }
+
+    #[tokio::test]
+    async fn concurrency_is_bounded_per_host() {
+        let throttle = HostThrottle::new(Limits {
+            per_second: 1000.0,
+            burst: 100,
+            concurrency: 2,
+        });
+        let first = throttle.acquire("https://a.example/token").await;
+        let _second = throttle.acquire("https://a.example/token").await;
+        let _other_host = throttle.acquire("https://b.example/token").await;
+        let third = tokio::time::timeout(
+            Duration::from_millis(50),
+            throttle.acquire("https://a.example/oauth"),
+        )
+        .await;
+        assert!(third.is_err(), "a third request to the same host waits");
+        drop(first);
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            throttle.acquire("https://a.example/token"),
+        )
+        .await
+        .expect("a released slot lets the next request start");
+    }
+}
