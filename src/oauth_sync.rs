@@ -41,8 +41,12 @@ struct Inputs {
     /// The user-supplied refresh token (refreshToken grant).
     user_refresh_token: Option<String>,
     target: Option<Arc<Secret>>,
-    /// The grant kept (sealed) in the target Secret.
+    /// The grant to continue with: the one sealed in the target Secret,
+    /// or a consent adopted over it.
     grant: Option<SealedGrant>,
+    /// The grant as the target Secret in the cluster holds it, opened once
+    /// per reconcile; an equal grant keeps that seal.
+    stored_grant: Option<SealedGrant>,
     /// Why the target Secret's sealed grant could not be used.
     grant_problem: Option<OpenError>,
     /// The state Secret, when it holds a grant given on the consent page
@@ -522,11 +526,13 @@ async fn read_inputs(
         });
         (grant, problem, inbox)
     };
+    let stored_grant = target.as_ref().and(grant.clone());
     Ok(Inputs {
         client_id,
         client_secret,
         user_refresh_token,
         target,
+        stored_grant,
         grant,
         grant_problem,
         inbox,
@@ -598,18 +604,18 @@ fn next_grant(
 fn desired_target(
     ctx: &Context,
     conn: &SourceConnection,
-    existing: Option<&Secret>,
+    inputs: &Inputs,
     record: &TokenRecord,
     grant: Option<&SealedGrant>,
     next_refresh_at: Timestamp,
 ) -> Secret {
     let mut annotations = record.target_annotations(Some(next_refresh_at));
     if let Some(grant) = grant {
-        let kept_seal = existing.and_then(|t| {
-            let sealed = t.annotations().get(ANNOTATION_SEALED_GRANT)?;
-            let opened = open_grant(ctx, conn, t).ok().flatten()?;
-            (&opened == grant).then(|| sealed.clone())
-        });
+        let kept_seal = inputs
+            .target
+            .as_deref()
+            .filter(|_| inputs.stored_grant.as_ref() == Some(grant))
+            .and_then(|t| t.annotations().get(ANNOTATION_SEALED_GRANT).cloned());
         let sealed = kept_seal
             .unwrap_or_else(|| ctx.sealing_key.seal(grant, &conn.uid().unwrap_or_default()));
         annotations.insert(ANNOTATION_SEALED_GRANT.to_owned(), sealed);
@@ -629,14 +635,7 @@ async fn write_token(
     grant: Option<&SealedGrant>,
     next_refresh_at: Timestamp,
 ) -> Result<(), Error> {
-    let desired = desired_target(
-        ctx,
-        conn,
-        inputs.target.as_deref(),
-        record,
-        grant,
-        next_refresh_at,
-    );
+    let desired = desired_target(ctx, conn, inputs, record, grant, next_refresh_at);
     let mut attempt = 1;
     loop {
         let result = apply_if_changed(
@@ -971,6 +970,7 @@ mod tests {
             client_secret: "secret".into(),
             user_refresh_token: None,
             target: None,
+            stored_grant: None,
             grant: grant.map(|rt| SealedGrant {
                 refresh_token: rt.into(),
                 imported_hash: Some("imported".into()),
