@@ -161,7 +161,7 @@ pub async fn sync(
                 .current
                 .as_ref()
                 .expect("the plan waits only while a token exists");
-            let due = planned_refresh(conn, &settings, current);
+            let due = schedule::refresh_due_at(current, settings.refresh_before, &jitter_key);
             let grant = inputs.grant.as_ref();
             write_token(ctx, conn, &secrets, &inputs, current, grant, due).await?;
             clear_inbox(ctx, conn, &secrets, &inputs).await;
@@ -177,7 +177,7 @@ pub async fn sync(
                 current,
                 token_status,
                 notes,
-                &jitter_key,
+                due,
             ));
         }
     };
@@ -265,7 +265,7 @@ pub async fn sync(
                     }
                 }
             }
-            let due = planned_refresh(conn, &settings, &record);
+            let due = schedule::refresh_due_at(&record, settings.refresh_before, &jitter_key);
             // The new refresh token and access token go out in one write.
             write_token(ctx, conn, &secrets, &inputs, &record, grant.as_ref(), due).await?;
             clear_inbox(ctx, conn, &secrets, &inputs).await;
@@ -302,7 +302,7 @@ pub async fn sync(
                 &record,
                 token_status,
                 notes,
-                &jitter_key,
+                due,
             ))
         }
         Err(error) => {
@@ -712,17 +712,6 @@ pub fn consented_grant(
     })
 }
 
-/// When tokenkeeper replaces `record`: the same for every replica and
-/// every reconcile, so recomputing it never rewrites the target Secret.
-pub fn planned_refresh(
-    conn: &SourceConnection,
-    settings: &OAuthSettings,
-    record: &TokenRecord,
-) -> Timestamp {
-    let jitter_key = conn.uid().unwrap_or_else(|| display_name(conn));
-    schedule::refresh_due_at(record, settings.refresh_before, &jitter_key)
-}
-
 /// The report of a connection whose token is current. Nothing in it
 /// changes from one routine refresh to the next, so a refresh writes no
 /// status: the token's times are on the target Secret and in the metrics.
@@ -735,9 +724,10 @@ fn healthy(
     record: &TokenRecord,
     token_status: TokenStatus,
     notes: Vec<Note>,
-    jitter_key: &str,
+    // When `record` is replaced: the same for every replica and every
+    // reconcile, so recomputing it never rewrites the target Secret.
+    due: Timestamp,
 ) -> Synced {
-    let due = schedule::refresh_due_at(record, settings.refresh_before, jitter_key);
     report_token_times(metrics, conn, Some(record.expires_at), Some(due));
     let target = conn.target_secret_name();
     let mut message = format!(

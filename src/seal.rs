@@ -79,19 +79,12 @@ impl SealingKey {
     }
 
     pub fn generate() -> Self {
-        let mut bytes = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut bytes)
-            .expect("the system's random source works");
-        Self::from_bytes(&bytes).expect("32 bytes make an AES-256 key")
+        Self::from_bytes(&random::<32>()).expect("32 bytes make an AES-256 key")
     }
 
     /// Seals `grant` for the connection with UID `uid`.
     pub fn seal(&self, grant: &SealedGrant, uid: &str) -> String {
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .expect("the system's random source works");
+        let nonce = random::<NONCE_LEN>();
         let mut sealed = serde_json::to_vec(grant).expect("a grant serializes");
         self.key
             .seal_in_place_append_tag(
@@ -131,6 +124,14 @@ impl SealingKey {
     }
 }
 
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random source works");
+    bytes
+}
+
 /// Reads the operator's sealing key, creating it on first start. Replicas
 /// racing to create it converge on the one that was written first.
 pub async fn load_or_create(secrets: &Api<Secret>, name: &str) -> Result<SealingKey, kube::Error> {
@@ -153,10 +154,7 @@ pub async fn load_or_create(secrets: &Api<Secret>, name: &str) -> Result<Sealing
                 )
             });
         }
-        let mut bytes = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut bytes)
-            .expect("the system's random source works");
+        let bytes = random::<32>();
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
