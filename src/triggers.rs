@@ -8,7 +8,7 @@
 //!   through an index kept from the connection watch, so an event costs a
 //!   lookup rather than a scan of every connection.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -29,8 +29,10 @@ pub struct SecretTriggers {
 
 #[derive(Default)]
 struct References {
-    /// (namespace, Secret) to the names of the connections reading it.
-    readers: HashMap<Key, BTreeSet<String>>,
+    /// (namespace, Secret) to the names of the connections reading it,
+    /// sorted. A Vec rather than a BTreeSet: most Secrets have one reader,
+    /// and a B-tree allocates a node for eleven.
+    readers: HashMap<Key, Vec<String>>,
     /// (namespace, connection) to the Secrets it reads.
     reads: HashMap<Key, Vec<String>>,
     /// Connections listed since the watch (re)started; the others are gone.
@@ -51,10 +53,13 @@ impl References {
         }
         self.remove(&key);
         for name in &names {
-            self.readers
+            let readers = self
+                .readers
                 .entry((key.0.clone(), name.clone()))
-                .or_default()
-                .insert(key.1.clone());
+                .or_default();
+            if let Err(at) = readers.binary_search(&key.1) {
+                readers.insert(at, key.1.clone());
+            }
         }
         self.reads.insert(key, names);
     }
@@ -63,7 +68,7 @@ impl References {
         for name in self.reads.remove(key).unwrap_or_default() {
             let secret = (key.0.clone(), name);
             if let Some(readers) = self.readers.get_mut(&secret) {
-                readers.remove(&key.1);
+                readers.retain(|reader| *reader != key.1);
                 if readers.is_empty() {
                     self.readers.remove(&secret);
                 }
