@@ -41,6 +41,8 @@ use measure::{ProcessSample, control_plane_cpu, percentile, request_counts};
 
 const NAMESPACE: &str = "bench";
 const BASELINE_NAMESPACE: &str = "bench-baseline";
+/// How long the paced baseline runs (at most the measured window).
+const PACED_BASELINE_SECONDS: f64 = 60.0;
 const CREATE_CONCURRENCY: usize = 48;
 
 struct Options {
@@ -298,39 +300,74 @@ fn is_ready(conn: &SourceConnection) -> bool {
     })
 }
 
-fn spawn_watches(client: &Client, obs: Arc<Mutex<Observations>>) {
+/// Watches the target Secrets and the connections, as an outside observer
+/// does; returns once both have listed, so that their initial lists do not
+/// land in the operator's cold start.
+async fn spawn_watches(client: &Client, obs: Arc<Mutex<Observations>>) -> anyhow::Result<()> {
+    let (listed_tx, mut listed_rx) = tokio::sync::mpsc::channel::<()>(2);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let config = watcher::Config::default()
+        .any_semantic()
         .labels(&format!("{LABEL_SECRET_ROLE}={SECRET_ROLE_CREDENTIALS}"));
     let secret_obs = obs.clone();
+    let secrets_listed = listed_tx.clone();
     tokio::spawn(async move {
-        let mut stream = watcher(secrets, config)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
+        let mut stream = watcher(secrets, config).default_backoff().boxed();
         while let Some(event) = stream.next().await {
-            if let Ok(secret) = event {
-                observe_secret(&mut secret_obs.lock().expect("not poisoned"), &secret);
+            match event {
+                Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => {
+                    observe_secret(&mut secret_obs.lock().expect("not poisoned"), &secret);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let _ = secrets_listed.try_send(());
+                }
+                _ => {}
             }
         }
     });
     let connections: Api<SourceConnection> = Api::namespaced(client.clone(), NAMESPACE);
     tokio::spawn(async move {
-        let mut stream = watcher(connections, watcher::Config::default())
-            .default_backoff()
-            .applied_objects()
-            .boxed();
+        let config = watcher::Config::default().any_semantic();
+        let mut stream = watcher(connections, config).default_backoff().boxed();
         while let Some(event) = stream.next().await {
-            if let Ok(conn) = event {
-                let mut obs = obs.lock().expect("not poisoned");
-                if is_ready(&conn) {
-                    obs.ready.insert(conn.name_any());
-                } else {
-                    obs.ready.remove(&conn.name_any());
+            match event {
+                Ok(watcher::Event::Apply(conn) | watcher::Event::InitApply(conn)) => {
+                    let mut obs = obs.lock().expect("not poisoned");
+                    if is_ready(&conn) {
+                        obs.ready.insert(conn.name_any());
+                    } else {
+                        obs.ready.remove(&conn.name_any());
+                    }
                 }
+                Ok(watcher::Event::InitDone) => {
+                    let _ = listed_tx.try_send(());
+                }
+                _ => {}
             }
         }
     });
+    for _ in 0..2 {
+        listed_rx.recv().await.context("a benchmark watch ended")?;
+    }
+    Ok(())
+}
+
+/// Waits until the control plane has digested the creation of the
+/// connections (its CPU use drops below a fifth of a core), so the cold
+/// start measures the operator's start on a settled cluster, as when it
+/// restarts in a real one.
+async fn wait_for_settled_control_plane() -> Duration {
+    let started = Instant::now();
+    let mut before = control_plane_cpu();
+    while started.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = control_plane_cpu();
+        if now - before < 0.4 {
+            break;
+        }
+        before = now;
+    }
+    started.elapsed()
 }
 
 /// Once a second while measuring: which connections' Secrets hold an
@@ -390,13 +427,19 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     );
 
     let obs = Arc::new(Mutex::new(Observations::default()));
-    spawn_watches(&client, obs.clone());
+    spawn_watches(&client, obs.clone()).await?;
     spawn_freshness_sampler(obs.clone(), o.connections);
+    let settled = wait_for_settled_control_plane().await;
+    eprintln!(
+        "[bench] the benchmark's watches listed; the control plane settled after {:.0}s more",
+        settled.as_secs_f64()
+    );
 
     std::fs::create_dir_all("target/bench")?;
     let log = std::fs::File::create("target/bench/operator.log")?;
     let metrics_port = free_port()?;
     let plane_cpu_at_start = control_plane_cpu();
+    let requests_at_start = request_counts(&client).await?;
     let started = Instant::now();
     // TOKENKEEPER_BENCH_WRAPPER runs the operator under a profiler, e.g.
     // "heaptrack -o target/bench/heap" or "perf record -g -o target/bench/perf.data".
@@ -433,7 +476,20 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
-    let operator_pid = operator.id().context("operator pid")?;
+    let wrapper_pid = operator.id().context("operator pid")?;
+    // What is measured and stopped is the operator, not a profiler around it.
+    let operator_pid = loop {
+        if let Some(pid) = measure::process_running(wrapper_pid, &o.operator) {
+            break pid;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the operator process did not appear under {}",
+                program.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     // Cold start: from the operator's start to every connection Ready.
     let mut peak_rss_cold = 0;
@@ -458,6 +514,17 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     let cold_requests = server_stats(&http, &base).await?["requests"]
         .as_u64()
         .unwrap_or_default();
+    // What the API server served meanwhile (all clients), per connection.
+    let requests_after_cold_start = request_counts(&client).await?;
+    let per_connection = |before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>| {
+        deltas(before, after)
+            .into_iter()
+            .map(|(resource, n)| (resource, n / o.connections as f64))
+            .filter(|(_, n)| *n >= 0.01)
+            .collect::<BTreeMap<_, _>>()
+    };
+    let cold_writes = per_connection(&requests_at_start.writes, &requests_after_cold_start.writes);
+    let cold_reads = per_connection(&requests_at_start.reads, &requests_after_cold_start.reads);
     eprintln!(
         "[bench] all {} Ready after {:.1}s; measuring for {}s",
         o.connections,
@@ -532,6 +599,25 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     let baseline: serde_json::Value = serde_json::from_str(&baseline_line)?;
     let baseline_cpu = baseline["cpu_seconds"].as_f64().unwrap_or_default();
     let baseline_refreshes = baseline["refreshes"].as_u64().unwrap_or(1).max(1);
+    // The same loop again at the operator's pace: refreshes spread over
+    // time, each paying its own wake-up, as the operator's do.
+    let paced_seconds = window.min(PACED_BASELINE_SECONDS);
+    let paced_count = ((provider_refreshes as f64 / window) * paced_seconds).round() as u64;
+    eprintln!(
+        "[bench] baseline at the operator's pace: {paced_count} refreshes over {paced_seconds:.0}s"
+    );
+    let (mut paced_child, paced_line) = spawn_role(&[
+        "baseline",
+        &token_url,
+        &paced_count.max(1).to_string(),
+        &base,
+        &paced_seconds.to_string(),
+    ])
+    .await?;
+    let _ = paced_child.wait().await;
+    let paced: serde_json::Value = serde_json::from_str(&paced_line)?;
+    let paced_cost = paced["cpu_seconds"].as_f64().unwrap_or_default()
+        / paced["refreshes"].as_u64().unwrap_or(1).max(1) as f64;
     let _ = token_server.kill().await;
 
     let per_refresh = |x: f64| x / provider_refreshes.max(1) as f64;
@@ -599,6 +685,11 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
             "< 60 s at 10,000",
         ),
         (
+            "cold start API requests per connection (writes / reads)".to_owned(),
+            format!("{}  /  {}", listing(&cold_writes), listing(&cold_reads)),
+            "",
+        ),
+        (
             "baseline CPU per 1,000 refreshes (POST token + PUT Secret)".to_owned(),
             format!(
                 "{:.2} s  ({baseline_refreshes} refreshes)",
@@ -613,6 +704,15 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
                 operator_cost / baseline_cost.max(f64::MIN_POSITIVE)
             ),
             "<= 1.2",
+        ),
+        (
+            "baseline at the operator's pace, CPU per 1,000 refreshes".to_owned(),
+            format!(
+                "{:.2} s  (operator cost / paced baseline cost {:.2})",
+                paced_cost * 1000.0,
+                operator_cost / paced_cost.max(f64::MIN_POSITIVE)
+            ),
+            "",
         ),
     ];
     println!();
@@ -648,9 +748,12 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
         "cpu_s_per_1000_refreshes": operator_cost * 1000.0,
         "cold_start_s": cold_start.as_secs_f64(),
         "cold_start_cpu_s": {"control_plane": cold_plane_cpu, "operator": cold_operator_cpu},
+        "cold_start_requests_per_connection": {"writes": cold_writes, "reads": cold_reads},
         "window_cpu_s": {"control_plane": plane_cpu, "operator": operator_cpu, "token_server": server_cpu},
         "baseline_cpu_s_per_1000_refreshes": baseline_cost * 1000.0,
         "cost_ratio": operator_cost / baseline_cost.max(f64::MIN_POSITIVE),
+        "paced_baseline_cpu_s_per_1000_refreshes": paced_cost * 1000.0,
+        "cost_ratio_paced": operator_cost / paced_cost.max(f64::MIN_POSITIVE),
         "reused_refresh_tokens": reused,
         "rejected_requests": rejected,
     });
@@ -658,6 +761,14 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     eprintln!("[bench] figures written to {path}");
     Ok(())
+}
+
+fn listing(counts: &BTreeMap<String, f64>) -> String {
+    counts
+        .iter()
+        .map(|(resource, n)| format!("{resource} {n:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn deltas(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
@@ -674,6 +785,10 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
     let token_url = args.first().context("token url")?.clone();
     let refreshes: u64 = args.get(1).context("refresh count")?.parse()?;
     let base = args.get(2).context("server base")?.clone();
+    // Spread the refreshes evenly over this many seconds, or run them
+    // back to back.
+    let pace: Option<f64> = args.get(3).map(|s| s.parse()).transpose()?;
+    let prefix = if pace.is_some() { "p" } else { "b" };
     const WORKERS: usize = 32;
     let client = Client::try_default().await?;
     let http = tokenkeeper::token_client::http_client();
@@ -684,7 +799,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
         secrets
             .create(
                 &PostParams::default(),
-                &secret(&format!("b{i}"), BTreeMap::new()),
+                &secret(&format!("{prefix}{i}"), BTreeMap::new()),
             )
             .await?;
     }
@@ -700,7 +815,14 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
             let token_url = token_url.clone();
             async move {
                 let no_params = BTreeMap::new();
-                for _ in 0..per_worker {
+                let name = format!("{prefix}{i}");
+                for k in 0..per_worker {
+                    if let Some(pace) = pace {
+                        // Worker i's k-th refresh, interleaved with the others'.
+                        let slot = (k as f64 + i as f64 / WORKERS as f64) / per_worker as f64;
+                        let at = started + Duration::from_secs_f64(pace * slot);
+                        tokio::time::sleep_until(at.into()).await;
+                    }
                     let issued = tokenkeeper::token_client::request_token(
                         &http,
                         tokenkeeper::token_client::TokenRequest {
@@ -721,7 +843,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
                     let expires_at = Timestamp::now()
                         + jiff::SignedDuration::try_from(issued.expires_in.unwrap_or_default())?;
                     let body = secret(
-                        &format!("b{i}"),
+                        &name,
                         [
                             ("access_token".to_owned(), issued.access_token.clone()),
                             ("refresh_token".to_owned(), refresh_token.clone()),
@@ -730,7 +852,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
                         .into(),
                     );
                     secrets
-                        .replace(&format!("b{i}"), &PostParams::default(), &body)
+                        .replace(&name, &PostParams::default(), &body)
                         .await?;
                 }
                 anyhow::Ok(())

@@ -124,3 +124,27 @@ fn parse_counts(text: &str, verbs: &[&str]) -> BTreeMap<String, f64> {
     }
     counts
 }
+
+/// The process running `binary` under `root` (itself or a descendant):
+/// a profiler given as wrapper starts the operator as its child.
+pub fn process_running(root: u32, binary: &std::path::Path) -> Option<u32> {
+    let binary = std::fs::canonicalize(binary).ok()?;
+    let mut frontier = vec![root];
+    while let Some(pid) = frontier.pop() {
+        if std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            == Some(binary.as_path())
+        {
+            return Some(pid);
+        }
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        frontier.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    None
+}

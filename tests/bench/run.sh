@@ -15,7 +15,10 @@ measure="${2:-240}"
 lifetime="${3:-120}"
 
 tests/cluster/build.sh
-cargo build --release --locked --bin tokenkeeper --bench scale
+# TOKENKEEPER_BENCH_BUILD_FLAGS, e.g. --no-default-features for heaptrack
+# (which does not see mimalloc); cargo bench rebuilds the binary with them.
+read -r -a build_flags <<<"${TOKENKEEPER_BENCH_BUILD_FLAGS:-}"
+cargo build --release --locked "${build_flags[@]}" --bin tokenkeeper --bench scale
 
 state="$(mktemp -d "${TMPDIR:-/tmp}/tokenkeeper-bench.XXXXXX")"
 cleanup() {
@@ -29,6 +32,6 @@ export TOKENKEEPER_BENCH_CONTROL_PLANE_PIDS="$state/pids"
 kubectl apply -f crds/ >/dev/null
 kubectl wait --for condition=established --timeout=60s -f crds/ >/dev/null
 
-cargo bench --locked --bench scale -- \
+cargo bench --locked "${build_flags[@]}" --bench scale -- \
   --connections "$connections" --measure "$measure" --token-lifetime "$lifetime" \
   --operator target/release/tokenkeeper
