@@ -359,6 +359,32 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_secret_reads_back_as_written_without_its_history() {
+        let cache = SecretCache::default();
+        let mut written = secret("target", "3");
+        written.metadata.labels = Some([(LABEL_MANAGED_BY.into(), MANAGED_BY.into())].into());
+        written.metadata.annotations =
+            Some([("tokenkeeper.dev/issued-at".into(), "t".into())].into());
+        written.metadata.uid = Some("uid".into());
+        written.data = Some(
+            [(
+                "access_token".into(),
+                k8s_openapi::ByteString(b"at-1".to_vec()),
+            )]
+            .into(),
+        );
+        cache.wrote(written.clone());
+        let kept = cache.last_written("data", "target").expect("kept");
+        assert_eq!(kept.data, written.data);
+        assert_eq!(kept.metadata.annotations, written.metadata.annotations);
+        assert_eq!(kept.metadata.labels, written.metadata.labels);
+        assert_eq!(
+            kept.metadata.uid, None,
+            "what reconciling never reads is dropped"
+        );
+    }
+
+    #[test]
     fn a_relist_updates_versions_and_keeps_own_writes() {
         let cache = SecretCache::default();
         cache.observe(&ALL, &watcher::Event::Init);

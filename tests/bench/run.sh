@@ -16,9 +16,11 @@ lifetime="${3:-120}"
 
 tests/cluster/build.sh
 # TOKENKEEPER_BENCH_BUILD_FLAGS, e.g. --no-default-features for heaptrack
-# (which does not see mimalloc); cargo bench rebuilds the binary with them.
+# (which does not see mimalloc). cargo bench builds target/release/tokenkeeper
+# too, with the bench profile (= release), so it is built once, here, before
+# the control plane starts.
 read -r -a build_flags <<<"${TOKENKEEPER_BENCH_BUILD_FLAGS:-}"
-cargo build --release --locked "${build_flags[@]}" --bin tokenkeeper --bench scale
+cargo bench --locked "${build_flags[@]}" --bench scale --no-run
 
 state="$(mktemp -d "${TMPDIR:-/tmp}/tokenkeeper-bench.XXXXXX")"
 cleanup() {
