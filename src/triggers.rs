@@ -68,7 +68,9 @@ impl References {
         for name in self.reads.remove(key).unwrap_or_default() {
             let secret = (key.0.clone(), name);
             if let Some(readers) = self.readers.get_mut(&secret) {
-                readers.retain(|reader| *reader != key.1);
+                if let Ok(at) = readers.binary_search(&key.1) {
+                    readers.remove(at);
+                }
                 if readers.is_empty() {
                     self.readers.remove(&secret);
                 }
