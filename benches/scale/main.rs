@@ -442,7 +442,8 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     let requests_at_start = request_counts(&client).await?;
     let started = Instant::now();
     // TOKENKEEPER_BENCH_WRAPPER runs the operator under a profiler, e.g.
-    // "heaptrack -o target/bench/heap" or "perf record -g -o target/bench/perf.data".
+    // "perf record -g -o target/bench/perf.data", or "heaptrack -o
+    // target/bench/heap" with TOKENKEEPER_BENCH_BUILD_FLAGS=--no-default-features.
     let wrapper: Vec<String> = std::env::var("TOKENKEEPER_BENCH_WRAPPER")
         .unwrap_or_default()
         .split_whitespace()
