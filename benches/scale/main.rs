@@ -625,13 +625,8 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     let operator_cost = per_refresh(operator_cpu);
     let baseline_cost = baseline_cpu / baseline_refreshes as f64;
     let ms = |p: f64| percentile(&lateness, p).map_or("n/a".into(), |v| format!("{v} ms"));
-    let detail = |counts: &BTreeMap<String, f64>| {
-        counts
-            .iter()
-            .map(|(r, n)| format!("{r} {:.3}", n / provider_refreshes.max(1) as f64))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let detail =
+        |counts: &BTreeMap<String, f64>| listing(counts, provider_refreshes.max(1) as f64, 3);
     let rows = [
         (
             "freshness (connection-seconds with an unexpired token)".to_owned(),
@@ -687,7 +682,11 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
         ),
         (
             "cold start API requests per connection (writes / reads)".to_owned(),
-            format!("{}  /  {}", listing(&cold_writes), listing(&cold_reads)),
+            format!(
+                "{}  /  {}",
+                listing(&cold_writes, 1.0, 2),
+                listing(&cold_reads, 1.0, 2)
+            ),
             "",
         ),
         (
@@ -764,10 +763,11 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn listing(counts: &BTreeMap<String, f64>) -> String {
+/// "resource count, …" with each count divided by `per`.
+fn listing(counts: &BTreeMap<String, f64>, per: f64, decimals: usize) -> String {
     counts
         .iter()
-        .map(|(resource, n)| format!("{resource} {n:.2}"))
+        .map(|(resource, n)| format!("{resource} {:.decimals$}", n / per))
         .collect::<Vec<_>>()
         .join(", ")
 }
