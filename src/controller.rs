@@ -36,7 +36,7 @@ use crate::seal::{self, SealingKey};
 use crate::secret_cache::SecretCache;
 use crate::server::{self, Health};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
-use crate::throttle::{self, HostThrottle};
+use crate::throttle::{self, EventBudget, HostThrottle};
 use crate::token_client;
 use crate::triggers::SecretTriggers;
 
@@ -60,6 +60,8 @@ pub struct Settings {
     pub authorization: Option<AuthorizationSettings>,
     /// Limits on token requests per provider host.
     pub token_limits: throttle::Limits,
+    /// How many Normal events may be published.
+    pub event_budget: EventBudget,
     /// Connections reconciled at the same time, per controller.
     pub concurrency: u16,
     /// The operator's own namespace, home of the sealing key.
@@ -83,6 +85,7 @@ pub struct Context {
     /// connection pools per provider.
     pub(crate) http: reqwest::Client,
     reporter: Reporter,
+    event_budget: EventBudget,
     pub(crate) metrics: Arc<Metrics>,
     /// How long a deleted connection waits for its tokens to be revoked.
     pub(crate) revocation_timeout: Duration,
@@ -188,6 +191,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         client: client.clone(),
         http: token_client::http_client(),
         reporter: Reporter::from(FIELD_MANAGER),
+        event_budget: settings.event_budget,
         transient_failures: Mutex::default(),
         throttle: HostThrottle::new(settings.token_limits),
         triggers: Arc::default(),
@@ -617,6 +621,11 @@ async fn write_status(
 }
 
 pub(crate) async fn publish_note(ctx: &Context, conn: &SourceConnection, note: &Note) {
+    if note.type_ == EventType::Normal && !ctx.event_budget.take(tokio::time::Instant::now()) {
+        ctx.metrics.events_dropped.inc();
+        debug!(connection = %display_name(conn), reason = %note.reason, "event dropped: over --event-qps");
+        return;
+    }
     let mut message = note.message.clone();
     if message.len() > EVENT_NOTE_LIMIT {
         let mut cut = EVENT_NOTE_LIMIT - 3;

@@ -87,6 +87,13 @@ struct RunArgs {
     /// Token requests in flight at once, per provider host.
     #[arg(long, default_value_t = 32)]
     max_concurrent_token_requests: usize,
+    /// Normal events published per second across all connections, after
+    /// a burst of --event-burst; the rest are dropped (warnings never are).
+    #[arg(long, default_value_t = 10.0)]
+    event_qps: f64,
+    /// Normal events published at once after a quiet period.
+    #[arg(long, default_value_t = 100)]
+    event_burst: u32,
     /// Connections reconciled at once.
     #[arg(long, default_value_t = 64)]
     concurrent_reconciles: u16,
@@ -177,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
                     concurrency: args.max_concurrent_token_requests,
                     ..throttle::Limits::default()
                 },
+                event_budget: throttle::EventBudget::new(args.event_qps, args.event_burst),
                 concurrency: args.concurrent_reconciles,
                 operator_namespace: args.leader_election_namespace.clone(),
                 sealing_key_secret: args.sealing_key_secret,

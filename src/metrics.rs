@@ -53,6 +53,7 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub leader: Gauge,
+    pub events_dropped: Counter,
     connections: Arc<ConnectionCollector>,
 }
 
@@ -85,6 +86,12 @@ impl Default for Metrics {
             "1 when this replica holds the leader lease and writes",
             leader.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Normal events not published because more than --event-burst came at once",
+            events_dropped.clone(),
+        );
         let connections = Arc::new(ConnectionCollector::default());
         registry.register_collector(Box::new(connections.clone()));
         Metrics {
@@ -93,6 +100,7 @@ impl Default for Metrics {
             reconcile_errors,
             reconcile_duration,
             leader,
+            events_dropped,
             connections,
         }
     }

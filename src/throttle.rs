@@ -1,7 +1,8 @@
-//! Limits on token requests per provider host: at most `concurrency` in
-//! flight and `per_second` started, with a small burst. When thousands of
-//! connections start at once (a new operator, a restored cluster), the
-//! provider sees a steady stream instead of a stampede.
+//! Limits on what thousands of connections starting at once (a new
+//! operator, a restored cluster) would otherwise send in a stampede: token
+//! requests per provider host (at most `concurrency` in flight and
+//! `per_second` started, with a small burst), and informational events to
+//! the API server.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -87,13 +88,66 @@ impl HostThrottle {
 /// Reserves the next start time: requests are spaced `1 / per_second`
 /// apart, and up to `burst` may start at once after a quiet period.
 fn reserve(next_start: &Mutex<Option<Instant>>, now: Instant, limits: &Limits) -> Instant {
-    let interval = Duration::from_secs_f64(1.0 / limits.per_second.max(0.001));
-    let burst_window = interval * limits.burst.saturating_sub(1);
+    let spacing = Spacing::of(limits.per_second, limits.burst);
     let mut next = next_start.lock().expect("not poisoned");
-    let earliest = now.checked_sub(burst_window).unwrap_or(now);
-    let start = next.map_or(earliest, |n| n.max(earliest));
-    *next = Some(start + interval);
+    let start = spacing.earliest_start(*next, now);
+    *next = Some(start + spacing.interval);
     start.max(now)
+}
+
+/// A GCRA schedule: starts `interval` apart, up to `burst` at once after a
+/// quiet period.
+struct Spacing {
+    interval: Duration,
+    burst_window: Duration,
+}
+
+impl Spacing {
+    fn of(per_second: f64, burst: u32) -> Self {
+        let interval = Duration::from_secs_f64(1.0 / per_second.max(0.001));
+        Spacing {
+            interval,
+            burst_window: interval * burst.saturating_sub(1),
+        }
+    }
+
+    /// When the next start may be, given the one reserved last.
+    fn earliest_start(&self, next: Option<Instant>, now: Instant) -> Instant {
+        let earliest = now.checked_sub(self.burst_window).unwrap_or(now);
+        next.map_or(earliest, |n| n.max(earliest))
+    }
+}
+
+/// How many Normal events may be published: `burst` at once, then
+/// `per_second`, across all connections, as the kubelet's `--event-qps`
+/// and `--event-burst` do. A Normal event says what the Ready condition
+/// already says; when ten thousand connections become Ready together,
+/// ten thousand events would be a third of the API server's work and a
+/// flood no one reads. Warnings ask a person to act and are never held
+/// back.
+pub struct EventBudget {
+    spacing: Spacing,
+    next: Mutex<Option<Instant>>,
+}
+
+impl EventBudget {
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        EventBudget {
+            spacing: Spacing::of(per_second, burst.max(1)),
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Takes one event from the budget if one is left at `now`.
+    pub fn take(&self, now: Instant) -> bool {
+        let mut next = self.next.lock().expect("not poisoned");
+        let start = self.spacing.earliest_start(*next, now);
+        if start > now {
+            return false;
+        }
+        *next = Some(start + self.spacing.interval);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +185,25 @@ mod tests {
             .map(|_| (reserve(&next, later, &limits) - later).as_millis())
             .collect();
         assert_eq!(ms, [0, 0, 100, 200]);
+    }
+
+    #[test]
+    fn events_beyond_the_burst_are_dropped_until_the_rate_refills_them() {
+        let budget = EventBudget::new(10.0, 3);
+        let start = Instant::now();
+        let taken = |at: Instant| (0..5).filter(|_| budget.take(at)).count();
+        assert_eq!(taken(start), 3, "the burst goes out at once");
+        assert_eq!(taken(start + Duration::from_millis(50)), 0);
+        assert_eq!(
+            taken(start + Duration::from_millis(100)),
+            1,
+            "one per 100 ms"
+        );
+        assert_eq!(
+            taken(start + Duration::from_secs(60)),
+            3,
+            "a quiet minute restores the burst, no more"
+        );
     }
 
     #[tokio::test]
