@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::{FIELD_MANAGER, SourceConnection};
 use crate::authorize;
+use crate::cached::CachedConnection;
 use crate::decide;
 use crate::error::{Error, Retry, backoff};
 use crate::leader::{self, LeaseSettings};
@@ -92,7 +93,7 @@ pub struct Context {
     /// Base URL under which people reach the authorization endpoints.
     pub(crate) external_url: Option<String>,
     /// Consecutive transient failures per connection, for backoff.
-    transient_failures: Mutex<HashMap<ObjectRef<SourceConnection>, u32>>,
+    transient_failures: Mutex<HashMap<ObjectRef<CachedConnection>, u32>>,
     /// Token requests per provider host.
     pub(crate) throttle: HostThrottle,
     /// Which connections a Secret event wakes.
@@ -127,19 +128,23 @@ impl Context {
         ))
     }
 
-    pub(crate) fn record_transient_failure(&self, conn: &SourceConnection) -> u32 {
+    pub(crate) fn record_transient_failure(&self, conn: &impl Resource) -> u32 {
         let mut failures = self.transient_failures.lock().expect("not poisoned");
-        let count = failures.entry(ObjectRef::from_obj(conn)).or_default();
+        let count = failures.entry(connection_ref(conn)).or_default();
         *count += 1;
         *count
     }
 
-    pub(crate) fn clear_transient_failures(&self, conn: &SourceConnection) {
+    pub(crate) fn clear_transient_failures(&self, conn: &impl Resource) {
         self.transient_failures
             .lock()
             .expect("not poisoned")
-            .remove(&ObjectRef::from_obj(conn));
+            .remove(&connection_ref(conn));
     }
+}
+
+fn connection_ref(conn: &impl Resource) -> ObjectRef<CachedConnection> {
+    ObjectRef::new(&conn.name_any()).within(&conn.namespace().unwrap_or_default())
 }
 
 fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
@@ -289,7 +294,7 @@ async fn run_controllers(
     let stop = stop.shared();
     let controllers = scopes.iter().map(|scope| {
         let namespace = scope.as_deref();
-        let connections: Api<SourceConnection> = scoped(client.clone(), namespace);
+        let connections: Api<CachedConnection> = scoped(client.clone(), namespace);
         let (reader, writer) = reflector::store();
         context.metrics.watch(reader.clone());
         let index = context.triggers.clone();
@@ -301,7 +306,7 @@ async fn run_controllers(
             // The cache holds every connection; field-manager bookkeeping
             // and kubectl's copy of the last applied object are most of
             // each object's size and are never read.
-            .modify(|conn: &mut SourceConnection| {
+            .modify(|conn: &mut CachedConnection| {
                 conn.managed_fields_mut().clear();
                 conn.annotations_mut()
                     .remove("kubectl.kubernetes.io/last-applied-configuration");
@@ -310,7 +315,9 @@ async fn run_controllers(
             .inspect(move |event| {
                 if let Ok(event) = event {
                     index.observe(event);
-                    if let watcher::Event::Delete(conn) = event {
+                    if let watcher::Event::Delete(conn) = event
+                        && let Ok(conn) = conn.decode()
+                    {
                         cache.forget(
                             &conn.namespace().unwrap_or_default(),
                             &[conn.target_secret_name(), conn.state_secret_name()],
@@ -320,8 +327,8 @@ async fn run_controllers(
             })
             .applied_objects()
             .predicate_filter(
-                Predicate::<SourceConnection>::combine(
-                    Predicate::<SourceConnection>::combine(
+                Predicate::<CachedConnection>::combine(
+                    Predicate::<CachedConnection>::combine(
                         predicates::generation,
                         predicates::annotations,
                     ),
@@ -377,8 +384,8 @@ fn watch_config() -> watcher::Config {
 }
 
 /// Changes when deletion starts, which does not always bump the generation.
-fn being_deleted(conn: &SourceConnection) -> Option<u64> {
-    Some(u64::from(conn.metadata.deletion_timestamp.is_some()))
+fn being_deleted(conn: &CachedConnection) -> Option<u64> {
+    Some(u64::from(conn.meta().deletion_timestamp.is_some()))
 }
 
 async fn ensure_crd_installed(connections: &Api<SourceConnection>) -> anyhow::Result<()> {
@@ -431,8 +438,11 @@ pub struct Synced {
     pub notes: Vec<Note>,
 }
 
-async fn reconcile(conn: Arc<SourceConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    let conn = cached
+        .decode()
+        .expect("the cache admits only connections that decode");
     let result = reconcile_once(&conn, &ctx).await;
     ctx.metrics.observe_reconcile(started.elapsed());
     if let Err(error) = &result {
@@ -492,10 +502,10 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action
     Ok(synced.next.action())
 }
 
-fn error_policy(conn: Arc<SourceConnection>, error: &Error, ctx: Arc<Context>) -> Action {
-    let failures = ctx.record_transient_failure(&conn);
+fn error_policy(conn: Arc<CachedConnection>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_transient_failure(&*conn);
     let delay = backoff(failures);
-    warn!(connection = %display_name(&conn), %error, failures, retry_in = ?delay, "reconcile failed");
+    warn!(connection = %display_name(&*conn), %error, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 

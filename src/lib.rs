@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod authorize;
+pub mod cached;
 pub mod classify;
 pub mod controller;
 pub mod crdgen;

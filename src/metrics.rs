@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::api::SourceConnection;
+use crate::cached::CachedConnection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenRequestLabels {
@@ -108,7 +108,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The caches whose SourceConnections the per-connection series show.
-    pub fn watch(&self, store: Store<SourceConnection>) {
+    pub fn watch(&self, store: Store<CachedConnection>) {
         self.connections
             .stores
             .lock()
@@ -165,7 +165,7 @@ pub struct TokenTimes {
 
 #[derive(Debug, Default)]
 struct ConnectionCollector {
-    stores: std::sync::Mutex<Vec<Store<SourceConnection>>>,
+    stores: std::sync::Mutex<Vec<Store<CachedConnection>>>,
     token_times: std::sync::Mutex<HashMap<(String, String), TokenTimes>>,
 }
 
@@ -193,7 +193,9 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
                 }
                 live.insert(key, times);
             }
-            let Some(status) = &conn.status else { continue };
+            let Ok(Some(status)) = conn.status() else {
+                continue;
+            };
             failed_attempts
                 .get_or_create(&labels)
                 .set(i64::from(status.failed_refresh_attempts.unwrap_or(0)));

@@ -174,7 +174,7 @@ pub fn is_current(conn: &SourceConnection, desired: &SourceConnectionStatus) -> 
 }
 
 /// A short label for logs: `namespace/name`.
-pub fn display_name(conn: &SourceConnection) -> String {
+pub fn display_name(conn: &impl kube::Resource) -> String {
     format!(
         "{}/{}",
         conn.namespace().unwrap_or_default(),

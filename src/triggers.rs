@@ -17,7 +17,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{LABEL_MANAGED_BY, MANAGED_BY, SourceConnection};
+use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
+use crate::cached::CachedConnection;
 use crate::secret_cache::SecretCache;
 
 type Key = (String, String);
@@ -40,10 +41,11 @@ struct References {
 }
 
 impl References {
-    fn set(&mut self, conn: &SourceConnection) {
+    fn set(&mut self, conn: &CachedConnection) {
         let key = (conn.namespace().unwrap_or_default(), conn.name_any());
-        let names: Vec<String> = conn
-            .spec
+        // The cache admits only connections that decode.
+        let spec = conn.spec().expect("cached connections decode");
+        let names: Vec<String> = spec
             .referenced_secret_names()
             .into_iter()
             .map(str::to_owned)
@@ -81,7 +83,7 @@ impl References {
 
 impl SecretTriggers {
     /// Keeps the index in step with the connection watch.
-    pub fn observe(&self, event: &watcher::Event<SourceConnection>) {
+    pub fn observe(&self, event: &watcher::Event<CachedConnection>) {
         let mut references = self.references.lock().expect("not poisoned");
         match event {
             watcher::Event::Apply(conn) => references.set(conn),
@@ -115,7 +117,7 @@ impl SecretTriggers {
         &self,
         secret: &PartialObjectMeta<Secret>,
         cache: &SecretCache,
-    ) -> Vec<ObjectRef<SourceConnection>> {
+    ) -> Vec<ObjectRef<CachedConnection>> {
         let namespace = secret.namespace().unwrap_or_default();
         if secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY) {
             if cache.is_own_write(secret) {
@@ -126,8 +128,8 @@ impl SecretTriggers {
                 .iter()
                 .filter(|owner| {
                     owner.controller == Some(true)
-                        && owner.kind == SourceConnection::kind(&())
-                        && owner.api_version == SourceConnection::api_version(&())
+                        && owner.kind == CachedConnection::kind(&())
+                        && owner.api_version == CachedConnection::api_version(&())
                 })
                 .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
                 .collect();
@@ -148,15 +150,14 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
-    fn connection(name: &str, secret: &str) -> SourceConnection {
-        let conn: SourceConnection = serde_json::from_value(serde_json::json!({
+    fn connection(name: &str, secret: &str) -> CachedConnection {
+        let json = serde_json::json!({
             "apiVersion": "tokenkeeper.dev/v1alpha1",
             "kind": "SourceConnection",
             "metadata": {"name": name, "namespace": "data"},
             "spec": {"apiKey": {"secretRef": {"name": secret}}},
-        }))
-        .expect("valid connection");
-        conn
+        });
+        serde_json::from_str(&json.to_string()).expect("valid connection")
     }
 
     fn secret_meta(name: &str, version: &str, owner: Option<&str>) -> PartialObjectMeta<Secret> {
@@ -178,7 +179,7 @@ mod tests {
         meta
     }
 
-    fn names(refs: Vec<ObjectRef<SourceConnection>>) -> Vec<String> {
+    fn names(refs: Vec<ObjectRef<CachedConnection>>) -> Vec<String> {
         refs.into_iter().map(|r| r.name).collect()
     }
 
