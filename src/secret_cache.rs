@@ -22,7 +22,23 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
 
-type Key = (String, String);
+/// `namespace/name`, in one allocation (neither part contains a slash).
+type Key = Box<str>;
+
+fn key(namespace: &str, name: &str) -> Key {
+    format!("{namespace}/{name}").into_boxed_str()
+}
+
+fn key_of(secret: &impl Resource) -> Key {
+    key(
+        secret.meta().namespace.as_deref().unwrap_or_default(),
+        secret.meta().name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn split(key: &Key) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
+}
 
 /// What one watch covers: a namespace, or all of them (`None`).
 pub type Scope = Option<String>;
@@ -31,19 +47,36 @@ pub type Scope = Option<String>;
 pub struct SecretCache {
     /// Scopes whose watch has listed its Secrets at least once.
     listed: Mutex<HashSet<Scope>>,
-    /// The current resourceVersion of every Secret the watches have seen.
-    versions: Mutex<HashMap<Key, String>>,
     /// Listings in progress after a (re)start of a watch.
-    listing: Mutex<HashMap<Scope, HashMap<Key, String>>>,
-    contents: Mutex<HashMap<Key, Entry>>,
+    listing: Mutex<HashMap<Scope, HashMap<Key, Box<str>>>>,
+    /// Every Secret the watches have seen, and every Secret kept. One map
+    /// rather than one for versions and one for contents: at ten thousand
+    /// connections the second copy of each key cost about 5 MiB.
+    secrets: Mutex<HashMap<Key, Known>>,
 }
 
 fn in_scope(key: &Key, scope: &Scope) -> bool {
-    scope.as_ref().is_none_or(|namespace| *namespace == key.0)
+    scope
+        .as_ref()
+        .is_none_or(|namespace| split(key).0 == namespace)
+}
+
+#[derive(Default)]
+struct Known {
+    /// The current resourceVersion as the watch says; `None` when the
+    /// Secret does not exist (any more) but what tokenkeeper wrote is kept.
+    version: Option<Box<str>>,
+    kept: Option<Box<Entry>>,
+}
+
+impl Known {
+    fn is_empty(&self) -> bool {
+        self.version.is_none() && self.kept.is_none()
+    }
 }
 
 struct Entry {
-    version: String,
+    version: Box<str>,
     /// The slimmed Secret as JSON: one allocation instead of a hundred
     /// small ones. A target Secret took about 6 KiB decoded and takes under
     /// 2 KiB so; decoding it again costs about 10 µs per read.
@@ -53,11 +86,15 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(version: String, secret: &Secret, own: bool) -> Self {
+    fn new(version: String, secret: &Secret, own: bool) -> Box<Self> {
         let json = serde_json::to_vec(secret)
             .expect("a Secret serializes")
             .into_boxed_slice();
-        Entry { version, json, own }
+        Box::new(Entry {
+            version: version.into_boxed_str(),
+            json,
+            own,
+        })
     }
 
     fn secret(&self) -> Arc<Secret> {
@@ -96,24 +133,23 @@ fn slim(mut secret: Secret) -> Secret {
     secret
 }
 
-fn key_of(secret: &impl Resource) -> Key {
-    (secret.namespace().unwrap_or_default(), secret.name_any())
-}
-
 impl SecretCache {
     /// Follows the watch of `scope`.
     pub fn observe(&self, scope: &Scope, event: &watcher::Event<PartialObjectMeta<Secret>>) {
         match event {
-            watcher::Event::Apply(meta) => self.set_version(meta),
+            watcher::Event::Apply(meta) => {
+                if let Some(version) = &meta.metadata.resource_version {
+                    self.lock().entry(key_of(meta)).or_default().version =
+                        Some(version.as_str().into());
+                }
+            }
             watcher::Event::Delete(meta) => {
-                let key = key_of(meta);
-                self.versions.lock().expect("not poisoned").remove(&key);
                 // What tokenkeeper wrote itself is remembered past a
                 // deletion: it may be the only copy of a grant.
-                let mut contents = self.contents.lock().expect("not poisoned");
-                if contents.get(&key).is_some_and(|e| !e.own) {
-                    contents.remove(&key);
-                }
+                self.update(key_of(meta), |known| {
+                    known.version = None;
+                    known.kept = known.kept.take().filter(|e| e.own);
+                });
             }
             watcher::Event::Init => {
                 self.listing
@@ -123,27 +159,36 @@ impl SecretCache {
             }
             watcher::Event::InitApply(meta) => {
                 if let Some(listing) = self.listing.lock().expect("not poisoned").get_mut(scope)
-                    && let Some(version) = meta.resource_version()
+                    && let Some(version) = &meta.metadata.resource_version
                 {
-                    listing.insert(key_of(meta), version);
+                    listing.insert(key_of(meta), version.as_str().into());
                 }
             }
             watcher::Event::InitDone => {
-                let Some(listed) = self.listing.lock().expect("not poisoned").remove(scope) else {
+                let Some(mut listed) = self.listing.lock().expect("not poisoned").remove(scope)
+                else {
                     return;
                 };
-                self.contents
-                    .lock()
-                    .expect("not poisoned")
-                    .retain(|key, entry| {
-                        entry.own
-                            || !in_scope(key, scope)
-                            || listed.get(key) == Some(&entry.version)
-                    });
-                let mut versions = self.versions.lock().expect("not poisoned");
-                versions.retain(|key, _| !in_scope(key, scope));
-                versions.extend(listed);
-                drop(versions);
+                let mut secrets = self.lock();
+                secrets.retain(|key, known| {
+                    if !in_scope(key, scope) {
+                        return true;
+                    }
+                    known.version = listed.remove(key);
+                    known.kept = known
+                        .kept
+                        .take()
+                        .filter(|e| e.own || known.version.as_ref() == Some(&e.version));
+                    !known.is_empty()
+                });
+                secrets.extend(listed.into_iter().map(|(key, version)| {
+                    let known = Known {
+                        version: Some(version),
+                        kept: None,
+                    };
+                    (key, known)
+                }));
+                drop(secrets);
                 self.listed
                     .lock()
                     .expect("not poisoned")
@@ -152,12 +197,19 @@ impl SecretCache {
         }
     }
 
-    fn set_version(&self, meta: &PartialObjectMeta<Secret>) {
-        if let Some(version) = meta.resource_version() {
-            self.versions
-                .lock()
-                .expect("not poisoned")
-                .insert(key_of(meta), version);
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Known>> {
+        self.secrets.lock().expect("not poisoned")
+    }
+
+    /// Changes what is known of `key`, if anything, and forgets it once
+    /// nothing is left.
+    fn update(&self, key: Key, change: impl FnOnce(&mut Known)) {
+        let mut secrets = self.lock();
+        if let Some(known) = secrets.get_mut(&key) {
+            change(known);
+            if known.is_empty() {
+                secrets.remove(&key);
+            }
         }
     }
 
@@ -167,59 +219,52 @@ impl SecretCache {
             return;
         };
         let key = key_of(&secret);
-        self.versions
-            .lock()
-            .expect("not poisoned")
-            .insert(key.clone(), version.clone());
-        let entry = Entry::new(version, &slim(secret), true);
-        self.contents
-            .lock()
-            .expect("not poisoned")
-            .insert(key, entry);
+        let entry = Entry::new(version.clone(), &slim(secret), true);
+        let mut secrets = self.lock();
+        let known = secrets.entry(key).or_default();
+        known.version = Some(version.into_boxed_str());
+        known.kept = Some(entry);
     }
 
     /// True when `meta` is the version tokenkeeper wrote last: its watch
     /// event is the echo of our own write.
     pub fn is_own_write(&self, meta: &PartialObjectMeta<Secret>) -> bool {
-        let contents = self.contents.lock().expect("not poisoned");
-        contents
+        let secrets = self.lock();
+        secrets
             .get(&key_of(meta))
-            .is_some_and(|e| e.own && Some(&e.version) == meta.metadata.resource_version.as_ref())
+            .and_then(|known| known.kept.as_ref())
+            .is_some_and(|e| {
+                e.own && meta.metadata.resource_version.as_deref() == Some(&*e.version)
+            })
     }
 
     /// The Secret as tokenkeeper last wrote it, even if it was changed or
     /// deleted since.
     pub fn last_written(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
-        let contents = self.contents.lock().expect("not poisoned");
-        contents
-            .get(&(namespace.to_owned(), name.to_owned()))
+        let secrets = self.lock();
+        secrets
+            .get(&key(namespace, name))
+            .and_then(|known| known.kept.as_ref())
             .filter(|e| e.own)
-            .map(Entry::secret)
+            .map(|e| e.secret())
     }
 
     /// Forgets what was kept for these Secrets (their connection is gone).
     pub fn forget(&self, namespace: &str, names: &[String]) {
-        let mut contents = self.contents.lock().expect("not poisoned");
         for name in names {
-            contents.remove(&(namespace.to_owned(), name.clone()));
+            self.update(key(namespace, name), |known| known.kept = None);
         }
     }
 
-    /// What the watch says of `namespace/name`: `None` before the first
-    /// listing completed, `Some(None)` when it does not exist.
-    fn known_version(&self, key: &Key) -> Option<Option<String>> {
+    /// What the watch says of `key`: `None` before the first listing
+    /// completed, `Some(None)` when it does not exist.
+    fn known_version(&self, key: &Key) -> Option<Option<Box<str>>> {
         let listed = self.listed.lock().expect("not poisoned");
-        if !listed.contains(&None) && !listed.contains(&Some(key.0.clone())) {
+        if !listed.contains(&None) && !listed.contains(&Some(split(key).0.to_owned())) {
             return None;
         }
         drop(listed);
-        Some(
-            self.versions
-                .lock()
-                .expect("not poisoned")
-                .get(key)
-                .cloned(),
-        )
+        Some(self.lock().get(key).and_then(|known| known.version.clone()))
     }
 
     /// The Secret `name` in `secrets`' namespace: from what was read or
@@ -231,11 +276,11 @@ impl SecretCache {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<Secret>>, kube::Error> {
-        let key = (namespace.to_owned(), name.to_owned());
+        let key = key(namespace, name);
         match self.known_version(&key) {
             Some(None) => Ok(None),
             Some(Some(version)) => {
-                if let Some(entry) = self.contents.lock().expect("not poisoned").get(&key)
+                if let Some(entry) = self.lock().get(&key).and_then(|known| known.kept.as_ref())
                     && entry.version == version
                 {
                     return Ok(Some(entry.secret()));
@@ -246,28 +291,6 @@ impl SecretCache {
         }
     }
 
-    /// Reads a version the watch already brought: the API server answers
-    /// from its watch cache, at about half the cost of a read from etcd
-    /// (measured on kube-apiserver 1.20: 1.1 against 2.1 ms of control-plane
-    /// CPU), which is most of a cold start's reads. A server whose cache
-    /// lags too far behind answers 504; etcd answers then.
-    async fn read_at(
-        &self,
-        secrets: &Api<Secret>,
-        key: Key,
-        version: &str,
-    ) -> Result<Option<Arc<Secret>>, kube::Error> {
-        match secrets.get_with(&key.1, &GetParams::at(version)).await {
-            Ok(secret) => Ok(Some(self.keep_read(key, secret))),
-            Err(kube::Error::Api(status)) if status.is_not_found() => {
-                self.contents.lock().expect("not poisoned").remove(&key);
-                Ok(None)
-            }
-            Err(kube::Error::Api(status)) if status.code == 504 => self.read(secrets, key).await,
-            Err(error) => Err(error),
-        }
-    }
-
     /// Reads `name` from the API, bypassing what is kept.
     pub async fn get_fresh(
         &self,
@@ -275,8 +298,32 @@ impl SecretCache {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<Secret>>, kube::Error> {
-        self.read(secrets, (namespace.to_owned(), name.to_owned()))
+        self.read(secrets, key(namespace, name)).await
+    }
+
+    /// Reads a version the watch already brought: the API server answers
+    /// from its watch cache, at about half the cost of a read from etcd
+    /// (measured on kube-apiserver 1.20 by tests/bench/api-cost.sh), which
+    /// is most of a cold start's reads. A server whose cache lags too far
+    /// behind answers 504; etcd answers then.
+    async fn read_at(
+        &self,
+        secrets: &Api<Secret>,
+        key: Key,
+        version: &str,
+    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+        match secrets
+            .get_with(split(&key).1, &GetParams::at(version))
             .await
+        {
+            Ok(secret) => Ok(Some(self.keep_read(key, secret))),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
+                self.update(key, |known| known.kept = None);
+                Ok(None)
+            }
+            Err(kube::Error::Api(status)) if status.code == 504 => self.read(secrets, key).await,
+            Err(error) => Err(error),
+        }
     }
 
     async fn read(
@@ -284,8 +331,8 @@ impl SecretCache {
         secrets: &Api<Secret>,
         key: Key,
     ) -> Result<Option<Arc<Secret>>, kube::Error> {
-        let Some(secret) = secrets.get_opt(&key.1).await? else {
-            self.contents.lock().expect("not poisoned").remove(&key);
+        let Some(secret) = secrets.get_opt(split(&key).1).await? else {
+            self.update(key, |known| known.kept = None);
             return Ok(None);
         };
         Ok(Some(self.keep_read(key, secret)))
@@ -295,10 +342,7 @@ impl SecretCache {
         let secret = slim(secret);
         if let Some(version) = secret.resource_version() {
             let entry = Entry::new(version, &secret, false);
-            self.contents
-                .lock()
-                .expect("not poisoned")
-                .insert(key, entry);
+            self.lock().entry(key).or_default().kept = Some(entry);
         }
         Arc::new(secret)
     }
@@ -325,7 +369,7 @@ mod tests {
     }
 
     fn key(name: &str) -> Key {
-        ("data".into(), name.into())
+        super::key("data", name)
     }
 
     const ALL: Scope = None;
@@ -341,7 +385,7 @@ mod tests {
         cache.observe(&other, &watcher::Event::Init);
         assert_eq!(cache.known_version(&key("a")), Some(Some("1".into())));
         assert_eq!(
-            cache.known_version(&("other".into(), "b".into())),
+            cache.known_version(&super::key("other", "b")),
             None,
             "not listed yet"
         );

@@ -135,8 +135,6 @@ measure("create SourceConnection (the user's)", create_connection)
 measure("create target Secret, server-side apply",
         lambda i: request("PATCH", f"{SECRETS}/{name(i)}-credentials{FORCE}",
                           target_secret(i, f"{name(i)}-credentials"), APPLY))
-measure("create target Secret, POST",
-        lambda i: request("POST", SECRETS, target_secret(i, f"{name(i)}-posted")))
 measure("status, server-side apply",
         lambda i: request("PATCH", f"{CONNECTIONS}/{name(i)}/status{FORCE}",
                           {"apiVersion": "tokenkeeper.dev/v1alpha1", "kind": "SourceConnection",
