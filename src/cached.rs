@@ -4,9 +4,9 @@
 //! runs, but a reconcile reads only the one it works on. So the cache keeps
 //! each connection's metadata decoded (the controller's machinery reads it
 //! on every event) and its spec and status as the JSON the API server sent,
-//! decoded again when needed. At ten thousand connections this is about a
-//! tenth of the operator's memory: a decoded connection takes about 2.3 KiB
-//! in some forty allocations, a cached one about 1.2 KiB in eight.
+//! decoded again when needed (a reconcile decodes the one it works on). At
+//! ten thousand connections this took 4.6 MiB off the operator's peak RSS
+//! (91.7 to 87.1 MiB in the scale benchmark).
 
 use std::borrow::Cow;
 

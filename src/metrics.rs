@@ -89,7 +89,7 @@ impl Default for Metrics {
         let events_dropped = Counter::default();
         registry.register(
             "events_dropped",
-            "Normal events not published because more than --event-burst came at once",
+            "Normal events dropped for coming faster than --event-qps after a burst of --event-burst",
             events_dropped.clone(),
         );
         let connections = Arc::new(ConnectionCollector::default());
