@@ -122,7 +122,7 @@ impl Metrics {
             .token_times
             .lock()
             .expect("not poisoned")
-            .insert((namespace.to_owned(), name.to_owned()), times);
+            .insert(format!("{namespace}/{name}").into_boxed_str(), times);
     }
 
     pub fn observe_reconcile(&self, took: Duration) {
@@ -166,7 +166,8 @@ pub struct TokenTimes {
 #[derive(Debug, Default)]
 struct ConnectionCollector {
     stores: std::sync::Mutex<Vec<Store<CachedConnection>>>,
-    token_times: std::sync::Mutex<HashMap<(String, String), TokenTimes>>,
+    /// By `namespace/name`, one allocation per connection.
+    token_times: std::sync::Mutex<HashMap<Box<str>, TokenTimes>>,
 }
 
 impl prometheus_client::collector::Collector for ConnectionCollector {
@@ -183,7 +184,7 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
                 namespace: conn.namespace().unwrap_or_default(),
                 name: conn.name_any(),
             };
-            let key = (labels.namespace.clone(), labels.name.clone());
+            let key = format!("{}/{}", labels.namespace, labels.name).into_boxed_str();
             if let Some(times) = token_times.remove(&key) {
                 if let Some(t) = times.expires_at {
                     expiry.get_or_create(&labels).set(t as f64);

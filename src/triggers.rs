@@ -21,7 +21,19 @@ use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::cached::CachedConnection;
 use crate::secret_cache::SecretCache;
 
-type Key = (String, String);
+/// `namespace/name`, in one allocation (neither part contains a slash).
+type Key = Box<str>;
+
+fn key(namespace: &str, name: &str) -> Key {
+    format!("{namespace}/{name}").into_boxed_str()
+}
+
+fn key_of(conn: &CachedConnection) -> Key {
+    key(
+        conn.meta().namespace.as_deref().unwrap_or_default(),
+        conn.meta().name.as_deref().unwrap_or_default(),
+    )
+}
 
 #[derive(Default)]
 pub struct SecretTriggers {
@@ -30,47 +42,46 @@ pub struct SecretTriggers {
 
 #[derive(Default)]
 struct References {
-    /// (namespace, Secret) to the names of the connections reading it,
-    /// sorted. A Vec rather than a BTreeSet: most Secrets have one reader,
-    /// and a B-tree allocates a node for eleven.
-    readers: HashMap<Key, Vec<String>>,
-    /// (namespace, connection) to the Secrets it reads.
-    reads: HashMap<Key, Vec<String>>,
+    /// Secret to the names of the connections reading it, sorted. A Vec
+    /// rather than a BTreeSet: most Secrets have one reader, and a B-tree
+    /// allocates a node for eleven.
+    readers: HashMap<Key, Vec<Box<str>>>,
+    /// Connection to the names of the Secrets it reads.
+    reads: HashMap<Key, Box<[Box<str>]>>,
     /// Connections listed since the watch (re)started; the others are gone.
     listed: Option<HashSet<Key>>,
 }
 
 impl References {
     fn set(&mut self, conn: &CachedConnection) {
-        let key = (conn.namespace().unwrap_or_default(), conn.name_any());
+        let connection = key_of(conn);
         // The cache admits only connections that decode.
         let spec = conn.spec().expect("cached connections decode");
-        let names: Vec<String> = spec
+        let names: Box<[Box<str>]> = spec
             .referenced_secret_names()
             .into_iter()
-            .map(str::to_owned)
+            .map(Box::from)
             .collect();
-        if self.reads.get(&key) == Some(&names) {
+        if self.reads.get(&connection) == Some(&names) {
             return;
         }
-        self.remove(&key);
-        for name in &names {
-            let readers = self
-                .readers
-                .entry((key.0.clone(), name.clone()))
-                .or_default();
-            if let Err(at) = readers.binary_search(&key.1) {
-                readers.insert(at, key.1.clone());
+        self.remove(&connection);
+        let (namespace, name) = split(&connection);
+        for secret in &names {
+            let readers = self.readers.entry(key(namespace, secret)).or_default();
+            if let Err(at) = readers.binary_search_by(|reader| (**reader).cmp(name)) {
+                readers.insert(at, name.into());
             }
         }
-        self.reads.insert(key, names);
+        self.reads.insert(connection, names);
     }
 
-    fn remove(&mut self, key: &Key) {
-        for name in self.reads.remove(key).unwrap_or_default() {
-            let secret = (key.0.clone(), name);
+    fn remove(&mut self, connection: &Key) {
+        let (namespace, name) = split(connection);
+        for secret in self.reads.remove(connection).unwrap_or_default() {
+            let secret = key(namespace, &secret);
             if let Some(readers) = self.readers.get_mut(&secret) {
-                if let Ok(at) = readers.binary_search(&key.1) {
+                if let Ok(at) = readers.binary_search_by(|reader| (**reader).cmp(name)) {
                     readers.remove(at);
                 }
                 if readers.is_empty() {
@@ -81,20 +92,22 @@ impl References {
     }
 }
 
+fn split(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
+}
+
 impl SecretTriggers {
     /// Keeps the index in step with the connection watch.
     pub fn observe(&self, event: &watcher::Event<CachedConnection>) {
         let mut references = self.references.lock().expect("not poisoned");
         match event {
             watcher::Event::Apply(conn) => references.set(conn),
-            watcher::Event::Delete(conn) => {
-                references.remove(&(conn.namespace().unwrap_or_default(), conn.name_any()));
-            }
+            watcher::Event::Delete(conn) => references.remove(&key_of(conn)),
             watcher::Event::Init => references.listed = Some(HashSet::new()),
             watcher::Event::InitApply(conn) => {
                 references.set(conn);
                 if let Some(listed) = references.listed.as_mut() {
-                    listed.insert((conn.namespace().unwrap_or_default(), conn.name_any()));
+                    listed.insert(key_of(conn));
                 }
             }
             watcher::Event::InitDone => {
@@ -137,7 +150,7 @@ impl SecretTriggers {
         let references = self.references.lock().expect("not poisoned");
         references
             .readers
-            .get(&(namespace.clone(), secret.name_any()))
+            .get(&key(&namespace, &secret.name_any()))
             .into_iter()
             .flatten()
             .map(|name| ObjectRef::new(name).within(&namespace))
