@@ -11,6 +11,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod oauth_sync;
+pub mod object_key;
 pub mod revocation;
 pub mod schedule;
 pub mod seal;

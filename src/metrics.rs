@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::cached::CachedConnection;
+use crate::object_key::{Key, key};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenRequestLabels {
@@ -122,7 +123,7 @@ impl Metrics {
             .token_times
             .lock()
             .expect("not poisoned")
-            .insert(format!("{namespace}/{name}").into_boxed_str(), times);
+            .insert(key(namespace, name), times);
     }
 
     pub fn observe_reconcile(&self, took: Duration) {
@@ -167,7 +168,7 @@ pub struct TokenTimes {
 struct ConnectionCollector {
     stores: std::sync::Mutex<Vec<Store<CachedConnection>>>,
     /// By `namespace/name`, one allocation per connection.
-    token_times: std::sync::Mutex<HashMap<Box<str>, TokenTimes>>,
+    token_times: std::sync::Mutex<HashMap<Key, TokenTimes>>,
 }
 
 impl prometheus_client::collector::Collector for ConnectionCollector {
@@ -184,7 +185,7 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
                 namespace: conn.namespace().unwrap_or_default(),
                 name: conn.name_any(),
             };
-            let key = format!("{}/{}", labels.namespace, labels.name).into_boxed_str();
+            let key = key(&labels.namespace, &labels.name);
             if let Some(times) = token_times.remove(&key) {
                 if let Some(t) = times.expires_at {
                     expiry.get_or_create(&labels).set(t as f64);

@@ -15,30 +15,13 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, GetParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
 
 use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
-
-/// `namespace/name`, in one allocation (neither part contains a slash).
-type Key = Box<str>;
-
-fn key(namespace: &str, name: &str) -> Key {
-    format!("{namespace}/{name}").into_boxed_str()
-}
-
-fn key_of(secret: &impl Resource) -> Key {
-    key(
-        secret.meta().namespace.as_deref().unwrap_or_default(),
-        secret.meta().name.as_deref().unwrap_or_default(),
-    )
-}
-
-fn split(key: &Key) -> (&str, &str) {
-    key.split_once('/').unwrap_or(("", key))
-}
+use crate::object_key::{Key, key, key_of, split};
 
 /// What one watch covers: a namespace, or all of them (`None`).
 pub type Scope = Option<String>;

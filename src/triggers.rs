@@ -19,21 +19,8 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::cached::CachedConnection;
+use crate::object_key::{Key, key, key_of, split};
 use crate::secret_cache::SecretCache;
-
-/// `namespace/name`, in one allocation (neither part contains a slash).
-type Key = Box<str>;
-
-fn key(namespace: &str, name: &str) -> Key {
-    format!("{namespace}/{name}").into_boxed_str()
-}
-
-fn key_of(conn: &CachedConnection) -> Key {
-    key(
-        conn.meta().namespace.as_deref().unwrap_or_default(),
-        conn.meta().name.as_deref().unwrap_or_default(),
-    )
-}
 
 #[derive(Default)]
 pub struct SecretTriggers {
@@ -90,10 +77,6 @@ impl References {
             }
         }
     }
-}
-
-fn split(key: &str) -> (&str, &str) {
-    key.split_once('/').unwrap_or(("", key))
 }
 
 impl SecretTriggers {
