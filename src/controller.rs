@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -31,12 +31,14 @@ use crate::error::{Error, Retry, backoff};
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::oauth_sync;
+use crate::object_key::key_of;
 use crate::revocation;
 use crate::schedule;
 use crate::seal::{self, SealingKey};
 use crate::secret_cache::SecretCache;
 use crate::server::{self, Health};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
+use crate::status_echo::StatusEchoes;
 use crate::throttle::{self, EventBudget, HostThrottle};
 use crate::token_client;
 use crate::triggers::SecretTriggers;
@@ -102,6 +104,8 @@ pub struct Context {
     pub(crate) secrets: Arc<SecretCache>,
     /// Seals the refresh tokens kept in target Secrets.
     pub(crate) sealing_key: SealingKey,
+    /// Status writes the cache does not show yet.
+    status_echoes: Arc<StatusEchoes>,
 }
 
 impl Context {
@@ -202,6 +206,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         triggers: Arc::default(),
         secrets: Arc::default(),
         sealing_key,
+        status_echoes: Arc::default(),
         metrics: metrics.clone(),
         revocation_timeout: settings.revocation_timeout,
         external_url: settings
@@ -299,6 +304,7 @@ async fn run_controllers(
         context.metrics.watch(reader.clone());
         let index = context.triggers.clone();
         let cache = context.secrets.clone();
+        let status_echoes = context.status_echoes.clone();
         // Status-only updates (our own writes) do not change the generation
         // or annotations, so they do not wake the reconciler again.
         let connection_changes = watcher(connections, watch_config())
@@ -315,6 +321,14 @@ async fn run_controllers(
             .inspect(move |event| {
                 if let Ok(event) = event {
                     index.observe(event);
+                    match event {
+                        watcher::Event::Apply(conn) | watcher::Event::InitApply(conn) => {
+                            status_echoes
+                                .observed(&key_of(conn), conn.meta().resource_version.as_deref());
+                        }
+                        watcher::Event::Delete(conn) => status_echoes.observed(&key_of(conn), None),
+                        watcher::Event::Init | watcher::Event::InitDone => {}
+                    }
                     if let watcher::Event::Delete(conn) = event
                         && let Ok(conn) = conn.decode()
                     {
@@ -577,8 +591,7 @@ pub(crate) async fn apply_if_changed(
         return Ok(None);
     }
     let name = desired.name_any();
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let written = match secrets.patch(&name, &params, &Patch::Apply(desired)).await {
+    let written = match write_secret(secrets, existing, desired).await {
         Ok(written) => written,
         // The server refuses the Secret for what the user wrote into
         // spec.target (an invalid label, say): a spec problem, not an outage.
@@ -604,6 +617,46 @@ pub(crate) async fn apply_if_changed(
     Ok(Some(written))
 }
 
+/// Creates the Secret when there is none (a plain create costs the API
+/// server about a third less than a server-side apply that creates), and
+/// otherwise applies it, first removing what the create set and is no
+/// longer wanted (see `decide::stale_fields`).
+async fn write_secret(
+    secrets: &Api<Secret>,
+    existing: Option<&Secret>,
+    desired: &Secret,
+) -> Result<Secret, kube::Error> {
+    let name = desired.name_any();
+    match existing {
+        None => {
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..Default::default()
+            };
+            match secrets.create(&params, desired).await {
+                // Created meanwhile by someone else (the watch had not told
+                // yet): applied over, as a server-side apply create would.
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                other => return other,
+            }
+        }
+        Some(existing) => {
+            let stale = decide::stale_fields(existing, desired);
+            if !stale.is_empty() {
+                let params = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..Default::default()
+                };
+                secrets
+                    .patch(&name, &params, &Patch::Merge(stale.removal_patch()))
+                    .await?;
+            }
+        }
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    secrets.patch(&name, &params, &Patch::Apply(desired)).await
+}
+
 async fn write_status(
     conn: &SourceConnection,
     ctx: &Context,
@@ -611,7 +664,11 @@ async fn write_status(
     now: Timestamp,
 ) -> Result<(), Error> {
     let desired = status::desired_status(conn, report, now);
-    if status::is_current(conn, &desired) {
+    let key = key_of(conn);
+    let version = conn.resource_version().unwrap_or_default();
+    if status::is_current(conn, &desired)
+        || ctx.status_echoes.already_written(&key, &version, &desired)
+    {
         return Ok(());
     }
     let api: Api<SourceConnection> =
@@ -627,6 +684,7 @@ async fn write_status(
         &Patch::Apply(&body),
     )
     .await?;
+    ctx.status_echoes.wrote(key, &version, &desired);
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub mod seal;
 pub mod secret_cache;
 pub mod server;
 pub mod status;
+pub mod status_echo;
 pub mod telemetry;
 pub mod throttle;
 pub mod token;

@@ -95,14 +95,23 @@ fn slim(mut secret: Secret) -> Secret {
         if let Some(fields) = meta.managed_fields.as_mut() {
             fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
             for entry in fields {
-                // Only which labels and annotations tokenkeeper applied is
-                // ever read (decide::needs_write).
-                if let Some(applied) = entry.fields_v1.as_mut() {
-                    let metadata = &applied.0["f:metadata"];
-                    applied.0 = serde_json::json!({"f:metadata": {
-                        "f:labels": metadata["f:labels"].clone(),
-                        "f:annotations": metadata["f:annotations"].clone(),
-                    }});
+                // Only which labels and annotations tokenkeeper set is ever
+                // read (decide::needs_write), and which data keys it set
+                // when it created the Secret (decide::stale_fields).
+                let created = entry.operation.as_deref() == Some("Update");
+                if let Some(owned) = entry.fields_v1.as_mut() {
+                    let mut metadata = serde_json::Map::new();
+                    for section in ["f:labels", "f:annotations"] {
+                        match owned.0["f:metadata"][section].take() {
+                            serde_json::Value::Null => {}
+                            keys => drop(metadata.insert(section.to_owned(), keys)),
+                        }
+                    }
+                    let mut kept = serde_json::json!({"f:metadata": metadata});
+                    if created && !owned.0["f:data"].is_null() {
+                        kept["f:data"] = owned.0["f:data"].take();
+                    }
+                    owned.0 = kept;
                 }
                 entry.time = None;
             }
@@ -433,6 +442,61 @@ mod tests {
         assert_eq!(
             kept.metadata.uid, None,
             "what reconciling never reads is dropped"
+        );
+    }
+
+    #[test]
+    fn a_kept_secret_keeps_what_tokenkeeper_owns_and_what_its_create_set() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let entry = |manager: &str, operation: &str| ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some(operation.into()),
+            time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::UNIX_EPOCH,
+            )),
+            fields_v1: Some(FieldsV1(serde_json::json!({
+                "f:metadata": {"f:labels": {"f:a": {}}, "f:ownerReferences": {}},
+                "f:data": {"f:d": {}},
+                "f:type": {},
+            }))),
+            ..Default::default()
+        };
+        let cache = SecretCache::default();
+        let mut written = secret("target", "4");
+        written.metadata.labels = Some([(LABEL_MANAGED_BY.into(), MANAGED_BY.into())].into());
+        written.metadata.managed_fields = Some(vec![
+            entry(FIELD_MANAGER, "Update"),
+            entry(FIELD_MANAGER, "Apply"),
+            entry("kubectl", "Update"),
+        ]);
+        cache.wrote(written);
+        let kept = cache.last_written("data", "target").expect("kept");
+        let owned: Vec<_> = kept
+            .managed_fields()
+            .iter()
+            .map(|e| {
+                (
+                    e.operation.as_deref().unwrap_or_default(),
+                    e.fields_v1.as_ref().map(|f| f.0.clone()),
+                    e.time.is_some(),
+                )
+            })
+            .collect();
+        let labels = serde_json::json!({"f:labels": {"f:a": {}}});
+        assert_eq!(
+            owned,
+            vec![
+                (
+                    "Update",
+                    Some(serde_json::json!({"f:metadata": labels, "f:data": {"f:d": {}}})),
+                    false
+                ),
+                (
+                    "Apply",
+                    Some(serde_json::json!({"f:metadata": labels})),
+                    false
+                ),
+            ]
         );
     }
 

@@ -419,6 +419,56 @@ fn generation_is_observed_and_a_quiet_connection_is_not_rewritten() {
     );
 }
 
+/// tokenkeeper creates the target Secret with a plain create and updates it
+/// by server-side apply; what the spec no longer asks for must still go.
+#[test]
+fn what_the_spec_drops_leaves_the_target_secret() {
+    let ns = TestNamespace::new("spec-drops");
+    let _operator = Operator::start(&ns);
+    ns.apply_ok(&example("basic-postgres.yaml"));
+    ns.wait_ready("warehouse-db", "True", "SecretSynced", READY_TIMEOUT);
+    let target = "warehouse-db-credentials";
+    assert_eq!(
+        ns.jsonpath("secret", target, "{.metadata.labels.team}"),
+        "data-platform"
+    );
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "warehouse-db-key",
+        "--from-literal=api_key=k-123",
+    ]);
+    ns.kubectl_ok(&["label", "secret", target, "added-by-someone-else=yes"]);
+
+    ns.kubectl_ok(&[
+        "patch",
+        "srcconn",
+        "warehouse-db",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"basic":null,"apiKey":{"secretRef":{"name":"warehouse-db-key"}},"target":null}}"#,
+    ]);
+    wait_for("the API key in the target", READY_TIMEOUT, || {
+        let key = ns.secret_value(target, "api_key");
+        (key.as_deref() == Some("k-123"))
+            .then_some(())
+            .ok_or(format!("{key:?}"))
+    });
+    wait_for("the dropped label and keys gone", READY_TIMEOUT, || {
+        let keys = ns.jsonpath("secret", target, "{.data}");
+        let team = ns.jsonpath("secret", target, "{.metadata.labels.team}");
+        (team.is_empty() && !keys.contains("username") && !keys.contains("password"))
+            .then_some(())
+            .ok_or(format!("team={team:?} data={keys}"))
+    });
+    assert_eq!(
+        ns.jsonpath("secret", target, "{.metadata.labels.added-by-someone-else}"),
+        "yes",
+        "someone else's label stays"
+    );
+}
+
 #[test]
 fn sigterm_stops_the_operator_cleanly() {
     let ns = TestNamespace::new("sigterm");

@@ -132,9 +132,22 @@ versions = {}
 
 request("POST", "/api/v1/namespaces", {"metadata": {"name": NAMESPACE}})
 measure("create SourceConnection (the user's)", create_connection)
-measure("create target Secret, server-side apply",
-        lambda i: request("PATCH", f"{SECRETS}/{name(i)}-credentials{FORCE}",
-                          target_secret(i, f"{name(i)}-credentials"), APPLY))
+measure("create target Secret (tokenkeeper: a plain create)",
+        lambda i: request("POST", f"{SECRETS}?fieldManager=tokenkeeper",
+                          target_secret(i, f"{name(i)}-credentials")))
+measure("create a Secret by server-side apply (compare)",
+        lambda i: request("PATCH", f"{SECRETS}/{name(i)}-other{FORCE}",
+                          target_secret(i, f"{name(i)}-other"), APPLY))
+
+
+def refreshed(i):
+    secret = target_secret(i, f"{name(i)}-credentials")
+    secret["data"]["access_token"] = base64.b64encode(b"b" * 40).decode()
+    return secret
+
+
+measure("refresh target Secret, server-side apply",
+        lambda i: request("PATCH", f"{SECRETS}/{name(i)}-credentials{FORCE}", refreshed(i), APPLY))
 measure("status, server-side apply",
         lambda i: request("PATCH", f"{CONNECTIONS}/{name(i)}/status{FORCE}",
                           {"apiVersion": "tokenkeeper.dev/v1alpha1", "kind": "SourceConnection",
