@@ -555,7 +555,11 @@ fn the_force_refresh_annotation_refreshes_once_per_value() {
 
 #[test]
 fn killing_the_operator_right_after_a_rotation_loses_no_refresh_token() {
-    let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
+    // Refreshes 4 s apart: the kill lands right after one is stored and
+    // well before the next is requested, even when kubectl is slow to tell.
+    // (A kill between the provider's answer and the write loses the
+    // rotated token by construction, whatever the operator does.)
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 6, "rotateRefreshToken": true }));
     let ns = TestNamespace::new("oauth-kill");
     let mut operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");

@@ -400,7 +400,12 @@ impl OAuthServer {
             child,
             issuer: ready["issuer"].as_str().unwrap().to_owned(),
             port: ready["port"].as_u64().unwrap() as u16,
-            http: reqwest::blocking::Client::new(),
+            // Node closes a connection idle for 5 s (its keepAliveTimeout);
+            // a pooled connection reused right then fails the request.
+            http: reqwest::blocking::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(2))
+                .build()
+                .expect("an HTTP client"),
         }
     }
 
