@@ -514,7 +514,7 @@ fn owned_keys(entry: &ManagedFieldsEntry, path: &[&str]) -> Vec<String> {
 /// and no longer wants.
 ///
 /// tokenkeeper creates a target Secret with a plain create, which costs
-/// the API server about a third less than creating it by server-side apply
+/// the control plane 2.6 ms of CPU against 3.5 by server-side apply
 /// (tests/bench/api-cost.sh), and writes it by server-side apply from then
 /// on. The create leaves an entry of operation `Update` in managedFields
 /// that keeps owning what it set, and server-side apply does not remove a
