@@ -326,16 +326,16 @@ async fn run_controllers(
                             status_echoes
                                 .observed(&key_of(conn), conn.meta().resource_version.as_deref());
                         }
-                        watcher::Event::Delete(conn) => status_echoes.observed(&key_of(conn), None),
+                        watcher::Event::Delete(conn) => {
+                            status_echoes.observed(&key_of(conn), None);
+                            if let Ok(conn) = conn.decode() {
+                                cache.forget(
+                                    &conn.namespace().unwrap_or_default(),
+                                    &[conn.target_secret_name(), conn.state_secret_name()],
+                                );
+                            }
+                        }
                         watcher::Event::Init | watcher::Event::InitDone => {}
-                    }
-                    if let watcher::Event::Delete(conn) = event
-                        && let Ok(conn) = conn.decode()
-                    {
-                        cache.forget(
-                            &conn.namespace().unwrap_or_default(),
-                            &[conn.target_secret_name(), conn.state_secret_name()],
-                        );
                     }
                 }
             })
@@ -664,11 +664,12 @@ async fn write_status(
     now: Timestamp,
 ) -> Result<(), Error> {
     let desired = status::desired_status(conn, report, now);
+    if status::is_current(conn, &desired) {
+        return Ok(());
+    }
     let key = key_of(conn);
     let version = conn.resource_version().unwrap_or_default();
-    if status::is_current(conn, &desired)
-        || ctx.status_echoes.already_written(&key, &version, &desired)
-    {
+    if ctx.status_echoes.already_written(&key, &version, &desired) {
         return Ok(());
     }
     let api: Api<SourceConnection> =

@@ -551,31 +551,37 @@ pub fn stale_fields(existing: &Secret, desired: &Secret) -> StaleFields {
         entry.manager.as_deref() == Some(FIELD_MANAGER)
             && entry.operation.as_deref() == Some("Update")
     });
-    let existing_data = existing.data.as_ref();
-    let desired_data = desired.data.as_ref();
+    let no_data = BTreeMap::new();
+    let existing_data = existing.data.as_ref().unwrap_or(&no_data);
+    let desired_data = desired.data.as_ref().unwrap_or(&no_data);
     for entry in created {
-        let unwanted =
-            |key: &String, have: &BTreeMap<String, String>, want: &BTreeMap<String, String>| {
-                have.contains_key(key) && !want.contains_key(key)
-            };
-        stale.labels.extend(
-            owned_keys(entry, &["f:metadata", "f:labels"])
-                .into_iter()
-                .filter(|key| unwanted(key, existing.labels(), desired.labels())),
-        );
-        stale.annotations.extend(
-            owned_keys(entry, &["f:metadata", "f:annotations"])
-                .into_iter()
-                .filter(|key| unwanted(key, existing.annotations(), desired.annotations())),
-        );
+        let labels = owned_keys(entry, &["f:metadata", "f:labels"]);
+        let annotations = owned_keys(entry, &["f:metadata", "f:annotations"]);
+        let data = owned_keys(entry, &["f:data"]);
+        stale
+            .labels
+            .extend(unwanted(labels, existing.labels(), desired.labels()));
+        stale.annotations.extend(unwanted(
+            annotations,
+            existing.annotations(),
+            desired.annotations(),
+        ));
         stale
             .data
-            .extend(owned_keys(entry, &["f:data"]).into_iter().filter(|key| {
-                existing_data.is_some_and(|d| d.contains_key(key))
-                    && !desired_data.is_some_and(|d| d.contains_key(key))
-            }));
+            .extend(unwanted(data, existing_data, desired_data));
     }
     stale
+}
+
+/// The `owned` keys that `have` holds and `want` does not.
+fn unwanted<V>(
+    owned: Vec<String>,
+    have: &BTreeMap<String, V>,
+    want: &BTreeMap<String, V>,
+) -> impl Iterator<Item = String> {
+    owned
+        .into_iter()
+        .filter(|key| have.contains_key(key) && !want.contains_key(key))
 }
 
 /// RFC 1123 subdomain, the rule for Secret names.
