@@ -545,12 +545,18 @@ impl StaleFields {
     }
 }
 
+/// Whether a managedFields entry is what a plain create (or any write that
+/// is not server-side apply) left: operation `Update`.
+pub fn is_create_entry(entry: &ManagedFieldsEntry) -> bool {
+    entry.operation.as_deref() == Some("Update")
+}
+
 pub fn stale_fields(existing: &Secret, desired: &Secret) -> StaleFields {
     let mut stale = StaleFields::default();
-    let created = existing.managed_fields().iter().filter(|entry| {
-        entry.manager.as_deref() == Some(FIELD_MANAGER)
-            && entry.operation.as_deref() == Some("Update")
-    });
+    let created = existing
+        .managed_fields()
+        .iter()
+        .filter(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER) && is_create_entry(entry));
     let no_data = BTreeMap::new();
     let existing_data = existing.data.as_ref().unwrap_or(&no_data);
     let desired_data = desired.data.as_ref().unwrap_or(&no_data);

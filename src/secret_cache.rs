@@ -21,6 +21,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 
 use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::decide;
 use crate::object_key::{Key, key, key_of, split};
 
 /// What one watch covers: a namespace, or all of them (`None`).
@@ -98,7 +99,7 @@ fn slim(mut secret: Secret) -> Secret {
                 // Only which labels and annotations tokenkeeper set is ever
                 // read (decide::needs_write), and which data keys it set
                 // when it created the Secret (decide::stale_fields).
-                let created = entry.operation.as_deref() == Some("Update");
+                let created = decide::is_create_entry(entry);
                 if let Some(owned) = entry.fields_v1.as_mut() {
                     let mut metadata = serde_json::Map::new();
                     for section in ["f:labels", "f:annotations"] {
