@@ -295,8 +295,9 @@ impl SecretCache {
     }
 
     /// Reads a version the watch already brought: the API server answers
-    /// from its watch cache, for 0.4 ms of control-plane CPU against 1.0 ms
-    /// from etcd (kube-apiserver 1.20, tests/bench/api-cost.sh); a cold
+    /// from its watch cache, for 0.4–0.8 ms of control-plane CPU against
+    /// 1.0–1.3 ms from etcd (kube-apiserver 1.20, two runs of
+    /// tests/bench/api-cost.sh); a cold
     /// start makes one such read per connection. A server whose cache lags
     /// too far behind answers 504; etcd answers then.
     async fn read_at(
