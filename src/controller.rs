@@ -309,14 +309,6 @@ async fn run_controllers(
         // or annotations, so they do not wake the reconciler again.
         let connection_changes = watcher(connections, watch_config())
             .default_backoff()
-            // The cache holds every connection; field-manager bookkeeping
-            // and kubectl's copy of the last applied object are most of
-            // each object's size and are never read.
-            .modify(|conn: &mut CachedConnection| {
-                conn.managed_fields_mut().clear();
-                conn.annotations_mut()
-                    .remove("kubectl.kubernetes.io/last-applied-configuration");
-            })
             .reflect(writer)
             .inspect(move |event| {
                 if let Ok(event) = event {
