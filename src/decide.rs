@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta};
 use kube::{Resource, ResourceExt};
 
 use jiff::SignedDuration;
@@ -551,6 +551,65 @@ pub fn is_create_entry(entry: &ManagedFieldsEntry) -> bool {
     entry.operation.as_deref() == Some("Update")
 }
 
+/// Whether tokenkeeper's create entry owns every label, annotation and
+/// data key `secret` has (its other entries then own no more of them).
+///
+/// `needs_write` and `stale_fields` read ownership only of keys a Secret
+/// has, so for such a Secret the keys themselves say all that its
+/// managedFields do: `owning_all_keys` makes an equivalent entry again.
+/// The Secret cache keeps the target Secrets it wrote without their
+/// managedFields then, about 0.7 KiB each of the 1.4 a kept target Secret
+/// took (heaptrack, 10,000 connections).
+pub fn owns_all_keys(secret: &Secret) -> bool {
+    let created: Vec<_> = secret
+        .managed_fields()
+        .iter()
+        .filter(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER) && is_create_entry(entry))
+        .collect();
+    let all_owned = |keys: Vec<&String>, path: &[&str]| {
+        let owned: BTreeSet<String> = created
+            .iter()
+            .flat_map(|entry| owned_keys(entry, path))
+            .collect();
+        keys.into_iter().all(|key| owned.contains(key))
+    };
+    all_owned(
+        secret.labels().keys().collect(),
+        &["f:metadata", "f:labels"],
+    ) && all_owned(
+        secret.annotations().keys().collect(),
+        &["f:metadata", "f:annotations"],
+    ) && all_owned(data_keys(secret), &["f:data"])
+}
+
+fn data_keys(secret: &Secret) -> Vec<&String> {
+    secret.data.iter().flatten().map(|(key, _)| key).collect()
+}
+
+/// Gives `secret` the managedFields `owns_all_keys` stands for: one create
+/// entry of tokenkeeper's that owns its labels, annotations and data keys.
+pub fn owning_all_keys(mut secret: Secret) -> Secret {
+    let owned = |keys: Vec<&String>| {
+        keys.into_iter()
+            .map(|key| (format!("f:{key}"), serde_json::json!({})))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let fields = serde_json::json!({
+        "f:metadata": {
+            "f:labels": owned(secret.labels().keys().collect()),
+            "f:annotations": owned(secret.annotations().keys().collect()),
+        },
+        "f:data": owned(data_keys(&secret)),
+    });
+    secret.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+        manager: Some(FIELD_MANAGER.to_owned()),
+        operation: Some("Update".to_owned()),
+        fields_v1: Some(FieldsV1(fields)),
+        ..Default::default()
+    }]);
+    secret
+}
+
 pub fn stale_fields(existing: &Secret, desired: &Secret) -> StaleFields {
     let mut stale = StaleFields::default();
     let created = existing
@@ -608,7 +667,6 @@ fn is_dns_subdomain(name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::api::{ApiKeySecretRef, BasicAuthSecretRef, SourceConnectionSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
 
     fn basic_conn() -> SourceConnection {
         let mut conn = SourceConnection::new(
@@ -896,6 +954,117 @@ mod tests {
             serde_json::json!({"f:metadata": {"f:labels": {"f:team": {}}}, "f:data": {"f:username": {}}}),
         )]);
         assert!(stale_fields(&existing, &desired).is_empty());
+    }
+
+    /// A target Secret as tokenkeeper's create and a later apply leave it.
+    fn created_then_applied(conn: &SourceConnection) -> Secret {
+        let mut secret = target_secret(
+            conn,
+            BTreeMap::from([
+                ("username".to_owned(), ByteString(b"u".to_vec())),
+                ("password".to_owned(), ByteString(b"p".to_vec())),
+            ]),
+            BTreeMap::from([("note".to_owned(), "n".to_owned())]),
+        );
+        secret.labels_mut().insert("team".into(), "data".into());
+        let keys = |keys: Vec<&String>| {
+            keys.into_iter()
+                .map(|k| (format!("f:{k}"), serde_json::json!({})))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let fields = serde_json::json!({
+            "f:metadata": {
+                "f:labels": keys(secret.labels().keys().collect()),
+                "f:annotations": keys(secret.annotations().keys().collect()),
+                "f:ownerReferences": {},
+            },
+            "f:data": keys(data_keys(&secret)),
+            "f:type": {},
+        });
+        let entry = |operation: &str, fields: serde_json::Value| ManagedFieldsEntry {
+            manager: Some(FIELD_MANAGER.into()),
+            operation: Some(operation.into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        };
+        secret.metadata.managed_fields = Some(vec![
+            entry("Update", fields.clone()),
+            entry("Apply", fields),
+        ]);
+        secret
+    }
+
+    #[test]
+    fn keys_alone_decide_as_the_managed_fields_do_when_tokenkeeper_owns_them_all() {
+        let conn = basic_conn();
+        let existing = created_then_applied(&conn);
+        assert!(owns_all_keys(&existing));
+        let mut stripped = existing.clone();
+        stripped.metadata.managed_fields = None;
+        let remade = owning_all_keys(stripped);
+
+        let mut wanted = Vec::new();
+        let same = existing.clone();
+        wanted.push(same.clone());
+        let mut label_dropped = same.clone();
+        label_dropped.labels_mut().remove("team");
+        wanted.push(label_dropped);
+        let mut annotation_dropped = same.clone();
+        annotation_dropped.annotations_mut().remove("note");
+        wanted.push(annotation_dropped);
+        let mut data_dropped = same.clone();
+        data_dropped.data.as_mut().unwrap().remove("username");
+        wanted.push(data_dropped);
+        let mut label_added = same.clone();
+        label_added
+            .labels_mut()
+            .insert("tier".into(), "gold".into());
+        wanted.push(label_added);
+        let mut annotation_changed = same;
+        annotation_changed
+            .annotations_mut()
+            .insert("note".into(), "m".into());
+        wanted.push(annotation_changed);
+
+        for (i, desired) in wanted.iter().enumerate() {
+            assert_eq!(
+                needs_write(Some(&remade), desired),
+                needs_write(Some(&existing), desired),
+                "needs_write, case {i}"
+            );
+            assert_eq!(
+                stale_fields(&remade, desired),
+                stale_fields(&existing, desired),
+                "stale_fields, case {i}"
+            );
+        }
+        assert!(!stale_fields(&existing, &wanted[1]).is_empty());
+        assert!(needs_write(Some(&existing), &wanted[1]));
+        assert!(!needs_write(Some(&existing), &wanted[0]));
+    }
+
+    #[test]
+    fn a_key_tokenkeeper_did_not_create_keeps_the_managed_fields() {
+        let conn = basic_conn();
+        let mut theirs = created_then_applied(&conn);
+        theirs.labels_mut().insert("owner".into(), "ops".into());
+        assert!(!owns_all_keys(&theirs), "someone else's label");
+
+        let mut applied_only = created_then_applied(&conn);
+        applied_only
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("extra".into(), ByteString(b"e".to_vec()));
+        applied_only.metadata.managed_fields.as_mut().unwrap()[1]
+            .fields_v1
+            .as_mut()
+            .unwrap()
+            .0["f:data"]["f:extra"] = serde_json::json!({});
+        assert!(
+            !owns_all_keys(&applied_only),
+            "a key only server-side apply owns"
+        );
     }
 
     #[test]

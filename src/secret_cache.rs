@@ -67,30 +67,49 @@ struct Entry {
     json: Box<[u8]>,
     /// tokenkeeper wrote this version itself.
     own: bool,
+    /// `json` leaves out managedFields that `decide::owning_all_keys`
+    /// makes again from the keys.
+    owns_all_keys: bool,
 }
 
 impl Entry {
     fn new(version: String, secret: &Secret, own: bool) -> Box<Self> {
-        let json = serde_json::to_vec(secret)
-            .expect("a Secret serializes")
-            .into_boxed_slice();
+        let owns_all_keys = is_managed(secret) && decide::owns_all_keys(secret);
+        let json = if owns_all_keys {
+            let mut without_fields = secret.clone();
+            without_fields.metadata.managed_fields = None;
+            serde_json::to_vec(&without_fields)
+        } else {
+            serde_json::to_vec(secret)
+        };
         Box::new(Entry {
             version: version.into_boxed_str(),
-            json,
+            json: json.expect("a Secret serializes").into_boxed_slice(),
             own,
+            owns_all_keys,
         })
     }
 
     fn secret(&self) -> Arc<Secret> {
-        Arc::new(serde_json::from_slice(&self.json).expect("the cache holds Secrets it encoded"))
+        let secret =
+            serde_json::from_slice(&self.json).expect("the cache holds Secrets it encoded");
+        Arc::new(if self.owns_all_keys {
+            decide::owning_all_keys(secret)
+        } else {
+            secret
+        })
     }
+}
+
+fn is_managed(secret: &Secret) -> bool {
+    secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
 }
 
 /// What is kept of a Secret: what reconciling reads, not its history.
 /// Secrets tokenkeeper manages keep tokenkeeper's own field ownership,
 /// which tells whether a write is needed; others keep only data and labels.
 fn slim(mut secret: Secret) -> Secret {
-    let managed = secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY);
+    let managed = is_managed(&secret);
     let meta = &mut secret.metadata;
     if managed {
         if let Some(fields) = meta.managed_fields.as_mut() {
@@ -499,6 +518,45 @@ mod tests {
                     false
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn a_secret_whose_keys_tokenkeeper_created_is_kept_without_its_managed_fields() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let cache = SecretCache::default();
+        let mut written = secret("target", "4");
+        written.metadata.labels = Some([(LABEL_MANAGED_BY.into(), MANAGED_BY.into())].into());
+        written.data = Some([("token".into(), k8s_openapi::ByteString(b"t".to_vec()))].into());
+        let fields = serde_json::json!({
+            "f:metadata": {"f:labels": {format!("f:{LABEL_MANAGED_BY}"): {}}},
+            "f:data": {"f:token": {}},
+        });
+        let entry = |operation: &str| ManagedFieldsEntry {
+            manager: Some(FIELD_MANAGER.into()),
+            operation: Some(operation.into()),
+            fields_v1: Some(FieldsV1(fields.clone())),
+            ..Default::default()
+        };
+        written.metadata.managed_fields = Some(vec![entry("Update"), entry("Apply")]);
+        cache.wrote(written);
+
+        let secrets = cache.lock();
+        let kept = secrets[&key("target")].kept.as_ref().expect("kept");
+        assert!(kept.owns_all_keys);
+        let json = String::from_utf8(kept.json.to_vec()).unwrap();
+        assert!(!json.contains("managedFields"), "{json}");
+        drop(secrets);
+        let remade = cache.last_written("data", "target").expect("kept");
+        assert_eq!(
+            remade.managed_fields(),
+            [ManagedFieldsEntry {
+                fields_v1: Some(FieldsV1(serde_json::json!({
+                    "f:metadata": {"f:labels": {format!("f:{LABEL_MANAGED_BY}"): {}}, "f:annotations": {}},
+                    "f:data": {"f:token": {}},
+                }))),
+                ..entry("Update")
+            }]
         );
     }
 
