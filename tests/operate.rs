@@ -357,10 +357,25 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
         ])
         .args(["--set", "networkPolicy.apiServerCIDRs={10.0.0.1/32}"])
         .args(["--set", "watchNamespaces={team-a,team-b}"])
+        .args([
+            "--set",
+            "limits.tokenRequestsPerSecond=50,limits.concurrentReconciles=8",
+        ])
+        // --set makes 2.5 a string; a values file or --set-json keeps it a number.
+        .args(["--set-json", "limits.eventQPS=2.5"])
         .output()
         .unwrap();
     assert!(everything.status.success(), "{}", stderr(&everything));
     let rendered = stdout(&everything);
+    for arg in [
+        "--token-requests-per-second=50",
+        "--max-concurrent-token-requests=32",
+        "--concurrent-reconciles=8",
+        "--event-qps=2.5",
+        "--event-burst=100",
+    ] {
+        assert!(rendered.contains(arg), "{arg} missing");
+    }
     for kind in [
         "ServiceMonitor",
         "PrometheusRule",
@@ -399,6 +414,20 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
     assert!(
         !invalid.status.success(),
         "values.schema.json refuses an unknown log format"
+    );
+    let no_token_requests = Command::new(&helm)
+        .args([
+            "template",
+            "tk",
+            &chart,
+            "--set",
+            "limits.tokenRequestsPerSecond=0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !no_token_requests.status.success(),
+        "values.schema.json refuses a token request rate of zero"
     );
 
     // helm install on a control plane of this test's own (it installs the CRD).
