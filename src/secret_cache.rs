@@ -10,15 +10,18 @@
 //! Until the watch of a namespace (or of all) has listed its Secrets once,
 //! nothing is known there and every read goes to the API.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, GetParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
+use serde::{Deserialize, Serialize};
 
 use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::decide;
@@ -61,9 +64,9 @@ impl Known {
 
 struct Entry {
     version: Box<str>,
-    /// The slimmed Secret as JSON: one allocation instead of a hundred
-    /// small ones. A target Secret took about 6 KiB decoded and takes under
-    /// 2 KiB so; decoding it again costs about 10 µs per read.
+    /// The slimmed Secret as JSON (`Kept`): one allocation instead of a
+    /// hundred small ones. A target Secret took about 6 KiB decoded and
+    /// takes about 1 KiB so; decoding it again costs about 10 µs per read.
     json: Box<[u8]>,
     /// tokenkeeper wrote this version itself.
     own: bool,
@@ -72,27 +75,66 @@ struct Entry {
     owns_all_keys: bool,
 }
 
+/// A Secret less what every kept entry would repeat: its kind and
+/// apiVersion, and the name, namespace and resourceVersion that the cache's
+/// key and `Entry::version` hold (about 100 of a target Secret's bytes).
+#[derive(Serialize, Deserialize)]
+struct Kept {
+    metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<BTreeMap<String, ByteString>>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    type_: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    immutable: Option<bool>,
+}
+
 impl Entry {
     fn new(version: String, secret: &Secret, own: bool) -> Box<Self> {
         let owns_all_keys = is_managed(secret) && decide::owns_all_keys(secret);
-        let json = if owns_all_keys {
-            let mut without_fields = secret.clone();
-            without_fields.metadata.managed_fields = None;
-            serde_json::to_vec(&without_fields)
-        } else {
-            serde_json::to_vec(secret)
+        let kept = Kept {
+            metadata: ObjectMeta {
+                name: None,
+                namespace: None,
+                resource_version: None,
+                managed_fields: if owns_all_keys {
+                    None
+                } else {
+                    secret.metadata.managed_fields.clone()
+                },
+                ..secret.metadata.clone()
+            },
+            data: secret.data.clone(),
+            type_: secret.type_.clone(),
+            immutable: secret.immutable,
         };
         Box::new(Entry {
             version: version.into_boxed_str(),
-            json: json.expect("a Secret serializes").into_boxed_slice(),
+            json: serde_json::to_vec(&kept)
+                .expect("a Secret serializes")
+                .into_boxed_slice(),
             own,
             owns_all_keys,
         })
     }
 
-    fn secret(&self) -> Arc<Secret> {
-        let secret =
+    /// The Secret `key` names, as kept.
+    fn secret(&self, key: &str) -> Arc<Secret> {
+        let kept: Kept =
             serde_json::from_slice(&self.json).expect("the cache holds Secrets it encoded");
+        let (namespace, name) = split(key);
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(namespace.to_owned()),
+                resource_version: Some(self.version.to_string()),
+                ..kept.metadata
+            },
+            data: kept.data,
+            type_: kept.type_,
+            immutable: kept.immutable,
+            string_data: None,
+        };
         Arc::new(if self.owns_all_keys {
             decide::owning_all_keys(secret)
         } else {
@@ -253,12 +295,13 @@ impl SecretCache {
     /// The Secret as tokenkeeper last wrote it, even if it was changed or
     /// deleted since.
     pub fn last_written(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+        let key = key(namespace, name);
         let secrets = self.lock();
         secrets
-            .get(&key(namespace, name))
+            .get(&key)
             .and_then(|known| known.kept.as_ref())
             .filter(|e| e.own)
-            .map(|e| e.secret())
+            .map(|e| e.secret(&key))
     }
 
     /// Forgets what was kept for these Secrets (their connection is gone).
@@ -295,7 +338,7 @@ impl SecretCache {
                 if let Some(entry) = self.lock().get(&key).and_then(|known| known.kept.as_ref())
                     && entry.version == version
                 {
-                    return Ok(Some(entry.secret()));
+                    return Ok(Some(entry.secret(&key)));
                 }
                 self.read_at(secrets, key, &version).await
             }
@@ -448,6 +491,7 @@ mod tests {
         written.metadata.annotations =
             Some([("tokenkeeper.dev/issued-at".into(), "t".into())].into());
         written.metadata.uid = Some("uid".into());
+        written.type_ = Some("Opaque".into());
         written.data = Some(
             [(
                 "access_token".into(),
@@ -464,6 +508,26 @@ mod tests {
             kept.metadata.uid, None,
             "what reconciling never reads is dropped"
         );
+        assert_eq!(kept.metadata.name.as_deref(), Some("target"));
+        assert_eq!(kept.metadata.namespace.as_deref(), Some("data"));
+        assert_eq!(kept.metadata.resource_version.as_deref(), Some("3"));
+        assert_eq!(kept.type_, written.type_);
+
+        let secrets = cache.lock();
+        let json = &secrets[&key("target")].kept.as_ref().expect("kept").json;
+        let json = std::str::from_utf8(json).unwrap();
+        for repeated in [
+            "\"kind\"",
+            "\"apiVersion\"",
+            "\"name\"",
+            "\"namespace\"",
+            "\"resourceVersion\"",
+        ] {
+            assert!(
+                !json.contains(repeated),
+                "{repeated} is in the key or the entry: {json}"
+            );
+        }
     }
 
     #[test]
