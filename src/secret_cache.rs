@@ -23,7 +23,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::decide;
 use crate::object_key::{Key, key, key_of, split};
 
@@ -70,9 +70,9 @@ struct Entry {
     json: Box<[u8]>,
     /// tokenkeeper wrote this version itself.
     own: bool,
-    /// `json` leaves out managedFields that `decide::owning_all_keys`
-    /// makes again from the keys.
-    owns_all_keys: bool,
+    /// Of a Secret tokenkeeper manages, which keys it owns
+    /// (`decide::key_ownership`), in place of the managedFields.
+    ownership: Option<Box<[u8]>>,
 }
 
 /// A Secret less what every kept entry would repeat: its kind and
@@ -90,22 +90,27 @@ struct Kept {
 }
 
 impl Entry {
-    fn new(version: String, secret: &Secret, own: bool) -> Box<Self> {
-        let owns_all_keys = is_managed(secret) && decide::owns_all_keys(secret);
+    fn new(version: String, secret: Secret, own: bool) -> Box<Self> {
+        // Of a managed Secret's field ownership, only which of its keys
+        // tokenkeeper owns is ever read (decide::needs_write,
+        // decide::stale_fields): a byte per key instead of the entries.
+        let ownership = is_managed(&secret).then(|| decide::key_ownership(&secret));
+        let metadata = secret.metadata;
         let kept = Kept {
             metadata: ObjectMeta {
+                // What reconciling never reads.
+                creation_timestamp: None,
+                uid: None,
+                managed_fields: None,
+                annotations: metadata.annotations.filter(|_| ownership.is_some()),
+                // What the cache's key and the entry hold.
                 name: None,
                 namespace: None,
                 resource_version: None,
-                managed_fields: if owns_all_keys {
-                    None
-                } else {
-                    secret.metadata.managed_fields.clone()
-                },
-                ..secret.metadata.clone()
+                ..metadata
             },
-            data: secret.data.clone(),
-            type_: secret.type_.clone(),
+            data: secret.data,
+            type_: secret.type_,
             immutable: secret.immutable,
         };
         Box::new(Entry {
@@ -114,7 +119,7 @@ impl Entry {
                 .expect("a Secret serializes")
                 .into_boxed_slice(),
             own,
-            owns_all_keys,
+            ownership,
         })
     }
 
@@ -135,56 +140,17 @@ impl Entry {
             immutable: kept.immutable,
             string_data: None,
         };
-        Arc::new(if self.owns_all_keys {
-            decide::owning_all_keys(secret)
-        } else {
-            secret
+        Arc::new(match &self.ownership {
+            Some(ownership) => decide::with_key_ownership(secret, ownership),
+            None => secret,
         })
     }
 }
 
+/// Secrets tokenkeeper manages keep their annotations and which keys it
+/// owns; others keep only data and labels.
 fn is_managed(secret: &Secret) -> bool {
     secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
-}
-
-/// What is kept of a Secret: what reconciling reads, not its history.
-/// Secrets tokenkeeper manages keep tokenkeeper's own field ownership,
-/// which tells whether a write is needed; others keep only data and labels.
-fn slim(mut secret: Secret) -> Secret {
-    let managed = is_managed(&secret);
-    let meta = &mut secret.metadata;
-    if managed {
-        if let Some(fields) = meta.managed_fields.as_mut() {
-            fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
-            for entry in fields {
-                // Only which labels and annotations tokenkeeper set is ever
-                // read (decide::needs_write), and which data keys it set
-                // when it created the Secret (decide::stale_fields).
-                let created = decide::is_create_entry(entry);
-                if let Some(owned) = entry.fields_v1.as_mut() {
-                    let mut metadata = serde_json::Map::new();
-                    for section in ["f:labels", "f:annotations"] {
-                        match owned.0["f:metadata"][section].take() {
-                            serde_json::Value::Null => {}
-                            keys => drop(metadata.insert(section.to_owned(), keys)),
-                        }
-                    }
-                    let mut kept = serde_json::json!({"f:metadata": metadata});
-                    if created && !owned.0["f:data"].is_null() {
-                        kept["f:data"] = owned.0["f:data"].take();
-                    }
-                    owned.0 = kept;
-                }
-                entry.time = None;
-            }
-        }
-    } else {
-        meta.managed_fields = None;
-        meta.annotations = None;
-    }
-    meta.creation_timestamp = None;
-    meta.uid = None;
-    secret
 }
 
 impl SecretCache {
@@ -273,7 +239,7 @@ impl SecretCache {
             return;
         };
         let key = key_of(&secret);
-        let entry = Entry::new(version.clone(), &slim(secret), true);
+        let entry = Entry::new(version.clone(), secret, true);
         let mut secrets = self.lock();
         let known = secrets.entry(key).or_default();
         known.version = Some(version.into_boxed_str());
@@ -394,19 +360,23 @@ impl SecretCache {
         Ok(Some(self.keep_read(key, secret)))
     }
 
+    /// Keeps a Secret read from the API and gives it as kept, so that a
+    /// reconcile sees the same whether it was read now or before.
     fn keep_read(&self, key: Key, secret: Secret) -> Arc<Secret> {
-        let secret = slim(secret);
-        if let Some(version) = secret.resource_version() {
-            let entry = Entry::new(version, &secret, false);
-            self.lock().entry(key).or_default().kept = Some(entry);
-        }
-        Arc::new(secret)
+        let Some(version) = secret.resource_version() else {
+            return Arc::new(secret);
+        };
+        let entry = Entry::new(version, secret, false);
+        let read = entry.secret(&key);
+        self.lock().entry(key).or_default().kept = Some(entry);
+        read
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::FIELD_MANAGER;
 
     fn meta(name: &str, version: &str) -> PartialObjectMeta<Secret> {
         let mut meta = PartialObjectMeta::<Secret>::default();
@@ -531,96 +501,99 @@ mod tests {
     }
 
     #[test]
-    fn a_kept_secret_keeps_what_tokenkeeper_owns_and_what_its_create_set() {
+    fn a_kept_secret_keeps_which_of_its_keys_tokenkeeper_owns_not_its_managed_fields() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
-        let entry = |manager: &str, operation: &str| ManagedFieldsEntry {
-            manager: Some(manager.into()),
-            operation: Some(operation.into()),
-            time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                jiff::Timestamp::UNIX_EPOCH,
-            )),
-            fields_v1: Some(FieldsV1(serde_json::json!({
-                "f:metadata": {"f:labels": {"f:a": {}}, "f:ownerReferences": {}},
-                "f:data": {"f:d": {}},
-                "f:type": {},
-            }))),
-            ..Default::default()
-        };
+        let entry =
+            |manager: &str, operation: &str, fields: serde_json::Value| ManagedFieldsEntry {
+                manager: Some(manager.into()),
+                operation: Some(operation.into()),
+                time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                )),
+                fields_v1: Some(FieldsV1(fields)),
+                ..Default::default()
+            };
         let cache = SecretCache::default();
         let mut written = secret("target", "4");
-        written.metadata.labels = Some([(LABEL_MANAGED_BY.into(), MANAGED_BY.into())].into());
+        written.metadata.labels = Some(
+            [
+                (LABEL_MANAGED_BY.into(), MANAGED_BY.into()),
+                ("theirs".into(), "x".into()),
+            ]
+            .into(),
+        );
+        written.data = Some(
+            [
+                ("created".into(), k8s_openapi::ByteString(b"c".to_vec())),
+                ("applied".into(), k8s_openapi::ByteString(b"a".to_vec())),
+            ]
+            .into(),
+        );
+        let managed_by = format!("f:{LABEL_MANAGED_BY}");
         written.metadata.managed_fields = Some(vec![
-            entry(FIELD_MANAGER, "Update"),
-            entry(FIELD_MANAGER, "Apply"),
-            entry("kubectl", "Update"),
+            entry(
+                FIELD_MANAGER,
+                "Update",
+                serde_json::json!({
+                    "f:metadata": {"f:labels": {&managed_by: {}}, "f:ownerReferences": {}},
+                    "f:data": {"f:created": {}, "f:gone": {}},
+                    "f:type": {},
+                }),
+            ),
+            entry(
+                FIELD_MANAGER,
+                "Apply",
+                serde_json::json!({
+                    "f:metadata": {"f:labels": {&managed_by: {}}},
+                    "f:data": {"f:created": {}, "f:applied": {}},
+                }),
+            ),
+            entry(
+                "kubectl",
+                "Update",
+                serde_json::json!({"f:metadata": {"f:labels": {"f:theirs": {}}}}),
+            ),
         ]);
-        cache.wrote(written);
-        let kept = cache.last_written("data", "target").expect("kept");
-        let owned: Vec<_> = kept
+        cache.wrote(written.clone());
+
+        let secrets = cache.lock();
+        let kept = secrets[&key("target")].kept.as_ref().expect("kept");
+        let json = std::str::from_utf8(&kept.json).unwrap();
+        assert!(!json.contains("managedFields"), "{json}");
+        drop(secrets);
+        let read = cache.last_written("data", "target").expect("kept");
+        let owned: Vec<_> = read
             .managed_fields()
             .iter()
             .map(|e| {
                 (
                     e.operation.as_deref().unwrap_or_default(),
                     e.fields_v1.as_ref().map(|f| f.0.clone()),
-                    e.time.is_some(),
                 )
             })
             .collect();
-        let labels = serde_json::json!({"f:labels": {"f:a": {}}});
         assert_eq!(
             owned,
             vec![
                 (
                     "Update",
-                    Some(serde_json::json!({"f:metadata": labels, "f:data": {"f:d": {}}})),
-                    false
+                    Some(serde_json::json!({
+                        "f:metadata": {"f:labels": {&managed_by: {}}, "f:annotations": {}},
+                        "f:data": {"f:created": {}},
+                    }))
                 ),
                 (
                     "Apply",
-                    Some(serde_json::json!({"f:metadata": labels})),
-                    false
+                    Some(serde_json::json!({
+                        "f:metadata": {"f:labels": {&managed_by: {}}, "f:annotations": {}},
+                    }))
                 ),
-            ]
+            ],
+            "the keys the Secret has that tokenkeeper owns, by its create and by any write"
         );
-    }
-
-    #[test]
-    fn a_secret_whose_keys_tokenkeeper_created_is_kept_without_its_managed_fields() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
-        let cache = SecretCache::default();
-        let mut written = secret("target", "4");
-        written.metadata.labels = Some([(LABEL_MANAGED_BY.into(), MANAGED_BY.into())].into());
-        written.data = Some([("token".into(), k8s_openapi::ByteString(b"t".to_vec()))].into());
-        let fields = serde_json::json!({
-            "f:metadata": {"f:labels": {format!("f:{LABEL_MANAGED_BY}"): {}}},
-            "f:data": {"f:token": {}},
-        });
-        let entry = |operation: &str| ManagedFieldsEntry {
-            manager: Some(FIELD_MANAGER.into()),
-            operation: Some(operation.into()),
-            fields_v1: Some(FieldsV1(fields.clone())),
-            ..Default::default()
-        };
-        written.metadata.managed_fields = Some(vec![entry("Update"), entry("Apply")]);
-        cache.wrote(written);
-
-        let secrets = cache.lock();
-        let kept = secrets[&key("target")].kept.as_ref().expect("kept");
-        assert!(kept.owns_all_keys);
-        let json = String::from_utf8(kept.json.to_vec()).unwrap();
-        assert!(!json.contains("managedFields"), "{json}");
-        drop(secrets);
-        let remade = cache.last_written("data", "target").expect("kept");
         assert_eq!(
-            remade.managed_fields(),
-            [ManagedFieldsEntry {
-                fields_v1: Some(FieldsV1(serde_json::json!({
-                    "f:metadata": {"f:labels": {format!("f:{LABEL_MANAGED_BY}"): {}}, "f:annotations": {}},
-                    "f:data": {"f:token": {}},
-                }))),
-                ..entry("Update")
-            }]
+            decide::key_ownership(&read),
+            decide::key_ownership(&written)
         );
     }
 
