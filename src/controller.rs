@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -17,7 +17,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -42,6 +42,7 @@ use crate::status_echo::StatusEchoes;
 use crate::throttle::{self, EventBudget, HostThrottle};
 use crate::token_client;
 use crate::triggers::SecretTriggers;
+use crate::wakes::Wakes;
 
 /// Static credentials are re-read this often even without a watch event,
 /// as a safety net; watches normally bring changes within a second.
@@ -307,12 +308,15 @@ async fn run_controllers(
         let status_echoes = context.status_echoes.clone();
         // Status-only updates (our own writes) do not change the generation
         // or annotations, so they do not wake the reconciler again.
+        let wakes = Arc::new(Wakes::default());
+        let deciding = wakes.clone();
         let connection_changes = watcher(connections, watch_config())
             .default_backoff()
             .reflect(writer)
             .inspect(move |event| {
                 if let Ok(event) = event {
                     index.observe(event);
+                    wakes.observe(event);
                     match event {
                         watcher::Event::Apply(conn) | watcher::Event::InitApply(conn) => {
                             status_echoes
@@ -332,16 +336,7 @@ async fn run_controllers(
                 }
             })
             .applied_objects()
-            .predicate_filter(
-                Predicate::<CachedConnection>::combine(
-                    Predicate::<CachedConnection>::combine(
-                        predicates::generation,
-                        predicates::annotations,
-                    ),
-                    being_deleted,
-                ),
-                Default::default(),
-            );
+            .try_filter(move |conn| futures::future::ready(deciding.wakes(conn)));
         // One metadata-only watch of Secrets serves both the Secrets users
         // reference and the ones tokenkeeper writes; contents are read
         // when reconciling, so no Secret data is cached.
@@ -387,11 +382,6 @@ async fn run_controllers(
 /// that follows brings everything newer than the cached list.
 fn watch_config() -> watcher::Config {
     watcher::Config::default().any_semantic()
-}
-
-/// Changes when deletion starts, which does not always bump the generation.
-fn being_deleted(conn: &CachedConnection) -> Option<u64> {
-    Some(u64::from(conn.meta().deletion_timestamp.is_some()))
 }
 
 async fn ensure_crd_installed(connections: &Api<SourceConnection>) -> anyhow::Result<()> {

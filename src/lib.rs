@@ -24,3 +24,4 @@ pub mod throttle;
 pub mod token;
 pub mod token_client;
 pub mod triggers;
+pub mod wakes;
