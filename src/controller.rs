@@ -9,12 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -31,7 +30,7 @@ use crate::error::{Error, Retry, backoff};
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::oauth_sync;
-use crate::object_key::key_of;
+use crate::object_key::{self, key_of};
 use crate::revocation;
 use crate::schedule;
 use crate::seal::{self, SealingKey};
@@ -43,6 +42,7 @@ use crate::throttle::{self, EventBudget, HostThrottle};
 use crate::token_client;
 use crate::triggers::SecretTriggers;
 use crate::wakes::Wakes;
+use crate::work_queue::{self, Trigger};
 
 /// Static credentials are re-read this often even without a watch event,
 /// as a safety net; watches normally bring changes within a second.
@@ -335,14 +335,27 @@ async fn run_controllers(
                     }
                 }
             })
-            .applied_objects()
-            .try_filter(move |conn| futures::future::ready(deciding.wakes(conn)));
+            .filter_map(move |event| {
+                futures::future::ready(match event {
+                    Ok(watcher::Event::Apply(conn) | watcher::Event::InitApply(conn)) => deciding
+                        .wakes(&conn)
+                        .then(|| Trigger::Reconcile(key_of(&conn))),
+                    Ok(watcher::Event::Delete(conn)) => Some(Trigger::Forget(key_of(&conn))),
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Err(error) => {
+                        warn!(%error, "watching SourceConnections; retrying");
+                        None
+                    }
+                })
+            });
         // One metadata-only watch of Secrets serves both the Secrets users
         // reference and the ones tokenkeeper writes; contents are read
         // when reconciling, so no Secret data is cached.
         let secret_metadata: Api<PartialObjectMeta<Secret>> = scoped(client.clone(), namespace);
         let cache = context.secrets.clone();
         let scope = scope.clone();
+        let triggers = context.triggers.clone();
+        let readers = context.secrets.clone();
         let secret_changes = watcher(secret_metadata, watch_config())
             .default_backoff()
             .inspect(move |event| {
@@ -350,26 +363,55 @@ async fn run_controllers(
                     cache.observe(&scope, event);
                 }
             })
-            .touched_objects();
-        let triggers = context.triggers.clone();
-        let cache = context.secrets.clone();
+            .touched_objects()
+            .filter_map(|secret| {
+                futures::future::ready(match secret {
+                    Ok(secret) => Some(secret),
+                    Err(error) => {
+                        warn!(%error, "watching Secrets; retrying");
+                        None
+                    }
+                })
+            })
+            .flat_map(move |secret| {
+                futures::stream::iter(triggers.connections_for(&secret, &readers).into_iter().map(
+                    |connection| {
+                        Trigger::Reconcile(object_key::key(
+                            connection.namespace.as_deref().unwrap_or_default(),
+                            &connection.name,
+                        ))
+                    },
+                ))
+            });
         info!(
             namespace = namespace.unwrap_or("<all>"),
             "tokenkeeper controller starting"
         );
-        Controller::for_stream(connection_changes, reader)
-            .with_config(controller::Config::default().concurrency(concurrency))
-            .watches_stream(secret_changes, move |secret| {
-                triggers.connections_for(&secret, &cache)
-            })
-            .graceful_shutdown_on(stop.clone())
-            .shutdown_on_signal()
-            .run(reconcile, error_policy, context.clone())
-            .for_each(|result| async move {
-                if let Err(error) = result {
-                    debug!(%error, "reconcile loop");
-                }
-            })
+        let context = context.clone();
+        let stop = stop.clone();
+        async move {
+            work_queue::run(
+                reader,
+                futures::stream::select(connection_changes, secret_changes),
+                concurrency,
+                async move {
+                    tokio::select! {
+                        () = stop => {}
+                        () = shutdown_signal() => {}
+                    }
+                },
+                |conn| {
+                    let ctx = context.clone();
+                    async move {
+                        match reconcile(conn.clone(), ctx.clone()).await {
+                            Ok(next) => next.delay(),
+                            Err(error) => Some(error_policy(&conn, &error, &ctx)),
+                        }
+                    }
+                },
+            )
+            .await;
+        }
     });
     futures::future::join_all(controllers).await;
     info!("tokenkeeper controller stopped");
@@ -414,14 +456,15 @@ pub enum Next {
 }
 
 impl Next {
+    /// How long until the next reconcile (`None`: until a watch event).
     /// The delay is counted when the reconcile ends, after its writes: a
     /// due time computed at its start would otherwise be late by the
     /// reconcile's own duration.
-    fn action(self) -> Action {
+    fn delay(self) -> Option<Duration> {
         match self {
-            Next::At(at) => Action::requeue(schedule::delay_until(Timestamp::now(), at)),
-            Next::In(delay) => Action::requeue(delay),
-            Next::AwaitChange => Action::await_change(),
+            Next::At(at) => Some(schedule::delay_until(Timestamp::now(), at)),
+            Next::In(delay) => Some(delay),
+            Next::AwaitChange => None,
         }
     }
 }
@@ -434,7 +477,7 @@ pub struct Synced {
     pub notes: Vec<Note>,
 }
 
-async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Result<Next, Error> {
     let started = Instant::now();
     let conn = cached
         .decode()
@@ -452,14 +495,14 @@ async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Result<A
     result
 }
 
-async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, Error> {
     let now = Timestamp::now();
     if conn.metadata.deletion_timestamp.is_some() {
-        let (action, notes) = revocation::finalize(conn, ctx, now).await?;
+        let (next, notes) = revocation::finalize(conn, ctx, now).await?;
         for note in notes {
             publish_note(ctx, conn, &note).await;
         }
-        return Ok(action);
+        return Ok(next);
     }
     revocation::ensure_finalizer(conn, ctx).await?;
     let synced = match sync(conn, ctx, now).await {
@@ -495,14 +538,15 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Action
     for note in synced.notes {
         publish_note(ctx, conn, &note).await;
     }
-    Ok(synced.next.action())
+    Ok(synced.next)
 }
 
-fn error_policy(conn: Arc<CachedConnection>, error: &Error, ctx: Arc<Context>) -> Action {
-    let failures = ctx.record_transient_failure(&*conn);
+/// How long to wait before retrying a reconcile that failed.
+fn error_policy(conn: &CachedConnection, error: &Error, ctx: &Context) -> Duration {
+    let failures = ctx.record_transient_failure(conn);
     let delay = backoff(failures);
-    warn!(connection = %display_name(&*conn), %error, failures, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    warn!(connection = %display_name(conn), %error, failures, retry_in = ?delay, "reconcile failed");
+    delay
 }
 
 async fn sync(conn: &SourceConnection, ctx: &Context, now: Timestamp) -> Result<Synced, Error> {

@@ -25,3 +25,4 @@ pub mod token;
 pub mod token_client;
 pub mod triggers;
 pub mod wakes;
+pub mod work_queue;

@@ -10,14 +10,13 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api::{FINALIZER_REVOKE, OAuth2Auth, SourceConnection};
 use crate::classify::{self, FailureContext};
-use crate::controller::{Context, Note};
+use crate::controller::{Context, Next, Note};
 use crate::decide;
 use crate::error::{Error, backoff};
 use crate::seal::ANNOTATION_SEALED_GRANT;
@@ -105,9 +104,9 @@ pub async fn finalize(
     conn: &SourceConnection,
     ctx: &Context,
     now: Timestamp,
-) -> Result<(Action, Vec<Note>), Error> {
+) -> Result<(Next, Vec<Note>), Error> {
     if !conn.has_revoke_finalizer() {
-        return Ok((Action::await_change(), Vec::new()));
+        return Ok((Next::AwaitChange, Vec::new()));
     }
     let Some(oauth) = conn
         .spec
@@ -116,7 +115,7 @@ pub async fn finalize(
         .filter(|_| conn.revokes_on_delete())
     else {
         release(conn, ctx).await?;
-        return Ok((Action::await_change(), Vec::new()));
+        return Ok((Next::AwaitChange, Vec::new()));
     };
     let deleted_at = conn
         .metadata
@@ -175,7 +174,7 @@ pub async fn finalize(
         (_, Ok(())) => {}
     }
     match release_after {
-        Release::RetryIn(delay) => Ok((Action::requeue(delay), notes)),
+        Release::RetryIn(delay) => Ok((Next::In(delay), notes)),
         Release::Done | Release::GiveUp => {
             // Events first: after the release the object is gone.
             for note in notes.drain(..) {
@@ -183,7 +182,7 @@ pub async fn finalize(
             }
             ctx.clear_transient_failures(conn);
             release(conn, ctx).await?;
-            Ok((Action::await_change(), notes))
+            Ok((Next::AwaitChange, notes))
         }
     }
 }
