@@ -82,7 +82,7 @@ impl<'de> Deserialize<'de> for CachedConnection {
 /// (`managedFields`, `selfLink`) are skipped unread.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireMeta {
+pub(crate) struct WireMeta {
     annotations: Option<BTreeMap<String, String>>,
     creation_timestamp: Option<Time>,
     deletion_grace_period_seconds: Option<i64>,

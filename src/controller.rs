@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::secret_meta::SecretMeta;
 use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -351,7 +351,7 @@ async fn run_controllers(
         // One metadata-only watch of Secrets serves both the Secrets users
         // reference and the ones tokenkeeper writes; contents are read
         // when reconciling, so no Secret data is cached.
-        let secret_metadata: Api<PartialObjectMeta<Secret>> = scoped(client.clone(), namespace);
+        let secret_metadata: Api<SecretMeta> = scoped(client.clone(), namespace);
         let cache = context.secrets.clone();
         let scope = scope.clone();
         let triggers = context.triggers.clone();

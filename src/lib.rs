@@ -16,6 +16,7 @@ pub mod revocation;
 pub mod schedule;
 pub mod seal;
 pub mod secret_cache;
+pub mod secret_meta;
 pub mod server;
 pub mod status;
 pub mod status_echo;

@@ -14,12 +14,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 
+use crate::secret_meta::SecretMeta;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, GetParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 
@@ -155,7 +155,7 @@ fn is_managed(secret: &Secret) -> bool {
 
 impl SecretCache {
     /// Follows the watch of `scope`.
-    pub fn observe(&self, scope: &Scope, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+    pub fn observe(&self, scope: &Scope, event: &watcher::Event<SecretMeta>) {
         match event {
             watcher::Event::Apply(meta) => {
                 if let Some(version) = &meta.metadata.resource_version {
@@ -248,7 +248,7 @@ impl SecretCache {
 
     /// True when `meta` is the version tokenkeeper wrote last: its watch
     /// event is the echo of our own write.
-    pub fn is_own_write(&self, meta: &PartialObjectMeta<Secret>) -> bool {
+    pub fn is_own_write(&self, meta: &SecretMeta) -> bool {
         let secrets = self.lock();
         secrets
             .get(&key_of(meta))
@@ -378,8 +378,8 @@ mod tests {
     use super::*;
     use crate::api::FIELD_MANAGER;
 
-    fn meta(name: &str, version: &str) -> PartialObjectMeta<Secret> {
-        let mut meta = PartialObjectMeta::<Secret>::default();
+    fn meta(name: &str, version: &str) -> SecretMeta {
+        let mut meta = SecretMeta::default();
         meta.metadata.name = Some(name.into());
         meta.metadata.namespace = Some("data".into());
         meta.metadata.resource_version = Some(version.into());

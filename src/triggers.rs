@@ -11,8 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::core::PartialObjectMeta;
+use crate::secret_meta::SecretMeta;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -111,7 +110,7 @@ impl SecretTriggers {
     /// The connections to reconcile after `secret` changed.
     pub fn connections_for(
         &self,
-        secret: &PartialObjectMeta<Secret>,
+        secret: &SecretMeta,
         cache: &SecretCache,
     ) -> Vec<ObjectRef<CachedConnection>> {
         let namespace = secret.namespace().unwrap_or_default();
@@ -144,6 +143,7 @@ impl SecretTriggers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     fn connection(name: &str, secret: &str) -> CachedConnection {
@@ -156,8 +156,8 @@ mod tests {
         serde_json::from_str(&json.to_string()).expect("valid connection")
     }
 
-    fn secret_meta(name: &str, version: &str, owner: Option<&str>) -> PartialObjectMeta<Secret> {
-        let mut meta = PartialObjectMeta::<Secret>::default();
+    fn secret_meta(name: &str, version: &str, owner: Option<&str>) -> SecretMeta {
+        let mut meta = SecretMeta::default();
         meta.metadata.name = Some(name.into());
         meta.metadata.namespace = Some("data".into());
         meta.metadata.resource_version = Some(version.into());
