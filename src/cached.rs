@@ -13,12 +13,9 @@
 //! object: skipped while parsing, they cost neither allocations nor the
 //! capacity a cleared `Vec` would keep.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use kube::Resource;
-use kube::core::NamespaceResourceScope;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -126,38 +123,54 @@ impl From<WireMeta> for ObjectMeta {
     }
 }
 
-impl Resource for CachedConnection {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
+/// Implements `Resource` for a type that stands for `$as` in watches and
+/// caches but decodes less of it: the same kind, group, version and plural,
+/// and its metadata in a `metadata` field. Extra items of the impl, such as
+/// `metadata_api`, go in the braces.
+macro_rules! resource_as {
+    ($view:ty, $as:ty { $($extra:item)* }) => {
+        impl ::kube::Resource for $view {
+            type DynamicType = ();
+            type Scope = ::kube::core::NamespaceResourceScope;
 
-    fn kind(dt: &()) -> Cow<'_, str> {
-        SourceConnection::kind(dt)
-    }
+            fn kind(dt: &()) -> ::std::borrow::Cow<'_, str> {
+                <$as as ::kube::Resource>::kind(dt)
+            }
 
-    fn group(dt: &()) -> Cow<'_, str> {
-        SourceConnection::group(dt)
-    }
+            fn group(dt: &()) -> ::std::borrow::Cow<'_, str> {
+                <$as as ::kube::Resource>::group(dt)
+            }
 
-    fn version(dt: &()) -> Cow<'_, str> {
-        SourceConnection::version(dt)
-    }
+            fn version(dt: &()) -> ::std::borrow::Cow<'_, str> {
+                <$as as ::kube::Resource>::version(dt)
+            }
 
-    fn plural(dt: &()) -> Cow<'_, str> {
-        SourceConnection::plural(dt)
-    }
+            fn plural(dt: &()) -> ::std::borrow::Cow<'_, str> {
+                <$as as ::kube::Resource>::plural(dt)
+            }
 
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
+            fn meta(&self) -> &::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &self.metadata
+            }
 
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn meta_mut(
+                &mut self,
+            ) -> &mut ::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &mut self.metadata
+            }
+
+            $($extra)*
+        }
+    };
 }
+pub(crate) use resource_as;
+
+resource_as!(CachedConnection, SourceConnection {});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::Resource;
 
     const CONNECTION: &str = r#"{
         "apiVersion": "tokenkeeper.dev/v1alpha1",

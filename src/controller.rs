@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::secret_meta::SecretMeta;
 use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
@@ -35,6 +34,7 @@ use crate::revocation;
 use crate::schedule;
 use crate::seal::{self, SealingKey};
 use crate::secret_cache::SecretCache;
+use crate::secret_meta::SecretMeta;
 use crate::server::{self, Health};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
 use crate::status_echo::StatusEchoes;

@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 
-use crate::secret_meta::SecretMeta;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -26,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::decide;
 use crate::object_key::{Key, key, key_of, split};
+use crate::secret_meta::SecretMeta;
 
 /// What one watch covers: a namespace, or all of them (`None`).
 pub type Scope = Option<String>;

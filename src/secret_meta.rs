@@ -7,15 +7,11 @@
 //! that `PartialObjectMeta` decodes into dozens of allocations. They are
 //! skipped while parsing here, as `crate::cached` does for connections.
 
-use std::borrow::Cow;
-
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::Resource;
-use kube::core::NamespaceResourceScope;
 use serde::{Deserialize, Deserializer};
 
-use crate::cached::WireMeta;
+use crate::cached::{WireMeta, resource_as};
 
 /// A Secret's metadata, without its managedFields.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,44 +32,18 @@ impl<'de> Deserialize<'de> for SecretMeta {
     }
 }
 
-impl Resource for SecretMeta {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        Secret::kind(dt)
-    }
-
-    fn group(dt: &()) -> Cow<'_, str> {
-        Secret::group(dt)
-    }
-
-    fn version(dt: &()) -> Cow<'_, str> {
-        Secret::version(dt)
-    }
-
-    fn plural(dt: &()) -> Cow<'_, str> {
-        Secret::plural(dt)
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-
+resource_as!(SecretMeta, Secret {
     /// Lists and watches ask for `PartialObjectMetadata`: no Secret data
     /// crosses the wire.
     fn metadata_api() -> bool {
         true
     }
-}
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::Resource;
     use kube::core::PartialObjectMeta;
 
     const SECRET_METADATA: &str = r#"{

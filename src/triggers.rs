@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use crate::secret_meta::SecretMeta;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -20,6 +19,7 @@ use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::cached::CachedConnection;
 use crate::object_key::{Key, key, key_of, split};
 use crate::secret_cache::SecretCache;
+use crate::secret_meta::SecretMeta;
 
 #[derive(Default)]
 pub struct SecretTriggers {
