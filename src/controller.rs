@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use crate::api::{FIELD_MANAGER, SourceConnection};
 use crate::authorize;
 use crate::cached::CachedConnection;
-use crate::decide;
+use crate::decide::{self, ReadSecret};
 use crate::error::{Error, Retry, backoff};
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::{ErrorLabels, Metrics};
@@ -583,7 +583,7 @@ async fn sync_static(
 
     let target_name = conn.target_secret_name();
     let existing = ctx.secrets.get(&secrets, &namespace, &target_name).await?;
-    decide::check_ownership(conn, existing.as_deref())?;
+    decide::check_ownership(conn, existing.as_deref().map(|s| &**s))?;
     let desired = decide::target_secret(conn, data, BTreeMap::new());
     let mut notes = Vec::new();
     if let Some(written) =
@@ -609,7 +609,7 @@ async fn sync_static(
 pub(crate) async fn apply_if_changed(
     conn: &SourceConnection,
     secrets: &Api<Secret>,
-    existing: Option<&Secret>,
+    existing: Option<&ReadSecret>,
     desired: &Secret,
     notes: &mut Vec<Note>,
 ) -> Result<Option<Secret>, Error> {
@@ -649,7 +649,7 @@ pub(crate) async fn apply_if_changed(
 /// longer wanted (see `decide::stale_fields`).
 async fn write_secret(
     secrets: &Api<Secret>,
-    existing: Option<&Secret>,
+    existing: Option<&ReadSecret>,
     desired: &Secret,
 ) -> Result<Secret, kube::Error> {
     let name = desired.name_any();

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::api::{ANNOTATION_FORCE_REFRESH, OAuth2Auth, OAuth2Grant, SourceConnection};
 use crate::classify::{self, FailureContext};
 use crate::controller::{Context, Next, Note, Synced, apply_if_changed};
-use crate::decide::{self, OAuthSettings};
+use crate::decide::{self, OAuthSettings, ReadSecret};
 use crate::error::{Error, Retry, backoff};
 use crate::metrics::{Metrics, TokenTimes};
 use crate::schedule::{self, Plan, PlanInput, RefreshReason};
@@ -40,7 +40,7 @@ struct Inputs {
     client_secret: String,
     /// The user-supplied refresh token (refreshToken grant).
     user_refresh_token: Option<String>,
-    target: Option<Arc<Secret>>,
+    target: Option<Arc<ReadSecret>>,
     /// The grant to continue with: the one sealed in the target Secret,
     /// or a consent adopted over it.
     grant: Option<SealedGrant>,
@@ -51,7 +51,7 @@ struct Inputs {
     grant_problem: Option<OpenError>,
     /// The state Secret, when it holds a grant given on the consent page
     /// or by `kubectl tokenkeeper authorize` that is not adopted yet.
-    inbox: Option<(Arc<Secret>, GrantState)>,
+    inbox: Option<(Arc<ReadSecret>, GrantState)>,
     /// The newest token: the target Secret's, or the consented one.
     current: Option<TokenRecord>,
 }
@@ -209,19 +209,21 @@ pub async fn sync(
     let slot = ctx.throttle.acquire(&oauth.token_url).await;
     let response = token_client::request_token(&ctx.http, request).await;
     drop(slot);
-    let failure_context = FailureContext {
-        now,
-        token_endpoint: &oauth.token_url,
-        refresh_token_expires_at: inputs
-            .grant
-            .as_ref()
-            .and_then(|g| g.refresh_token_expires_at)
-            .filter(|_| !new_user_refresh_token),
-        reauthorize_fix: &reauthorize_fix(conn, oauth),
-        client_secret_namespace: &namespace,
-        client_secret_name: &oauth.client.secret_ref.name,
-    };
-    let response = response.map_err(|failure| classify::classify(&failure, &failure_context));
+    let response = response.map_err(|failure| {
+        let failure_context = FailureContext {
+            now,
+            token_endpoint: &oauth.token_url,
+            refresh_token_expires_at: inputs
+                .grant
+                .as_ref()
+                .and_then(|g| g.refresh_token_expires_at)
+                .filter(|_| !new_user_refresh_token),
+            reauthorize_fix: &reauthorize_fix(conn, oauth),
+            client_secret_namespace: &namespace,
+            client_secret_name: &oauth.client.secret_ref.name,
+        };
+        classify::classify(&failure, &failure_context)
+    });
     ctx.metrics.token_request(
         &oauth.token_url,
         response
@@ -491,7 +493,7 @@ async fn read_inputs(
         .secrets
         .get(secrets, &namespace, &conn.target_secret_name())
         .await?;
-    decide::check_ownership(conn, target.as_deref())?;
+    decide::check_ownership(conn, target.as_deref().map(|t| &**t))?;
     // A deleted target Secret is written again from what tokenkeeper wrote
     // last, grant included.
     let remembered = match &target {
@@ -516,7 +518,7 @@ async fn read_inputs(
             .secrets
             .get(secrets, &namespace, &conn.state_secret_name())
             .await?;
-        decide::check_state_ownership(conn, state.as_deref())?;
+        decide::check_state_ownership(conn, state.as_deref().map(|s| &**s))?;
         let inbox = state.and_then(|secret| {
             let consented = GrantState::from_data(secret.data.as_ref()?, &oauth.response_fields);
             consented
@@ -547,7 +549,7 @@ async fn read_secret(
     name: &str,
     field: &'static str,
     example_literals: String,
-) -> Result<Arc<Secret>, Error> {
+) -> Result<Arc<ReadSecret>, Error> {
     ctx.secrets
         .get(secrets, namespace, name)
         .await?
@@ -969,7 +971,7 @@ mod tests {
             grant_problem: None,
             inbox: consented.map(|issued| {
                 (
-                    Arc::new(Secret::default()),
+                    Arc::new(ReadSecret::default()),
                     GrantState {
                         refresh_token: Some("consented-rt".into()),
                         token: Some(token(issued)),

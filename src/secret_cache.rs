@@ -22,8 +22,7 @@ use kube::api::{Api, GetParams};
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
-use crate::decide;
+use crate::decide::{self, ReadSecret};
 use crate::object_key::{Key, key, key_of, split};
 use crate::secret_meta::SecretMeta;
 
@@ -70,9 +69,9 @@ struct Entry {
     json: Box<[u8]>,
     /// tokenkeeper wrote this version itself.
     own: bool,
-    /// Of a Secret tokenkeeper manages, which keys it owns
-    /// (`decide::key_ownership`), in place of the managedFields.
-    ownership: Option<Box<[u8]>>,
+    /// Of a Secret tokenkeeper manages, which keys it owns (see
+    /// `decide::ReadSecret`), in place of the managedFields.
+    ownership: Box<[u8]>,
 }
 
 /// A Secret less what every kept entry would repeat: its kind and
@@ -91,18 +90,15 @@ struct Kept {
 
 impl Entry {
     fn new(version: String, secret: Secret, own: bool) -> Box<Self> {
-        // Of a managed Secret's field ownership, only which of its keys
-        // tokenkeeper owns is ever read (decide::needs_write,
-        // decide::stale_fields): a byte per key instead of the entries.
-        let ownership = is_managed(&secret).then(|| decide::key_ownership(&secret));
+        let managed = decide::is_managed(&secret);
+        let (secret, ownership) = ReadSecret::new(secret).into_parts();
         let metadata = secret.metadata;
         let kept = Kept {
             metadata: ObjectMeta {
                 // What reconciling never reads.
                 creation_timestamp: None,
                 uid: None,
-                managed_fields: None,
-                annotations: metadata.annotations.filter(|_| ownership.is_some()),
+                annotations: metadata.annotations.filter(|_| managed),
                 // What the cache's key and the entry hold.
                 name: None,
                 namespace: None,
@@ -124,7 +120,7 @@ impl Entry {
     }
 
     /// The Secret `key` names, as kept.
-    fn secret(&self, key: &str) -> Arc<Secret> {
+    fn secret(&self, key: &str) -> Arc<ReadSecret> {
         let kept: Kept =
             serde_json::from_slice(&self.json).expect("the cache holds Secrets it encoded");
         let (namespace, name) = split(key);
@@ -140,17 +136,8 @@ impl Entry {
             immutable: kept.immutable,
             string_data: None,
         };
-        Arc::new(match &self.ownership {
-            Some(ownership) => decide::with_key_ownership(secret, ownership),
-            None => secret,
-        })
+        Arc::new(ReadSecret::with_ownership(secret, self.ownership.clone()))
     }
-}
-
-/// Secrets tokenkeeper manages keep their annotations and which keys it
-/// owns; others keep only data and labels.
-fn is_managed(secret: &Secret) -> bool {
-    secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
 }
 
 impl SecretCache {
@@ -260,7 +247,7 @@ impl SecretCache {
 
     /// The Secret as tokenkeeper last wrote it, even if it was changed or
     /// deleted since.
-    pub fn last_written(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+    pub fn last_written(&self, namespace: &str, name: &str) -> Option<Arc<ReadSecret>> {
         let key = key(namespace, name);
         let secrets = self.lock();
         secrets
@@ -296,7 +283,7 @@ impl SecretCache {
         secrets: &Api<Secret>,
         namespace: &str,
         name: &str,
-    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+    ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
         let key = key(namespace, name);
         match self.known_version(&key) {
             Some(None) => Ok(None),
@@ -318,7 +305,7 @@ impl SecretCache {
         secrets: &Api<Secret>,
         namespace: &str,
         name: &str,
-    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+    ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
         self.read(secrets, key(namespace, name)).await
     }
 
@@ -333,7 +320,7 @@ impl SecretCache {
         secrets: &Api<Secret>,
         key: Key,
         version: &str,
-    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+    ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
         match secrets
             .get_with(split(&key).1, &GetParams::at(version))
             .await
@@ -352,7 +339,7 @@ impl SecretCache {
         &self,
         secrets: &Api<Secret>,
         key: Key,
-    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+    ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
         let Some(secret) = secrets.get_opt(split(&key).1).await? else {
             self.update(key, |known| known.kept = None);
             return Ok(None);
@@ -362,9 +349,9 @@ impl SecretCache {
 
     /// Keeps a Secret read from the API and gives it as kept, so that a
     /// reconcile sees the same whether it was read now or before.
-    fn keep_read(&self, key: Key, secret: Secret) -> Arc<Secret> {
+    fn keep_read(&self, key: Key, secret: Secret) -> Arc<ReadSecret> {
         let Some(version) = secret.resource_version() else {
-            return Arc::new(secret);
+            return Arc::new(ReadSecret::new(secret));
         };
         let entry = Entry::new(version, secret, false);
         let read = entry.secret(&key);
@@ -376,7 +363,7 @@ impl SecretCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::FIELD_MANAGER;
+    use crate::api::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
 
     fn meta(name: &str, version: &str) -> SecretMeta {
         let mut meta = SecretMeta::default();
@@ -562,39 +549,15 @@ mod tests {
         assert!(!json.contains("managedFields"), "{json}");
         drop(secrets);
         let read = cache.last_written("data", "target").expect("kept");
-        let owned: Vec<_> = read
-            .managed_fields()
-            .iter()
-            .map(|e| {
-                (
-                    e.operation.as_deref().unwrap_or_default(),
-                    e.fields_v1.as_ref().map(|f| f.0.clone()),
-                )
-            })
-            .collect();
+        assert_eq!(read.metadata.managed_fields, None);
+        use decide::{APPLIED, CREATED};
         assert_eq!(
-            owned,
-            vec![
-                (
-                    "Update",
-                    Some(serde_json::json!({
-                        "f:metadata": {"f:labels": {&managed_by: {}}, "f:annotations": {}},
-                        "f:data": {"f:created": {}},
-                    }))
-                ),
-                (
-                    "Apply",
-                    Some(serde_json::json!({
-                        "f:metadata": {"f:labels": {&managed_by: {}}, "f:annotations": {}},
-                    }))
-                ),
-            ],
-            "the keys the Secret has that tokenkeeper owns, by its create and by any write"
+            read.ownership(),
+            [APPLIED | CREATED, 0, 0, CREATED],
+            "labels managed-by (ours, by the create and any write) and theirs; data applied \
+             (by a write that is not the create: not a byte's worth) and created"
         );
-        assert_eq!(
-            decide::key_ownership(&read),
-            decide::key_ownership(&written)
-        );
+        assert_eq!(read.ownership(), ReadSecret::new(written).ownership());
     }
 
     #[test]

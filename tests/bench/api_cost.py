@@ -167,6 +167,24 @@ measure("status, merge patch",
         lambda i: request("PATCH", f"{CONNECTIONS}/{name(i)}/status?fieldManager=tokenkeeper",
                           {"status": status(f"Secret {name(i)}-credentials holds it now.")},
                           "application/merge-patch+json"))
+current = {item["metadata"]["name"]: item for item in request("GET", CONNECTIONS)["items"]}
+
+
+def replaced_status(i):
+    connection = current[name(i)]
+    connection["status"] = status(f"Secret {name(i)}-credentials holds it, replaced.")
+    return connection
+
+
+measure("status, replace (PUT of the whole object)",
+        lambda i: request("PUT", f"{CONNECTIONS}/{name(i)}/status?fieldManager=tokenkeeper",
+                          replaced_status(i)))
+measure("status, server-side apply, Ready condition only (compare)",
+        lambda i: request("PATCH", f"{CONNECTIONS}/{name(i)}/status{FORCE}",
+                          {"apiVersion": "tokenkeeper.dev/v1alpha1", "kind": "SourceConnection",
+                           "status": {"observedGeneration": 1,
+                                      "conditions": status(f"Secret {name(i)}-credentials.")
+                                      ["conditions"][:1]}}, APPLY))
 measure("event (events.k8s.io/v1)",
         lambda i: request("POST", f"/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events", {
             "metadata": {"name": f"{name(i)}.{i:x}", "namespace": NAMESPACE},
