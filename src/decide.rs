@@ -590,11 +590,7 @@ impl ReadSecret {
         OwnedKeys {
             labels: owned(self.secret.labels().keys(), flags, wanted),
             annotations: owned(self.secret.annotations().keys(), flags, wanted),
-            data: owned(
-                self.secret.data.iter().flatten().map(|(k, _)| k),
-                flags,
-                wanted,
-            ),
+            data: owned(data_keys(&self.secret).into_iter(), flags, wanted),
         }
     }
 }
