@@ -583,7 +583,7 @@ async fn sync_static(
 
     let target_name = conn.target_secret_name();
     let existing = ctx.secrets.get(&secrets, &namespace, &target_name).await?;
-    decide::check_ownership(conn, existing.as_deref().map(|s| &**s))?;
+    decide::check_ownership(conn, existing.as_deref().map(ReadSecret::secret))?;
     let desired = decide::target_secret(conn, data, BTreeMap::new());
     let mut notes = Vec::new();
     if let Some(written) =

@@ -507,7 +507,8 @@ impl StaleFields {
     }
 }
 
-fn owned_keys(entry: &ManagedFieldsEntry, path: &[&str]) -> Vec<String> {
+/// The keys a managedFields entry owns under `path`.
+fn entry_keys(entry: &ManagedFieldsEntry, path: &[&str]) -> Vec<String> {
     let Some(fields) = &entry.fields_v1 else {
         return Vec::new();
     };
@@ -566,7 +567,12 @@ impl ReadSecret {
         ReadSecret { secret, ownership }
     }
 
-    pub fn ownership(&self) -> &[u8] {
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    #[cfg(test)]
+    pub(crate) fn ownership(&self) -> &[u8] {
         &self.ownership
     }
 
@@ -630,7 +636,7 @@ fn key_ownership(secret: &Secret) -> Box<[u8]> {
             } else {
                 APPLIED
             };
-            for key in owned_keys(entry, path) {
+            for key in entry_keys(entry, path) {
                 *owned.entry(key).or_default() |= flag;
             }
         }
@@ -1009,7 +1015,7 @@ mod tests {
             .iter()
             .filter(|e| e.manager.as_deref() == Some(FIELD_MANAGER))
             .filter(|e| !create_only || is_create_entry(e))
-            .flat_map(|e| owned_keys(e, path))
+            .flat_map(|e| entry_keys(e, path))
             .filter(|key| match path {
                 ["f:data"] => secret.data.as_ref().is_some_and(|d| d.contains_key(key)),
                 [_, "f:labels"] => secret.labels().contains_key(key),

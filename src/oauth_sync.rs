@@ -493,7 +493,7 @@ async fn read_inputs(
         .secrets
         .get(secrets, &namespace, &conn.target_secret_name())
         .await?;
-    decide::check_ownership(conn, target.as_deref().map(|t| &**t))?;
+    decide::check_ownership(conn, target.as_deref().map(ReadSecret::secret))?;
     // A deleted target Secret is written again from what tokenkeeper wrote
     // last, grant included.
     let remembered = match &target {
@@ -518,7 +518,7 @@ async fn read_inputs(
             .secrets
             .get(secrets, &namespace, &conn.state_secret_name())
             .await?;
-        decide::check_state_ownership(conn, state.as_deref().map(|s| &**s))?;
+        decide::check_state_ownership(conn, state.as_deref().map(ReadSecret::secret))?;
         let inbox = state.and_then(|secret| {
             let consented = GrantState::from_data(secret.data.as_ref()?, &oauth.response_fields);
             consented
