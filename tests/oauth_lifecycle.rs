@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{OAuthServer, Operator, TestNamespace, assert_no_secret_leaks, wait_for};
+use common::{
+    OAuthServer, Operator, TestNamespace, assert_no_secret_leaks, describes_event, wait_for,
+};
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -188,7 +190,7 @@ fn wrong_client_secret_is_invalid_client_and_heals_when_fixed() {
     );
     wait_for("the InvalidClient event", READY, || {
         let text = ns.kubectl_ok(&["describe", "srcconn", "crm"]);
-        text.contains("Warning  InvalidClient")
+        describes_event(&text, "Warning", "InvalidClient")
             .then_some(())
             .ok_or(text)
     });
@@ -289,7 +291,7 @@ fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
     assert_eq!(ns.condition("crm", "AuthFailed", "reason"), "InvalidGrant");
     let describe = wait_for("the InvalidGrant event", READY, || {
         let text = ns.kubectl_ok(&["describe", "srcconn", "crm"]);
-        text.contains("Warning  InvalidGrant")
+        describes_event(&text, "Warning", "InvalidGrant")
             .then_some(text.clone())
             .ok_or(text)
     });
@@ -612,7 +614,7 @@ fn the_client_credentials_example_becomes_ready() {
     );
     wait_for("the TokenIssued event", READY, || {
         let text = ns.kubectl_ok(&["describe", "srcconn", "crm-reporting"]);
-        text.contains("Normal  TokenIssued")
+        describes_event(&text, "Normal", "TokenIssued")
             .then_some(())
             .ok_or(text)
     });

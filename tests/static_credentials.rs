@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Operator, REPO, TestNamespace, stderr, stdout, wait_for};
+use common::{Operator, REPO, TestNamespace, describes_event, stderr, stdout, wait_for};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -73,7 +73,7 @@ fn basic_example_fills_the_target_secret_and_reports_ready() {
         READY_TIMEOUT,
         || {
             let text = ns.kubectl_ok(&["describe", "srcconn", "warehouse-db"]);
-            text.contains("Normal  SecretSynced")
+            describes_event(&text, "Normal", "SecretSynced")
                 .then_some(text.clone())
                 .ok_or(text)
         },
@@ -139,7 +139,7 @@ fn missing_secret_is_reported_and_heals_when_created() {
     assert_eq!(ns.condition("hubspot", "AuthFailed", "status"), "False");
     wait_for("the Warning event", READY_TIMEOUT, || {
         let text = ns.kubectl_ok(&["describe", "srcconn", "hubspot"]);
-        text.contains("Warning  SecretNotFound")
+        describes_event(&text, "Warning", "SecretNotFound")
             .then_some(())
             .ok_or(text)
     });

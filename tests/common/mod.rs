@@ -343,6 +343,16 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Whether `kubectl describe` output lists an event of this type and
+/// reason. Matched by column, not by spacing: the Type column is as wide
+/// as its widest entry, so "Normal" is followed by two spaces or, when a
+/// Warning is listed too, by three.
+pub fn describes_event(describe: &str, type_: &str, reason: &str) -> bool {
+    describe
+        .lines()
+        .any(|line| line.split_whitespace().take(2).eq([type_, reason]))
+}
+
 /// Polls `check` until it returns Ok or `timeout` passes; then fails with
 /// the last thing `check` said.
 pub fn wait_for<T>(
