@@ -1033,28 +1033,24 @@ mod tests {
         let names = |keys: Vec<&String>| keys.into_iter().cloned().collect::<Vec<_>>();
         let labels = ["f:metadata", "f:labels"];
         let annotations = ["f:metadata", "f:annotations"];
-        let applied = read.owned_keys(APPLIED);
-        assert_eq!(
-            names(applied.labels),
-            owned_in_managed_fields(secret, &labels, false)
-        );
-        assert_eq!(
-            names(applied.annotations),
-            owned_in_managed_fields(secret, &annotations, false)
-        );
-        let created = read.owned_keys(CREATED);
-        assert_eq!(
-            names(created.labels),
-            owned_in_managed_fields(secret, &labels, true)
-        );
-        assert_eq!(
-            names(created.annotations),
-            owned_in_managed_fields(secret, &annotations, true)
-        );
-        assert_eq!(
-            names(created.data),
-            owned_in_managed_fields(secret, &["f:data"], true)
-        );
+        // Data keys carry only the create's ownership (see key_ownership).
+        for (wanted, create_only) in [(APPLIED, false), (CREATED, true)] {
+            let owned = read.owned_keys(wanted);
+            let mut cases = vec![
+                (owned.labels, &labels[..]),
+                (owned.annotations, &annotations),
+            ];
+            if create_only {
+                cases.push((owned.data, &["f:data"]));
+            }
+            for (keys, path) in cases {
+                assert_eq!(
+                    names(keys),
+                    owned_in_managed_fields(secret, path, create_only),
+                    "{path:?}, the create's only: {create_only}"
+                );
+            }
+        }
     }
 
     /// A target Secret as tokenkeeper's create and then a refresh leave it:
