@@ -19,9 +19,10 @@ const MAX_JITTER: SignedDuration = SignedDuration::from_secs(30);
 /// alone) is a large part of a refresh's CPU: in benches/scale the same
 /// "POST token + PUT Secret" loop costs 2-3 times as much per refresh
 /// paced one by one as back to back. A slot of 100 ms holds about a dozen
-/// refreshes at 10,000 connections with 120 s tokens, within the token
-/// requests' burst (`throttle::Limits`); it took the operator's CPU per
-/// refresh there from 0.76 to 0.48 ms.
+/// refreshes at 10,000 connections with 120 s tokens; it took the
+/// operator's CPU per refresh there from 0.76 to 0.48 ms. Token requests
+/// held back by the rate limit are released on the same grid
+/// (`throttle::RELEASE_TICK`).
 pub const DUE_TIME_GRID: SignedDuration = SignedDuration::from_millis(100);
 
 /// Parses a duration such as `90s`, `5m` or `1h30m`.
