@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use serde::de::{DeserializeOwned, Error as _};
+use serde::de::{DeserializeOwned, Error as _, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -76,10 +76,14 @@ impl<'de> Deserialize<'de> for CachedConnection {
 }
 
 /// `ObjectMeta` less what the cache never reads: fields not named here
-/// (`managedFields`, `selfLink`) are skipped unread.
+/// (`selfLink`) are skipped unread, and so is kubectl's last-applied copy
+/// of the object.
+///
+/// `Managed` decodes the managedFields: by default nothing of them is kept.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct WireMeta {
+pub(crate) struct WireMeta<Managed = IgnoredAny> {
+    pub(crate) managed_fields: Option<Managed>,
     annotations: Option<BTreeMap<String, String>>,
     creation_timestamp: Option<Time>,
     deletion_grace_period_seconds: Option<i64>,
@@ -97,8 +101,8 @@ pub(crate) struct WireMeta {
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-impl From<WireMeta> for ObjectMeta {
-    fn from(wire: WireMeta) -> Self {
+impl<Managed> From<WireMeta<Managed>> for ObjectMeta {
+    fn from(wire: WireMeta<Managed>) -> Self {
         let annotations = wire.annotations.map(|mut annotations| {
             annotations.remove(LAST_APPLIED);
             annotations
@@ -126,9 +130,13 @@ impl From<WireMeta> for ObjectMeta {
 /// Implements `Resource` for a type that stands for `$as` in watches and
 /// caches but decodes less of it: the same kind, group, version and plural,
 /// and its metadata in a `metadata` field. Extra items of the impl, such as
-/// `metadata_api`, go in the braces.
+/// `metadata_api`, go in the braces. The metadata is in another field when
+/// its path comes after `$as` (`secret.metadata`).
 macro_rules! resource_as {
     ($view:ty, $as:ty { $($extra:item)* }) => {
+        resource_as!($view, $as, metadata { $($extra)* });
+    };
+    ($view:ty, $as:ty, $($meta:ident).+ { $($extra:item)* }) => {
         impl ::kube::Resource for $view {
             type DynamicType = ();
             type Scope = ::kube::core::NamespaceResourceScope;
@@ -150,13 +158,13 @@ macro_rules! resource_as {
             }
 
             fn meta(&self) -> &::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                &self.metadata
+                &self.$($meta).+
             }
 
             fn meta_mut(
                 &mut self,
             ) -> &mut ::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                &mut self.metadata
+                &mut self.$($meta).+
             }
 
             $($extra)*

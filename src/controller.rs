@@ -34,7 +34,7 @@ use crate::revocation;
 use crate::schedule;
 use crate::seal::{self, SealingKey};
 use crate::secret_cache::SecretCache;
-use crate::secret_meta::SecretMeta;
+use crate::secret_meta::{self, SecretMeta};
 use crate::server::{self, Health};
 use crate::status::{self, Report, TokenStatus, Verdict, display_name};
 use crate::status_echo::StatusEchoes;
@@ -612,7 +612,7 @@ pub(crate) async fn apply_if_changed(
     existing: Option<&ReadSecret>,
     desired: &Secret,
     notes: &mut Vec<Note>,
-) -> Result<Option<Secret>, Error> {
+) -> Result<Option<ReadSecret>, Error> {
     if !decide::needs_write(existing, desired) {
         return Ok(None);
     }
@@ -651,7 +651,7 @@ async fn write_secret(
     secrets: &Api<Secret>,
     existing: Option<&ReadSecret>,
     desired: &Secret,
-) -> Result<Secret, kube::Error> {
+) -> Result<ReadSecret, kube::Error> {
     let name = desired.name_any();
     match existing {
         None => {
@@ -663,7 +663,7 @@ async fn write_secret(
                 // Created meanwhile by someone else (the watch had not told
                 // yet): applied over, as a server-side apply create would.
                 Err(kube::Error::Api(status)) if status.code == 409 => {}
-                other => return other,
+                other => return other.map(ReadSecret::new),
             }
         }
         Some(existing) => {
@@ -680,7 +680,9 @@ async fn write_secret(
         }
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    secrets.patch(&name, &params, &Patch::Apply(desired)).await
+    secret_meta::read_view(secrets)
+        .patch(&name, &params, &Patch::Apply(desired))
+        .await
 }
 
 async fn write_status(

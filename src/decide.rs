@@ -522,10 +522,20 @@ fn entry_keys(entry: &ManagedFieldsEntry, path: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// Whether a managedFields entry is what a plain create (or any write that
-/// is not server-side apply) left: operation `Update`.
-fn is_create_entry(entry: &ManagedFieldsEntry) -> bool {
-    entry.operation.as_deref() == Some("Update")
+/// Whether a managedFields entry of this operation is what a plain create
+/// (or any write that is not server-side apply) left: `Update`.
+pub fn is_create_entry(operation: Option<&str>) -> bool {
+    operation == Some("Update")
+}
+
+/// The keys one of tokenkeeper's managedFields entries of a Secret owns.
+#[derive(Debug, Default, PartialEq)]
+pub struct OwnedFields {
+    /// The entry is the create's (`is_create_entry`).
+    pub created: bool,
+    pub labels: Vec<String>,
+    pub annotations: Vec<String>,
+    pub data: Vec<String>,
 }
 
 /// A Secret as tokenkeeper reads it (the Secret cache gives these):
@@ -552,12 +562,30 @@ impl ReadSecret {
     /// `secret` as the API gave it, managedFields included. Only of the
     /// Secrets tokenkeeper manages is ownership read; others own nothing.
     pub fn new(mut secret: Secret) -> Self {
+        let entries: Vec<OwnedFields> = secret
+            .managed_fields()
+            .iter()
+            .filter(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER))
+            .map(|entry| OwnedFields {
+                created: is_create_entry(entry.operation.as_deref()),
+                labels: entry_keys(entry, &["f:metadata", "f:labels"]),
+                annotations: entry_keys(entry, &["f:metadata", "f:annotations"]),
+                data: entry_keys(entry, &["f:data"]),
+            })
+            .collect();
+        secret.metadata.managed_fields = None;
+        Self::with_owned_fields(secret, &entries)
+    }
+
+    /// `secret` without its managedFields, and what tokenkeeper's entries
+    /// of them own (`secret_meta` decodes that much of them straight from
+    /// the API's answer).
+    pub fn with_owned_fields(secret: Secret, entries: &[OwnedFields]) -> Self {
         let ownership = if is_managed(&secret) {
-            key_ownership(&secret)
+            key_ownership(&secret, entries)
         } else {
             Box::default()
         };
-        secret.metadata.managed_fields = None;
         ReadSecret { secret, ownership }
     }
 
@@ -601,6 +629,11 @@ impl ReadSecret {
     }
 }
 
+// So that the API's answers decode straight into a `ReadSecret`
+// (`secret_meta`). kube's `Resource` asks for `meta_mut` too; nothing
+// changes a `ReadSecret`'s metadata, which its ownership bytes follow.
+crate::cached::resource_as!(ReadSecret, Secret, secret.metadata {});
+
 impl std::ops::Deref for ReadSecret {
     type Target = Secret;
 
@@ -620,32 +653,28 @@ pub fn is_managed(secret: &Secret) -> bool {
     secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
 }
 
-/// The ownership bytes of `secret` (see `ReadSecret`), read from its
-/// managedFields.
-fn key_ownership(secret: &Secret) -> Box<[u8]> {
-    let entries: Vec<_> = secret
-        .managed_fields()
-        .iter()
-        .filter(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER))
-        .collect();
-    let owners = |path: &[&str]| {
-        let mut owned: BTreeMap<String, u8> = BTreeMap::new();
-        for entry in &entries {
-            let flag = if is_create_entry(entry) {
+/// The ownership bytes of `secret` (see `ReadSecret`), from tokenkeeper's
+/// managedFields entries of it.
+fn key_ownership(secret: &Secret, entries: &[OwnedFields]) -> Box<[u8]> {
+    let owners = |keys_of: fn(&OwnedFields) -> &[String]| {
+        let mut owned: BTreeMap<&str, u8> = BTreeMap::new();
+        for entry in entries {
+            let flag = if entry.created {
                 CREATED | APPLIED
             } else {
                 APPLIED
             };
-            for key in entry_keys(entry, path) {
+            for key in keys_of(entry) {
                 *owned.entry(key).or_default() |= flag;
             }
         }
         owned
     };
-    let labels = owners(&["f:metadata", "f:labels"]);
-    let annotations = owners(&["f:metadata", "f:annotations"]);
-    let data = owners(&["f:data"]);
-    let flag = |owned: &BTreeMap<String, u8>, key: &String| owned.get(key).copied().unwrap_or(0);
+    let labels = owners(|entry| &entry.labels);
+    let annotations = owners(|entry| &entry.annotations);
+    let data = owners(|entry| &entry.data);
+    let flag =
+        |owned: &BTreeMap<&str, u8>, key: &String| owned.get(key.as_str()).copied().unwrap_or(0);
     secret
         .labels()
         .keys()
@@ -1014,7 +1043,7 @@ mod tests {
             .managed_fields()
             .iter()
             .filter(|e| e.manager.as_deref() == Some(FIELD_MANAGER))
-            .filter(|e| !create_only || is_create_entry(e))
+            .filter(|e| !create_only || is_create_entry(e.operation.as_deref()))
             .flat_map(|e| entry_keys(e, path))
             .filter(|key| match path {
                 ["f:data"] => secret.data.as_ref().is_some_and(|d| d.contains_key(key)),
@@ -1152,7 +1181,7 @@ mod tests {
         // and applied) and theirs; annotations issued (applied), note
         // (both); data password (applied only, so nothing), username.
         let labels = refreshed.labels().len();
-        let ownership = key_ownership(&refreshed);
+        let ownership = ReadSecret::new(refreshed.clone()).ownership;
         let (label_flags, rest) = ownership.split_at(labels);
         assert!(label_flags.iter().filter(|f| **f == 0).count() == 1);
         assert_eq!(rest, [APPLIED, APPLIED | CREATED, 0, CREATED]);

@@ -400,7 +400,7 @@ async fn clear_inbox(
         .filter(|(key, _)| key.starts_with(crate::authorize::PENDING_PREFIX))
         .collect();
     match store_state_secret(secrets, conn, secret.resource_version(), data).await {
-        Ok(written) => ctx.secrets.wrote(written),
+        Ok(written) => ctx.secrets.wrote(ReadSecret::new(written)),
         Err(error) => {
             debug!(connection = %display_name(conn), %error, "could not clear the adopted consent");
         }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decide::{self, ReadSecret};
 use crate::object_key::{Key, key, key_of, split};
-use crate::secret_meta::SecretMeta;
+use crate::secret_meta::{self, SecretMeta};
 
 /// What one watch covers: a namespace, or all of them (`None`).
 pub type Scope = Option<String>;
@@ -89,9 +89,9 @@ struct Kept {
 }
 
 impl Entry {
-    fn new(version: String, secret: Secret, own: bool) -> Box<Self> {
-        let managed = decide::is_managed(&secret);
-        let (secret, ownership) = ReadSecret::new(secret).into_parts();
+    fn new(version: String, read: ReadSecret, own: bool) -> Box<Self> {
+        let managed = decide::is_managed(&read);
+        let (secret, ownership) = read.into_parts();
         let metadata = secret.metadata;
         let kept = Kept {
             metadata: ObjectMeta {
@@ -221,7 +221,7 @@ impl SecretCache {
     }
 
     /// Records a Secret as tokenkeeper just wrote it (the API's answer).
-    pub fn wrote(&self, secret: Secret) {
+    pub fn wrote(&self, secret: ReadSecret) {
         let Some(version) = secret.resource_version() else {
             return;
         };
@@ -321,7 +321,7 @@ impl SecretCache {
         key: Key,
         version: &str,
     ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
-        match secrets
+        match secret_meta::read_view(secrets)
             .get_with(split(&key).1, &GetParams::at(version))
             .await
         {
@@ -340,7 +340,10 @@ impl SecretCache {
         secrets: &Api<Secret>,
         key: Key,
     ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
-        let Some(secret) = secrets.get_opt(split(&key).1).await? else {
+        let Some(secret) = secret_meta::read_view(secrets)
+            .get_opt(split(&key).1)
+            .await?
+        else {
             self.update(key, |known| known.kept = None);
             return Ok(None);
         };
@@ -349,9 +352,9 @@ impl SecretCache {
 
     /// Keeps a Secret read from the API and gives it as kept, so that a
     /// reconcile sees the same whether it was read now or before.
-    fn keep_read(&self, key: Key, secret: Secret) -> Arc<ReadSecret> {
+    fn keep_read(&self, key: Key, secret: ReadSecret) -> Arc<ReadSecret> {
         let Some(version) = secret.resource_version() else {
-            return Arc::new(ReadSecret::new(secret));
+            return Arc::new(secret);
         };
         let entry = Entry::new(version, secret, false);
         let read = entry.secret(&key);
@@ -428,7 +431,7 @@ mod tests {
         let cache = SecretCache::default();
         cache.observe(&ALL, &watcher::Event::Init);
         cache.observe(&ALL, &watcher::Event::InitDone);
-        cache.wrote(secret("target", "10"));
+        cache.wrote(ReadSecret::new(secret("target", "10")));
         assert!(cache.is_own_write(&meta("target", "10")));
         assert_eq!(cache.known_version(&key("target")), Some(Some("10".into())));
         cache.observe(&ALL, &watcher::Event::Apply(meta("target", "11")));
@@ -456,7 +459,7 @@ mod tests {
             )]
             .into(),
         );
-        cache.wrote(written.clone());
+        cache.wrote(ReadSecret::new(written.clone()));
         let kept = cache.last_written("data", "target").expect("kept");
         assert_eq!(kept.data, written.data);
         assert_eq!(kept.metadata.annotations, written.metadata.annotations);
@@ -541,7 +544,7 @@ mod tests {
                 serde_json::json!({"f:metadata": {"f:labels": {"f:theirs": {}}}}),
             ),
         ]);
-        cache.wrote(written.clone());
+        cache.wrote(ReadSecret::new(written.clone()));
 
         let secrets = cache.lock();
         let kept = secrets[&key("target")].kept.as_ref().expect("kept");
@@ -565,8 +568,8 @@ mod tests {
         let cache = SecretCache::default();
         cache.observe(&ALL, &watcher::Event::Init);
         cache.observe(&ALL, &watcher::Event::InitDone);
-        cache.wrote(secret("kept", "1"));
-        cache.wrote(secret("changed", "1"));
+        cache.wrote(ReadSecret::new(secret("kept", "1")));
+        cache.wrote(ReadSecret::new(secret("changed", "1")));
         cache.observe(&ALL, &watcher::Event::Init);
         cache.observe(&ALL, &watcher::Event::InitApply(meta("kept", "1")));
         cache.observe(&ALL, &watcher::Event::InitApply(meta("changed", "5")));

@@ -223,7 +223,7 @@ mod tests {
         written.metadata.name = Some("crm-token".into());
         written.metadata.namespace = Some("data".into());
         written.metadata.resource_version = Some("41".into());
-        cache.wrote(written);
+        cache.wrote(crate::decide::ReadSecret::new(written));
 
         let own = secret_meta("crm-token", "41", Some("crm"));
         assert!(triggers.connections_for(&own, &cache).is_empty());
