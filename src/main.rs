@@ -81,7 +81,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 2)]
     retry_period_seconds: u64,
     /// Token requests started per second, per provider host (a burst of
-    /// 20 may start at once after a quiet period).
+    /// 20 may start at once after a quiet period; requests held back start
+    /// together on 100 ms ticks).
     #[arg(long, default_value_t = 200.0)]
     token_requests_per_second: f64,
     /// Token requests in flight at once, per provider host.
