@@ -76,10 +76,10 @@ impl<'de> Deserialize<'de> for CachedConnection {
 }
 
 /// `ObjectMeta` less what the cache never reads: fields not named here
-/// (`selfLink`) are skipped unread, and so is kubectl's last-applied copy
-/// of the object.
+/// (`selfLink`) are skipped unread, and kubectl's last-applied copy of the
+/// object is dropped.
 ///
-/// `Managed` decodes the managedFields: by default nothing of them is kept.
+/// `Managed` decodes the managedFields: by default they are skipped too.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct WireMeta<Managed = IgnoredAny> {
