@@ -31,8 +31,10 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
+use serde::Deserialize;
 use serde_json::json;
 use tokenkeeper::api::{LABEL_SECRET_ROLE, SECRET_ROLE_CREDENTIALS, SourceConnection};
+use tokenkeeper::throttle::{HostThrottle, Limits};
 use tokenkeeper::token::{ANNOTATION_NEXT_REFRESH_AT, KEY_ACCESS_TOKEN, KEY_EXPIRES_AT};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -43,6 +45,9 @@ const NAMESPACE: &str = "bench";
 const BASELINE_NAMESPACE: &str = "bench-baseline";
 /// How long the paced baseline runs (at most the measured window).
 const PACED_BASELINE_SECONDS: f64 = 60.0;
+/// How many refreshes the baseline at the token limit does at most: half a
+/// minute at the default 200 token requests per second.
+const LIMITED_BASELINE_REFRESHES: u64 = 6000;
 const CREATE_CONCURRENCY: usize = 48;
 
 struct Options {
@@ -597,17 +602,12 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     // The baseline: the same number of refreshes, nothing but POST token +
     // PUT Secret, with the operator's HTTP clients.
     eprintln!("[bench] baseline: {provider_refreshes} refreshes of POST token + PUT Secret");
-    let (mut baseline_child, baseline_line) = spawn_role(&[
-        "baseline",
-        &token_url,
-        &provider_refreshes.max(1).to_string(),
-        &base,
-    ])
-    .await?;
-    let _ = baseline_child.wait().await;
-    let baseline: serde_json::Value = serde_json::from_str(&baseline_line)?;
-    let baseline_cpu = baseline["cpu_seconds"].as_f64().unwrap_or_default();
-    let baseline_refreshes = baseline["refreshes"].as_u64().unwrap_or(1).max(1);
+    let back_to_back = run_baseline(&token_url, &base, provider_refreshes, None).await?;
+    // The same loop with its token requests started by the operator's own
+    // limiter: as fast as the operator may ever refresh.
+    let limited_count = provider_refreshes.clamp(1, LIMITED_BASELINE_REFRESHES);
+    eprintln!("[bench] baseline at the token limit: {limited_count} refreshes");
+    let limited = run_baseline(&token_url, &base, limited_count, Some(TOKEN_LIMIT)).await?;
     // The same loop again at the operator's pace: refreshes spread over
     // time, each paying its own wake-up, as the operator's do.
     let paced_seconds = window.min(PACED_BASELINE_SECONDS);
@@ -615,23 +615,20 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     eprintln!(
         "[bench] baseline at the operator's pace: {paced_count} refreshes over {paced_seconds:.0}s"
     );
-    let (mut paced_child, paced_line) = spawn_role(&[
-        "baseline",
+    let paced = run_baseline(
         &token_url,
-        &paced_count.max(1).to_string(),
         &base,
-        &paced_seconds.to_string(),
-    ])
+        paced_count,
+        Some(&paced_seconds.to_string()),
+    )
     .await?;
-    let _ = paced_child.wait().await;
-    let paced: serde_json::Value = serde_json::from_str(&paced_line)?;
-    let paced_cost = paced["cpu_seconds"].as_f64().unwrap_or_default()
-        / paced["refreshes"].as_u64().unwrap_or(1).max(1) as f64;
     let _ = token_server.kill().await;
 
     let per_refresh = |x: f64| x / provider_refreshes.max(1) as f64;
     let operator_cost = per_refresh(operator_cpu);
-    let baseline_cost = baseline_cpu / baseline_refreshes as f64;
+    let baseline_cost = back_to_back.cpu_per_refresh();
+    let limited_cost = limited.cpu_per_refresh();
+    let paced_cost = paced.cpu_per_refresh();
     let ms = |p: f64| percentile(&lateness, p).map_or("n/a".into(), |v| format!("{v} ms"));
     let detail =
         |counts: &BTreeMap<String, f64>| listing(counts, provider_refreshes.max(1) as f64, 3);
@@ -702,8 +699,10 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
         (
             "baseline CPU per 1,000 refreshes (POST token + PUT Secret)".to_owned(),
             format!(
-                "{:.2} s  ({baseline_refreshes} refreshes)",
-                baseline_cost * 1000.0
+                "{:.2} s  ({} refreshes back to back, {:.0} per second)",
+                baseline_cost * 1000.0,
+                back_to_back.refreshes,
+                back_to_back.per_second()
             ),
             "",
         ),
@@ -714,6 +713,17 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
                 operator_cost / baseline_cost.max(f64::MIN_POSITIVE)
             ),
             "<= 1.2",
+        ),
+        (
+            "baseline at the operator's token limit, CPU per 1,000 refreshes".to_owned(),
+            format!(
+                "{:.2} s  ({} refreshes, {:.0} per second; operator cost / this {:.2})",
+                limited_cost * 1000.0,
+                limited.refreshes,
+                limited.per_second(),
+                operator_cost / limited_cost.max(f64::MIN_POSITIVE)
+            ),
+            "",
         ),
         (
             "baseline at the operator's pace, CPU per 1,000 refreshes".to_owned(),
@@ -767,6 +777,10 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
         "window_cpu_s": {"control_plane": plane_cpu, "operator": operator_cpu, "token_server": server_cpu},
         "baseline_cpu_s_per_1000_refreshes": baseline_cost * 1000.0,
         "cost_ratio": operator_cost / baseline_cost.max(f64::MIN_POSITIVE),
+        "baseline_refreshes_per_s": back_to_back.per_second(),
+        "token_limit_baseline_cpu_s_per_1000_refreshes": limited_cost * 1000.0,
+        "token_limit_baseline_refreshes_per_s": limited.per_second(),
+        "cost_ratio_token_limit": operator_cost / limited_cost.max(f64::MIN_POSITIVE),
         "paced_baseline_cpu_s_per_1000_refreshes": paced_cost * 1000.0,
         "cost_ratio_paced": operator_cost / paced_cost.max(f64::MIN_POSITIVE),
         "reused_refresh_tokens": reused,
@@ -795,16 +809,71 @@ fn deltas(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTre
         .collect()
 }
 
+/// What one run of the baseline role reports.
+#[derive(Deserialize)]
+struct BaselineRun {
+    refreshes: u64,
+    cpu_seconds: f64,
+    elapsed_seconds: f64,
+}
+
+impl BaselineRun {
+    fn cpu_per_refresh(&self) -> f64 {
+        self.cpu_seconds / self.refreshes.max(1) as f64
+    }
+
+    fn per_second(&self) -> f64 {
+        self.refreshes as f64 / self.elapsed_seconds.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// Runs the baseline role for `refreshes` (at least one), with `pace` as
+/// its last argument: none (back to back), `TOKEN_LIMIT` or seconds.
+async fn run_baseline(
+    token_url: &str,
+    base: &str,
+    refreshes: u64,
+    pace: Option<&str>,
+) -> anyhow::Result<BaselineRun> {
+    let count = refreshes.max(1).to_string();
+    let mut args = vec!["baseline", token_url, &count, base];
+    args.extend(pace);
+    let (mut child, line) = spawn_role(&args).await?;
+    let _ = child.wait().await;
+    serde_json::from_str(&line).with_context(|| format!("the baseline's report {line:?}"))
+}
+
+/// How the baseline spaces its refreshes.
+#[derive(Clone)]
+enum Pace {
+    /// As fast as the token server and the API server answer.
+    BackToBack,
+    /// Started through the operator's own token-request limiter with its
+    /// default limits, as the operator's refreshes are.
+    TokenLimit(Arc<HostThrottle>),
+    /// Spread evenly over this many seconds, each started on its own.
+    Spread(f64),
+}
+
+/// The baseline role's argument that selects `Pace::TokenLimit`.
+const TOKEN_LIMIT: &str = "token-limit";
+
 /// The minimal loop the operator is compared with: per refresh, one token
 /// request and one Secret write, nothing read, nothing decided.
 async fn baseline(args: &[String]) -> anyhow::Result<()> {
     let token_url = args.first().context("token url")?.clone();
     let refreshes: u64 = args.get(1).context("refresh count")?.parse()?;
     let base = args.get(2).context("server base")?.clone();
-    // Spread the refreshes evenly over this many seconds, or run them
-    // back to back.
-    let pace: Option<f64> = args.get(3).map(|s| s.parse()).transpose()?;
-    let prefix = if pace.is_some() { "p" } else { "b" };
+    let pace = match args.get(3).map(String::as_str) {
+        None => Pace::BackToBack,
+        Some(TOKEN_LIMIT) => Pace::TokenLimit(Arc::new(HostThrottle::new(Limits::default()))),
+        Some(seconds) => Pace::Spread(seconds.parse()?),
+    };
+    let prefix = match pace {
+        Pace::BackToBack => "b",
+        Pace::TokenLimit(_) => "l",
+        Pace::Spread(_) => "p",
+    };
     const WORKERS: usize = 32;
     let client = Client::try_default().await?;
     let http = tokenkeeper::token_client::http_client();
@@ -829,16 +898,21 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
             let secrets = secrets.clone();
             let http = http.clone();
             let token_url = token_url.clone();
+            let pace = pace.clone();
             async move {
                 let no_params = BTreeMap::new();
                 let name = format!("{prefix}{i}");
                 for k in 0..per_worker {
-                    if let Some(pace) = pace {
+                    if let Pace::Spread(seconds) = pace {
                         // Worker i's k-th refresh, interleaved with the others'.
                         let slot = (k as f64 + i as f64 / WORKERS as f64) / per_worker as f64;
-                        let at = started + Duration::from_secs_f64(pace * slot);
+                        let at = started + Duration::from_secs_f64(seconds * slot);
                         tokio::time::sleep_until(at.into()).await;
                     }
+                    let slot = match &pace {
+                        Pace::TokenLimit(throttle) => Some(throttle.acquire(&token_url).await),
+                        _ => None,
+                    };
                     let issued = tokenkeeper::token_client::request_token(
                         &http,
                         tokenkeeper::token_client::TokenRequest {
@@ -853,6 +927,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
                     )
                     .await
                     .map_err(|f| anyhow::anyhow!("token request failed: {f:?}"))?;
+                    drop(slot);
                     if let Some(next) = issued.refresh_token.clone() {
                         refresh_token = next;
                     }
