@@ -909,7 +909,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
                         let at = started + Duration::from_secs_f64(seconds * slot);
                         tokio::time::sleep_until(at.into()).await;
                     }
-                    let slot = match &pace {
+                    let limiter_slot = match &pace {
                         Pace::TokenLimit(throttle) => Some(throttle.acquire(&token_url).await),
                         _ => None,
                     };
@@ -927,7 +927,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
                     )
                     .await
                     .map_err(|f| anyhow::anyhow!("token request failed: {f:?}"))?;
-                    drop(slot);
+                    drop(limiter_slot);
                     if let Some(next) = issued.refresh_token.clone() {
                         refresh_token = next;
                     }
