@@ -21,19 +21,21 @@ mod token_server;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use futures::{StreamExt, TryStreamExt};
+use futures::{AsyncBufReadExt as _, StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams, WatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokenkeeper::api::{LABEL_SECRET_ROLE, SECRET_ROLE_CREDENTIALS, SourceConnection};
+use tokenkeeper::secret_meta::SecretMeta;
 use tokenkeeper::throttle::{HostThrottle, Limits};
 use tokenkeeper::token::{ANNOTATION_NEXT_REFRESH_AT, KEY_ACCESS_TOKEN, KEY_EXPIRES_AT};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -602,12 +604,21 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     // The baseline: the same number of refreshes, nothing but POST token +
     // PUT Secret, with the operator's HTTP clients.
     eprintln!("[bench] baseline: {provider_refreshes} refreshes of POST token + PUT Secret");
-    let back_to_back = run_baseline(&token_url, &base, provider_refreshes, None).await?;
+    let back_to_back = run_baseline(&token_url, &base, provider_refreshes, &[]).await?;
     // The same loop with its token requests started by the operator's own
     // limiter: as fast as the operator may ever refresh.
     let limited_count = provider_refreshes.clamp(1, LIMITED_BASELINE_REFRESHES);
     eprintln!("[bench] baseline at the token limit: {limited_count} refreshes");
-    let limited = run_baseline(&token_url, &base, limited_count, Some(TOKEN_LIMIT)).await?;
+    let limited = run_baseline(&token_url, &base, limited_count, &[TOKEN_LIMIT]).await?;
+    // And with the operator's watch of Secrets added: what an operator
+    // pays before it reads or decides anything, for noticing at once a
+    // Secret someone else changed or deleted.
+    eprintln!("[bench] baseline at the token limit with a Secret watch: {limited_count} refreshes");
+    let watched = run_baseline(&token_url, &base, limited_count, &[TOKEN_LIMIT, WATCHED]).await?;
+    eprintln!(
+        "[bench] baseline at the token limit receiving its echoes: {limited_count} refreshes"
+    );
+    let received = run_baseline(&token_url, &base, limited_count, &[TOKEN_LIMIT, RECEIVED]).await?;
     // The same loop again at the operator's pace: refreshes spread over
     // time, each paying its own wake-up, as the operator's do.
     let paced_seconds = window.min(PACED_BASELINE_SECONDS);
@@ -619,7 +630,7 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
         &token_url,
         &base,
         paced_count,
-        Some(&paced_seconds.to_string()),
+        &[&paced_seconds.to_string()],
     )
     .await?;
     let _ = token_server.kill().await;
@@ -628,6 +639,8 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
     let operator_cost = per_refresh(operator_cpu);
     let baseline_cost = back_to_back.cpu_per_refresh();
     let limited_cost = limited.cpu_per_refresh();
+    let watched_cost = watched.cpu_per_refresh();
+    let received_cost = received.cpu_per_refresh();
     let paced_cost = paced.cpu_per_refresh();
     let ms = |p: f64| percentile(&lateness, p).map_or("n/a".into(), |v| format!("{v} ms"));
     let detail =
@@ -726,6 +739,29 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
             "",
         ),
         (
+            "the same with the operator's watch of Secrets, CPU per 1,000 refreshes".to_owned(),
+            format!(
+                "{:.2} s  ({} refreshes, {} echoes seen; this / baseline at the token limit {:.2}; operator cost / this {:.2})",
+                watched_cost * 1000.0,
+                watched.refreshes,
+                watched.echoes,
+                watched_cost / limited_cost.max(f64::MIN_POSITIVE),
+                operator_cost / watched_cost.max(f64::MIN_POSITIVE)
+            ),
+            "",
+        ),
+        (
+            "the same receiving the watch's events, nothing decoded".to_owned(),
+            format!(
+                "{:.2} s  ({} refreshes, {} echoes seen; this / baseline at the token limit {:.2})",
+                received_cost * 1000.0,
+                received.refreshes,
+                received.echoes,
+                received_cost / limited_cost.max(f64::MIN_POSITIVE),
+            ),
+            "",
+        ),
+        (
             "baseline at the operator's pace, CPU per 1,000 refreshes".to_owned(),
             format!(
                 "{:.2} s  (operator cost / paced baseline cost {:.2})",
@@ -781,6 +817,11 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
         "token_limit_baseline_cpu_s_per_1000_refreshes": limited_cost * 1000.0,
         "token_limit_baseline_refreshes_per_s": limited.per_second(),
         "cost_ratio_token_limit": operator_cost / limited_cost.max(f64::MIN_POSITIVE),
+        "watched_baseline_cpu_s_per_1000_refreshes": watched_cost * 1000.0,
+        "watched_baseline_echoes": watched.echoes,
+        "cost_ratio_watched": operator_cost / watched_cost.max(f64::MIN_POSITIVE),
+        "received_baseline_cpu_s_per_1000_refreshes": received_cost * 1000.0,
+        "received_baseline_echoes": received.echoes,
         "paced_baseline_cpu_s_per_1000_refreshes": paced_cost * 1000.0,
         "cost_ratio_paced": operator_cost / paced_cost.max(f64::MIN_POSITIVE),
         "reused_refresh_tokens": reused,
@@ -815,6 +856,8 @@ struct BaselineRun {
     refreshes: u64,
     cpu_seconds: f64,
     elapsed_seconds: f64,
+    /// Watch events of the loop's own writes, when it watched.
+    echoes: u64,
 }
 
 impl BaselineRun {
@@ -828,12 +871,14 @@ impl BaselineRun {
 }
 
 /// Runs the baseline role for `refreshes` (at least one), with `pace` as
-/// its last argument: none (back to back), `TOKEN_LIMIT` or seconds.
+/// its next argument: none (back to back), `TOKEN_LIMIT` or seconds; and
+/// `WATCHED` or `RECEIVED` after `TOKEN_LIMIT` for the loops that also
+/// follow their Secrets.
 async fn run_baseline(
     token_url: &str,
     base: &str,
     refreshes: u64,
-    pace: Option<&str>,
+    pace: &[&str],
 ) -> anyhow::Result<BaselineRun> {
     let count = refreshes.max(1).to_string();
     let mut args = vec!["baseline", token_url, &count, base];
@@ -857,6 +902,22 @@ enum Pace {
 
 /// The baseline role's argument that selects `Pace::TokenLimit`.
 const TOKEN_LIMIT: &str = "token-limit";
+/// The baseline role's arguments, after the pace, that make the loop also
+/// follow its namespace's Secrets, so that it receives the echo of each of
+/// its writes: `WATCHED` as the operator does (a metadata-only watch decoded
+/// as `SecretMeta` by kube-runtime's watcher), `RECEIVED` with nothing
+/// decoded (the same watch's lines counted): what following costs before
+/// anything is read of an event.
+const WATCHED: &str = "watched";
+const RECEIVED: &str = "received";
+
+/// How the baseline follows its Secrets.
+#[derive(Clone, Copy, PartialEq)]
+enum Follow {
+    Not,
+    Watched,
+    Received,
+}
 
 /// The minimal loop the operator is compared with: per refresh, one token
 /// request and one Secret write, nothing read, nothing decided.
@@ -869,10 +930,18 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
         Some(TOKEN_LIMIT) => Pace::TokenLimit(Arc::new(HostThrottle::new(Limits::default()))),
         Some(seconds) => Pace::Spread(seconds.parse()?),
     };
-    let prefix = match pace {
-        Pace::BackToBack => "b",
-        Pace::TokenLimit(_) => "l",
-        Pace::Spread(_) => "p",
+    let follow = match args.get(4).map(String::as_str) {
+        None => Follow::Not,
+        Some(WATCHED) => Follow::Watched,
+        Some(RECEIVED) => Follow::Received,
+        Some(other) => bail!("unknown baseline argument {other:?}"),
+    };
+    let prefix = match (&pace, follow) {
+        (Pace::BackToBack, _) => "b",
+        (Pace::TokenLimit(_), Follow::Watched) => "w",
+        (Pace::TokenLimit(_), Follow::Received) => "r",
+        (Pace::TokenLimit(_), Follow::Not) => "l",
+        (Pace::Spread(_), _) => "p",
     };
     const WORKERS: usize = 32;
     let client = Client::try_default().await?;
@@ -881,12 +950,63 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
     let tokens = mint(&reqwest::Client::new(), &base, WORKERS).await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), BASELINE_NAMESPACE);
     for i in 0..WORKERS {
-        secrets
+        let created = secrets
             .create(
                 &PostParams::default(),
                 &secret(&format!("{prefix}{i}"), BTreeMap::new()),
             )
-            .await?;
+            .await;
+        match created {
+            // Left by an earlier run of this role on the same cluster.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            other => drop(other?),
+        }
+    }
+    let echoes = Arc::new(AtomicU64::new(0));
+    match follow {
+        Follow::Not => {}
+        Follow::Watched => {
+            let metadata: Api<SecretMeta> = Api::namespaced(client.clone(), BASELINE_NAMESPACE);
+            let mut events = watcher(metadata, watcher::Config::default().any_semantic()).boxed();
+            // Started and listed before the loop, as the operator's watch is.
+            while !matches!(events.try_next().await?, Some(watcher::Event::InitDone)) {}
+            let echoes = echoes.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(event)) = events.try_next().await {
+                    if let watcher::Event::Apply(meta) = event
+                        && meta
+                            .metadata
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with(prefix))
+                    {
+                        echoes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        Follow::Received => {
+            let listed = secrets.list_metadata(&ListParams::default()).await?;
+            let version = listed.metadata.resource_version.unwrap_or_default();
+            let request = kube::core::Request::new(format!(
+                "/api/v1/namespaces/{BASELINE_NAMESPACE}/secrets"
+            ))
+            .watch_metadata(&WatchParams::default(), &version)?;
+            let mut lines = client.request_stream(request).await?;
+            let echoes = echoes.clone();
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                while let Ok(read) = lines.read_until(b'\n', &mut line).await
+                    && read > 0
+                {
+                    // Only this run's writes change Secrets in the namespace.
+                    if line.starts_with(br#"{"type":"MODIFIED""#) {
+                        echoes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    line.clear();
+                }
+            });
+        }
     }
     let before = ProcessSample::read(std::process::id())?;
     let started = Instant::now();
@@ -950,13 +1070,22 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
             }
         });
     futures::future::try_join_all(workers).await?;
+    let refreshes = per_worker * WORKERS as u64;
+    if follow != Follow::Not {
+        // The last writes' echoes are part of the cost.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while echoes.load(Ordering::Relaxed) < refreshes && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let after = ProcessSample::read(std::process::id())?;
     println!(
         "{}",
         json!({
-            "refreshes": per_worker * WORKERS as u64,
+            "refreshes": refreshes,
             "cpu_seconds": after.cpu_seconds - before.cpu_seconds,
             "elapsed_seconds": started.elapsed().as_secs_f64(),
+            "echoes": echoes.load(Ordering::Relaxed),
         })
     );
     Ok(())
