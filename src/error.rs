@@ -1,9 +1,104 @@
-//! The one error type. Each variant that a user can act on is a condition
-//! reason on the SourceConnection; its message says what is wrong and how
-//! to fix it. Messages name Secrets, keys and endpoints, never the values
-//! of tokens or secrets.
+//! The reasons users see, and the one error type. Every condition reason
+//! and event reason is a `Reason`; each error a user can act on maps to
+//! one, and its message says what is wrong and how to fix it. Messages name
+//! Secrets, keys and endpoints, never the values of tokens or secrets.
 
+use std::fmt;
 use std::time::Duration;
+
+/// Every reason a SourceConnection's conditions or events can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// `Ready=True`: the target Secret holds the current credentials.
+    SecretSynced,
+    /// `AuthFailed=False`: the provider has not rejected the credentials.
+    NotRejected,
+    SecretNotFound,
+    MissingKey,
+    InvalidSpec,
+    TargetSecretConflict,
+    AuthorizationRequired,
+    InvalidGrant,
+    RefreshTokenExpired,
+    InsufficientPermissions,
+    InvalidClient,
+    ProviderUnavailable,
+    AccessTokenExpired,
+    /// Only in the `tokenkeeper_reconcile_errors_total` metric and logs:
+    /// API trouble is retried, never a condition.
+    KubernetesApiError,
+    /// Event: a new access token (or a consent) reached the target Secret.
+    TokenIssued,
+    /// Event: the deleted connection's tokens were revoked at the provider.
+    TokensRevoked,
+    /// Event: revoking failed and will be retried.
+    RevocationFailed,
+    /// Event: revoking kept failing and the connection was released anyway.
+    RevocationAbandoned,
+}
+
+impl Reason {
+    /// The reasons a `Ready` or `AuthFailed` condition can carry.
+    pub const CONDITIONS: [Reason; 13] = [
+        Reason::SecretSynced,
+        Reason::NotRejected,
+        Reason::SecretNotFound,
+        Reason::MissingKey,
+        Reason::InvalidSpec,
+        Reason::TargetSecretConflict,
+        Reason::AuthorizationRequired,
+        Reason::InvalidGrant,
+        Reason::RefreshTokenExpired,
+        Reason::InsufficientPermissions,
+        Reason::InvalidClient,
+        Reason::ProviderUnavailable,
+        Reason::AccessTokenExpired,
+    ];
+
+    /// The reasons only events carry.
+    pub const EVENTS_ONLY: [Reason; 4] = [
+        Reason::TokenIssued,
+        Reason::TokensRevoked,
+        Reason::RevocationFailed,
+        Reason::RevocationAbandoned,
+    ];
+
+    /// The CamelCase word users see (stable: alerts and scripts match it).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::SecretSynced => "SecretSynced",
+            Reason::NotRejected => "NotRejected",
+            Reason::SecretNotFound => "SecretNotFound",
+            Reason::MissingKey => "MissingKey",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::TargetSecretConflict => "TargetSecretConflict",
+            Reason::AuthorizationRequired => "AuthorizationRequired",
+            Reason::InvalidGrant => "InvalidGrant",
+            Reason::RefreshTokenExpired => "RefreshTokenExpired",
+            Reason::InsufficientPermissions => "InsufficientPermissions",
+            Reason::InvalidClient => "InvalidClient",
+            Reason::ProviderUnavailable => "ProviderUnavailable",
+            Reason::AccessTokenExpired => "AccessTokenExpired",
+            Reason::KubernetesApiError => "KubernetesApiError",
+            Reason::TokenIssued => "TokenIssued",
+            Reason::TokensRevoked => "TokensRevoked",
+            Reason::RevocationFailed => "RevocationFailed",
+            Reason::RevocationAbandoned => "RevocationAbandoned",
+        }
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
 pub enum Error {
@@ -121,21 +216,23 @@ pub enum Retry {
 }
 
 impl Error {
-    /// The condition reason users see (CamelCase, stable).
-    pub fn reason(&self) -> &'static str {
+    /// The condition reason users see.
+    pub fn reason(&self) -> Reason {
         match self {
-            Error::SecretNotFound { .. } => "SecretNotFound",
-            Error::MissingKey { .. } => "MissingKey",
-            Error::InvalidSpec(_) => "InvalidSpec",
-            Error::TargetSecretConflict { .. } => "TargetSecretConflict",
-            Error::AuthorizationRequired { .. } => "AuthorizationRequired",
-            Error::InvalidGrant { .. } => "InvalidGrant",
-            Error::RefreshTokenExpired { .. } => "RefreshTokenExpired",
-            Error::InsufficientPermissions { .. } => "InsufficientPermissions",
-            Error::InvalidClient { .. } => "InvalidClient",
-            Error::ProviderUnavailable { .. } => "ProviderUnavailable",
-            Error::AccessTokenRejected { .. } => "AccessTokenExpired",
-            Error::Kube(_) => "KubernetesApiError",
+            Error::SecretNotFound { .. } => Reason::SecretNotFound,
+            Error::MissingKey { .. } => Reason::MissingKey,
+            Error::InvalidSpec(_) => Reason::InvalidSpec,
+            Error::TargetSecretConflict { .. } => Reason::TargetSecretConflict,
+            Error::AuthorizationRequired { .. } => Reason::AuthorizationRequired,
+            Error::InvalidGrant { .. } => Reason::InvalidGrant,
+            Error::RefreshTokenExpired { .. } => Reason::RefreshTokenExpired,
+            Error::InsufficientPermissions { .. } => Reason::InsufficientPermissions,
+            Error::InvalidClient { .. } => Reason::InvalidClient,
+            Error::ProviderUnavailable { .. } => Reason::ProviderUnavailable,
+            // A token the provider refuses right after issuing it is, to
+            // the user, a connection without a usable token.
+            Error::AccessTokenRejected { .. } => Reason::AccessTokenExpired,
+            Error::Kube(_) => Reason::KubernetesApiError,
         }
     }
 
@@ -176,21 +273,9 @@ impl Error {
     }
 }
 
-/// Exponential backoff for retried errors: 5 s doubling up to 5 minutes.
-pub fn backoff(consecutive_failures: u32) -> Duration {
-    let exponent = consecutive_failures.saturating_sub(1).min(6);
-    Duration::from_secs(5 * (1u64 << exponent)).min(Duration::from_secs(300))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
-        assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
-    }
 
     #[test]
     fn messages_carry_the_fix() {
@@ -209,7 +294,7 @@ mod tests {
             ),
             "{text}"
         );
-        assert_eq!(missing.reason(), "SecretNotFound");
+        assert_eq!(missing.reason(), Reason::SecretNotFound);
         assert_eq!(missing.retry(), Retry::AwaitChange);
         assert!(!missing.is_auth_failure());
     }

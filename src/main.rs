@@ -10,7 +10,8 @@ use tokenkeeper::leader::LeaseSettings;
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tokenkeeper::{controller, crdgen, telemetry, throttle};
+use tokenkeeper::runtime::{run, throttle};
+use tokenkeeper::{crdgen, telemetry};
 
 /// Keeps SaaS source credentials fresh in Kubernetes Secrets.
 #[derive(Parser)]
@@ -163,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
                     let bind_address: SocketAddr = text.parse().map_err(|e| {
                         anyhow::anyhow!("--authorization-bind-address {text:?}: {e}")
                     })?;
-                    Some(controller::AuthorizationSettings {
+                    Some(run::AuthorizationSettings {
                         bind_address,
                         external_url: args
                             .external_url
@@ -174,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             let client = kube::Client::try_default().await?;
-            let settings = controller::Settings {
+            let settings = run::Settings {
                 namespaces: args.namespaces,
                 metrics_address,
                 leader_election,
@@ -190,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
                 operator_namespace: args.leader_election_namespace.clone(),
                 sealing_key_secret: args.sealing_key_secret,
             };
-            controller::run(client, settings).await
+            run::run(client, settings).await
         }
     }
 }

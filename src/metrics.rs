@@ -18,8 +18,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::cached::CachedConnection;
-use crate::object_key::{Key, key};
+use crate::decide::outcome::TokenTimes;
+use crate::error::Reason;
+use crate::runtime::object_key::{Key, key};
+use crate::runtime::throttle::host_key;
+use crate::runtime::wire::CachedConnection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenRequestLabels {
@@ -131,19 +134,19 @@ impl Metrics {
     }
 
     pub fn token_request(&self, token_url: &str, result: &str) {
-        let host = reqwest::Url::parse(token_url)
-            .ok()
-            .and_then(|url| {
-                url.host_str().map(|h| match url.port() {
-                    Some(port) => format!("{h}:{port}"),
-                    None => h.to_owned(),
-                })
-            })
-            .unwrap_or_default();
         self.token_requests
             .get_or_create(&TokenRequestLabels {
-                host,
+                host: host_key(token_url),
                 result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a reconcile that ended in `reason`.
+    pub fn reconcile_error(&self, reason: Reason) {
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels {
+                reason: reason.as_str().to_owned(),
             })
             .inc();
     }
@@ -155,13 +158,6 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
-}
-
-/// When a connection's token expires and when tokenkeeper acts next.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokenTimes {
-    pub expires_at: Option<i64>,
-    pub next_action_at: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -188,10 +184,12 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
             let key = key(&labels.namespace, &labels.name);
             if let Some(times) = token_times.remove(&key) {
                 if let Some(t) = times.expires_at {
-                    expiry.get_or_create(&labels).set(t as f64);
+                    expiry.get_or_create(&labels).set(t.as_second() as f64);
                 }
                 if let Some(t) = times.next_action_at {
-                    next_refresh.get_or_create(&labels).set(t as f64);
+                    next_refresh
+                        .get_or_create(&labels)
+                        .set(t.as_second() as f64);
                 }
                 live.insert(key, times);
             }

@@ -35,9 +35,9 @@ use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokenkeeper::api::{LABEL_SECRET_ROLE, SECRET_ROLE_CREDENTIALS, SourceConnection};
-use tokenkeeper::secret_meta::SecretMeta;
-use tokenkeeper::throttle::{HostThrottle, Limits};
-use tokenkeeper::token::{ANNOTATION_NEXT_REFRESH_AT, KEY_ACCESS_TOKEN, KEY_EXPIRES_AT};
+use tokenkeeper::oauth::token::{ANNOTATION_NEXT_REFRESH_AT, KEY_ACCESS_TOKEN, KEY_EXPIRES_AT};
+use tokenkeeper::runtime::throttle::{HostThrottle, Limits};
+use tokenkeeper::runtime::wire::SecretMeta;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -944,7 +944,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
     };
     const WORKERS: usize = 32;
     let client = Client::try_default().await?;
-    let http = tokenkeeper::token_client::http_client();
+    let http = tokenkeeper::oauth::client::http_client();
     ensure_namespace(&client, BASELINE_NAMESPACE).await?;
     let tokens = mint(&reqwest::Client::new(), &base, WORKERS).await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), BASELINE_NAMESPACE);
@@ -1038,16 +1038,16 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
                         Pace::TokenLimit(throttle) => Some(throttle.acquire(&token_url).await),
                         _ => None,
                     };
-                    let issued = tokenkeeper::token_client::request_token(
+                    let issued = tokenkeeper::oauth::client::request_token(
                         &http,
-                        tokenkeeper::token_client::TokenRequest {
+                        tokenkeeper::oauth::client::TokenRequest {
                             token_url: &token_url,
                             client_id: token_server::CLIENT_ID,
                             client_secret: token_server::CLIENT_SECRET,
                             auth_method: Default::default(),
                             scopes: &[],
                             extra_params: &no_params,
-                            grant: tokenkeeper::token_client::Grant::RefreshToken(&refresh_token),
+                            grant: tokenkeeper::oauth::client::Grant::RefreshToken(&refresh_token),
                         },
                     )
                     .await

@@ -15,10 +15,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
-use tokenkeeper::token::{
-    ANNOTATION_ISSUED_AT, ANNOTATION_NEXT_REFRESH_AT, GrantState, KEY_EXPIRES_AT,
-};
-use tokenkeeper::{decide, oauth_sync, token_client};
+use tokenkeeper::decide::secrets::{check_state_ownership, client_credentials};
+use tokenkeeper::oauth::client as token_client;
+use tokenkeeper::oauth::state_secret::{GrantState, consented_grant};
+use tokenkeeper::oauth::token::{ANNOTATION_ISSUED_AT, ANNOTATION_NEXT_REFRESH_AT, KEY_EXPIRES_AT};
+use tokenkeeper::write::secret::store_state_secret;
 use tokio::sync::mpsc;
 
 /// Connect, inspect and refresh tokenkeeper SourceConnections.
@@ -213,8 +214,9 @@ async fn authorize(
             )
         })?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let client_secret_object = secrets.get(&oauth.client.secret_ref.name).await?;
-    let (client_id, client_secret) = decide::client_credentials(oauth, &client_secret_object)?;
+    let client_secret_object = secrets.get_opt(&oauth.client.secret_ref.name).await?;
+    let (client_id, client_secret) =
+        client_credentials(oauth, namespace, client_secret_object.as_ref())?;
 
     // RFC 8252: a loopback redirect on an ephemeral port of this machine.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -297,13 +299,13 @@ async fn authorize(
         anyhow::anyhow!("the provider sent no refresh token; ask for offline access (authorizationParams or the offline_access scope)")
     })?;
     let existing = secrets.get_opt(&conn.state_secret_name()).await?;
-    decide::check_state_ownership(&conn, existing.as_ref())?;
+    check_state_ownership(&conn, existing.as_ref())?;
     let previous = existing
         .as_ref()
         .and_then(|s| s.data.as_ref())
         .map(|d| GrantState::from_data(d, &oauth.response_fields))
         .unwrap_or_default();
-    let state_after = oauth_sync::consented_grant(
+    let state_after = consented_grant(
         oauth,
         &issued,
         refresh_token,
@@ -312,7 +314,7 @@ async fn authorize(
         Timestamp::now(),
     )?;
     let version = existing.and_then(|s| s.resource_version());
-    oauth_sync::store_state_secret(&secrets, &conn, version, state_after.to_data()).await?;
+    store_state_secret(&secrets, &conn, version, state_after.to_data()).await?;
     println!(
         "Stored the grant in Secret {}/{}; waiting for tokenkeeper...",
         namespace,

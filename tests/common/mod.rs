@@ -169,7 +169,7 @@ impl TestNamespace {
         let key = base64::engine::general_purpose::STANDARD
             .decode(stdout(&out))
             .ok()?;
-        let key = tokenkeeper::seal::SealingKey::from_bytes(&key)?;
+        let key = tokenkeeper::oauth::seal::SealingKey::from_bytes(&key)?;
         key.open(&sealed, &uid).ok().map(|g| g.refresh_token)
     }
 

@@ -11,7 +11,6 @@
 //! with optimistic concurrency, so a replayed callback finds nothing.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -22,27 +21,30 @@ use axum::routing::get;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
 use kube::api::Api;
+use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::api::{OAuth2Auth, SourceConnection};
-use crate::controller::Context;
-use crate::token::{GrantState, fingerprint, rfc3339};
-use crate::token_client;
-use crate::{decide, oauth_sync};
+use crate::decide::classify::missing_scopes;
+use crate::decide::secrets::{check_state_ownership, client_credentials};
+use crate::oauth::client;
+use crate::oauth::state_secret::{
+    CallbackRefusal, GrantState, PendingAuthorization, check_callback, clear_pending,
+    consented_grant,
+};
+use crate::oauth::token::TokenFailure;
+use crate::write::secret::store_state_secret;
 
-/// Keys of the state Secret that belong to a pending authorization.
-pub const PENDING_PREFIX: &str = "pending_authorization_";
-const PENDING_STATE_HASH: &str = "pending_authorization_state_sha256";
-const PENDING_VERIFIER: &str = "pending_authorization_pkce_verifier";
-const PENDING_EXPIRES_AT: &str = "pending_authorization_expires_at";
-const PENDING_UID: &str = "pending_authorization_uid";
-
+/// What the authorization endpoints need: the API, the token endpoints'
+/// HTTP client, and where the provider sends people back.
 #[derive(Clone)]
 pub struct Flow {
-    pub ctx: Arc<Context>,
+    pub client: Client,
+    pub http: reqwest::Client,
+    /// The redirect URI registered at the provider.
+    pub callback_url: String,
     /// How long a started authorization may take.
     pub state_ttl: Duration,
 }
@@ -93,8 +95,7 @@ async fn start(
 type PageError = (StatusCode, String);
 
 async fn begin(flow: &Flow, namespace: &str, name: &str) -> Result<String, PageError> {
-    let ctx = &flow.ctx;
-    let conn = Api::<SourceConnection>::namespaced(ctx.client.clone(), namespace)
+    let conn = Api::<SourceConnection>::namespaced(flow.client.clone(), namespace)
         .get_opt(name)
         .await
         .map_err(unavailable)?
@@ -110,16 +111,16 @@ async fn begin(flow: &Flow, namespace: &str, name: &str) -> Result<String, PageE
             format!("SourceConnection {namespace}/{name} has no spec.oauth2.authorizationUrl to authorize with."),
         )
     })?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let (client_id, _) = client_credentials(&secrets, oauth).await?;
+    let secrets: Api<Secret> = Api::namespaced(flow.client.clone(), namespace);
+    let (client_id, _) = read_client_credentials(&secrets, oauth).await?;
     // state carries the connection it is for; the random part makes it
     // unguessable, and only its hash is stored.
     let random = oauth2::CsrfToken::new_random_len(32);
     let state = format!("{namespace}:{name}:{}", random.secret());
-    let started = token_client::authorization_start(
+    let started = client::authorization_start(
         oauth.authorization_url.as_deref().unwrap_or_default(),
         &client_id,
-        &ctx.callback_url(),
+        &flow.callback_url,
         &oauth.scopes,
         &oauth.authorization_params,
         &state,
@@ -137,16 +138,14 @@ async fn begin(flow: &Flow, namespace: &str, name: &str) -> Result<String, PageE
         .get_opt(&conn.state_secret_name())
         .await
         .map_err(unavailable)?;
-    decide::check_state_ownership(&conn, existing.as_ref())
+    check_state_ownership(&conn, existing.as_ref())
         .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
     let mut data = existing
         .as_ref()
         .and_then(|s| s.data.clone())
         .unwrap_or_default();
-    put(&mut data, PENDING_STATE_HASH, &fingerprint(&[&state]));
-    put(&mut data, PENDING_VERIFIER, &started.pkce_verifier);
-    put(&mut data, PENDING_EXPIRES_AT, &rfc3339(expires));
-    put(&mut data, PENDING_UID, &conn.uid().unwrap_or_default());
+    let uid = conn.uid().unwrap_or_default();
+    PendingAuthorization::new(&state, started.pkce_verifier, expires, uid).store_in(&mut data);
     write_state(&secrets, &conn, existing.as_ref(), data).await?;
     info!(connection = %format!("{namespace}/{name}"), "authorization started");
     Ok(started.url)
@@ -167,33 +166,25 @@ async fn callback(State(flow): State<Flow>, Query(query): Query<CallbackQuery>) 
     }
 }
 
+/// Completes the authorization the callback answers: checks it against the
+/// pending one, exchanges the code, and stores the grant for the leader.
 async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), PageError> {
-    let ctx = &flow.ctx;
-    let invalid = |why: &str| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{why} Nothing was changed. Start again from the link in the connection's status \
-                 (kubectl describe srcconn NAME)."
-            ),
-        )
-    };
     let state = query.state.as_deref().unwrap_or_default();
     let mut parts = state.splitn(3, ':');
     let (Some(namespace), Some(name), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(invalid(
+        return Err(refused(
             "This answer does not belong to an authorization tokenkeeper started.",
         ));
     };
-    let conn = Api::<SourceConnection>::namespaced(ctx.client.clone(), namespace)
+    let conn = Api::<SourceConnection>::namespaced(flow.client.clone(), namespace)
         .get_opt(name)
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| invalid("The SourceConnection of this authorization no longer exists."))?;
+        .ok_or_else(|| refused("The SourceConnection of this authorization no longer exists."))?;
     let oauth = conn.spec.oauth2.as_ref().ok_or_else(|| {
-        invalid("The SourceConnection of this authorization is no longer an OAuth 2.0 connection.")
+        refused("The SourceConnection of this authorization is no longer an OAuth 2.0 connection.")
     })?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secrets: Api<Secret> = Api::namespaced(flow.client.clone(), namespace);
     let existing = secrets
         .get_opt(&conn.state_secret_name())
         .await
@@ -202,167 +193,154 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
         .as_ref()
         .and_then(|s| s.data.clone())
         .unwrap_or_default();
-    let pending_hash = text(&data, PENDING_STATE_HASH);
-    if pending_hash.is_none() {
-        return Err(invalid(
-            "This authorization was already completed, or was never started.",
-        ));
-    }
-    if pending_hash.as_deref() != Some(fingerprint(&[state]).as_str()) {
-        return Err(invalid(
-            "This answer does not match the authorization in progress (a forged or outdated link).",
-        ));
-    }
-    if text(&data, PENDING_UID).as_deref() != conn.uid().as_deref() {
-        return Err(invalid(
-            "The SourceConnection was replaced since this authorization started.",
-        ));
-    }
-    let expired = text(&data, PENDING_EXPIRES_AT)
-        .and_then(|t| t.parse::<Timestamp>().ok())
-        .is_none_or(|at| at <= Timestamp::now());
     let mut cleared = data.clone();
-    for key in [
-        PENDING_STATE_HASH,
-        PENDING_VERIFIER,
-        PENDING_EXPIRES_AT,
-        PENDING_UID,
-    ] {
-        cleared.remove(key);
-    }
-    if expired {
-        write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
-        return Err(invalid("This authorization took too long and expired."));
-    }
+    clear_pending(&mut cleared);
+    let pending = match check_callback(&data, state, conn.uid().as_deref(), Timestamp::now()) {
+        Ok(pending) => pending,
+        Err(refusal) => {
+            if refusal == CallbackRefusal::Expired {
+                write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
+            }
+            return Err(refused(&refusal.to_string()));
+        }
+    };
     if let Some(error) = &query.error {
         write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
-        let said = query
-            .error_description
-            .as_deref()
-            .map(|d| format!(" ({d})"))
-            .unwrap_or_default();
-        let what = if error == "access_denied" {
-            "Access was not granted on the provider's page".to_owned()
-        } else {
-            format!("The provider answered {error}")
-        };
-        return Err((
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{what}{said}. Nothing was stored. To try again, open the link in the connection's status."
-            ),
-        ));
+        return Err(provider_refused(error, query.error_description.as_deref()));
     }
     let code = query
         .code
         .as_deref()
-        .ok_or_else(|| invalid("The provider's answer has no code."))?;
-    let verifier = text(&data, PENDING_VERIFIER).unwrap_or_default();
-    let (client_id, client_secret) = client_credentials(&secrets, oauth).await?;
-    let issued = token_client::exchange_code(
-        &ctx.http,
+        .ok_or_else(|| refused("The provider's answer has no code."))?;
+    let (client_id, client_secret) = read_client_credentials(&secrets, oauth).await?;
+    let exchange = client::exchange_code(
+        &flow.http,
         &oauth.token_url,
         &client_id,
         &client_secret,
         oauth.client.auth_method,
-        &ctx.callback_url(),
+        &flow.callback_url,
         code,
-        &verifier,
-    )
-    .await
-    .map_err(|failure| {
+        &pending.pkce_verifier,
+    );
+    let issued = exchange.await.map_err(|failure| {
         warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
-        (
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "The provider did not exchange the authorization code for tokens ({}). Nothing was \
-                 stored. Start again from the link in the connection's status.",
-                describe(&failure)
-            ),
-        )
+        not_exchanged(&failure)
     })?;
     let Some(refresh_token) = issued.refresh_token.clone() else {
         write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
-        return Err((
-            StatusCode::BAD_GATEWAY,
-            "The provider granted access but sent no refresh token, so tokenkeeper could not keep \
-             the connection authorized. Ask for offline access (for example \
-             spec.oauth2.authorizationParams access_type: offline, or the offline_access scope) \
-             and authorize again."
-                .to_owned(),
-        ));
+        return Err(no_refresh_token());
     };
     let previous = GrantState::from_data(&data, &oauth.response_fields);
-    let state_after = oauth_sync::consented_grant(
-        oauth,
-        &issued,
-        refresh_token,
-        &client_id,
-        previous,
-        Timestamp::now(),
-    )
-    .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-    let record = state_after
-        .token
-        .clone()
-        .expect("a consented grant carries its token");
+    let now = Timestamp::now();
+    let consented = consented_grant(oauth, &issued, refresh_token, &client_id, previous, now)
+        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     // Single use: this write fails if another callback or writer got there
     // first, because it carries the version read above. The leader takes
     // the grant from there into the target Secret, sealed, moments later:
     // this replica may be a follower, and only the leader writes grants.
-    write_state(&secrets, &conn, existing.as_ref(), state_after.to_data()).await?;
+    write_state(&secrets, &conn, existing.as_ref(), consented.to_data()).await?;
     info!(connection = %format!("{namespace}/{name}"), "authorized through the consent page");
-
-    let granted = record.granted_scopes();
-    let missing = crate::classify::missing_scopes(
-        &oauth.required_scopes,
-        record.scope.is_some().then_some(&granted[..]),
-    );
-    if missing.is_empty() {
-        Ok((
-            "Connected".to_owned(),
-            format!(
-                "SourceConnection {namespace}/{name} is authorized. tokenkeeper keeps a fresh access \
-                 token in Secret {} from now on. You can close this window.",
-                conn.target_secret_name()
-            ),
-        ))
-    } else {
-        Ok((
-            "Connected, but without every permission".to_owned(),
-            format!(
-                "SourceConnection {namespace}/{name} is authorized, but the grant lacks {} (granted: \
-                 {}). Extraction that needs them will fail: authorize again and allow them.",
-                missing.join(", "),
-                if granted.is_empty() {
-                    "none".to_owned()
-                } else {
-                    granted.join(" ")
-                }
-            ),
-        ))
-    }
+    Ok(connected_page(&conn, oauth, consented))
 }
 
-async fn client_credentials(
+/// A callback that cannot complete anything: nothing was changed.
+fn refused(why: &str) -> PageError {
+    (
+        StatusCode::BAD_REQUEST,
+        format!(
+            "{why} Nothing was changed. Start again from the link in the connection's status \
+             (kubectl describe srcconn NAME)."
+        ),
+    )
+}
+
+/// The person or the provider declined on the consent page.
+fn provider_refused(error: &str, description: Option<&str>) -> PageError {
+    let said = description.map(|d| format!(" ({d})")).unwrap_or_default();
+    let what = if error == "access_denied" {
+        "Access was not granted on the provider's page".to_owned()
+    } else {
+        format!("The provider answered {error}")
+    };
+    (
+        StatusCode::BAD_REQUEST,
+        format!(
+            "{what}{said}. Nothing was stored. To try again, open the link in the connection's status."
+        ),
+    )
+}
+
+fn not_exchanged(failure: &TokenFailure) -> PageError {
+    (
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "The provider did not exchange the authorization code for tokens ({}). Nothing was \
+             stored. Start again from the link in the connection's status.",
+            describe(failure)
+        ),
+    )
+}
+
+fn no_refresh_token() -> PageError {
+    (
+        StatusCode::BAD_GATEWAY,
+        "The provider granted access but sent no refresh token, so tokenkeeper could not keep \
+         the connection authorized. Ask for offline access (for example \
+         spec.oauth2.authorizationParams access_type: offline, or the offline_access scope) \
+         and authorize again."
+            .to_owned(),
+    )
+}
+
+/// The page after a stored consent: whether the grant has every scope the
+/// connection requires.
+fn connected_page(
+    conn: &SourceConnection,
+    oauth: &OAuth2Auth,
+    consented: GrantState,
+) -> (String, String) {
+    let (namespace, name) = (conn.namespace().unwrap_or_default(), conn.name_any());
+    let record = consented.token;
+    let said = record.as_ref().is_some_and(|r| r.scope.is_some());
+    let granted = record.map(|r| r.granted_scopes()).unwrap_or_default();
+    let missing = missing_scopes(&oauth.required_scopes, said.then_some(&granted[..]));
+    if missing.is_empty() {
+        return (
+            "Connected".to_owned(),
+            format!(
+                "SourceConnection {namespace}/{name} is authorized. tokenkeeper keeps a fresh \
+                 access token in Secret {} from now on. You can close this window.",
+                conn.target_secret_name()
+            ),
+        );
+    }
+    (
+        "Connected, but without every permission".to_owned(),
+        format!(
+            "SourceConnection {namespace}/{name} is authorized, but the grant lacks {} (granted: \
+             {}). Extraction that needs them will fail: authorize again and allow them.",
+            missing.join(", "),
+            if granted.is_empty() {
+                "none".to_owned()
+            } else {
+                granted.join(" ")
+            }
+        ),
+    )
+}
+
+async fn read_client_credentials(
     secrets: &Api<Secret>,
     oauth: &OAuth2Auth,
 ) -> Result<(String, String), PageError> {
-    let reference = &oauth.client.secret_ref;
     let secret = secrets
-        .get_opt(&reference.name)
+        .get_opt(&oauth.client.secret_ref.name)
         .await
-        .map_err(unavailable)?
-        .ok_or_else(|| {
-            (
-                StatusCode::CONFLICT,
-                format!(
-                    "The client Secret {} does not exist yet; create it first.",
-                    reference.name
-                ),
-            )
-        })?;
-    decide::client_credentials(oauth, &secret).map_err(|e| (StatusCode::CONFLICT, e.to_string()))
+        .map_err(unavailable)?;
+    let namespace = secrets.namespace().unwrap_or_default();
+    client_credentials(oauth, namespace, secret.as_ref())
+        .map_err(|e| (StatusCode::CONFLICT, e.to_string()))
 }
 
 async fn write_state(
@@ -372,7 +350,7 @@ async fn write_state(
     data: BTreeMap<String, ByteString>,
 ) -> Result<(), PageError> {
     let version = existing.and_then(|s| s.resource_version());
-    match oauth_sync::store_state_secret(secrets, conn, version, data).await {
+    match store_state_secret(secrets, conn, version, data).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 409 => Err((
             StatusCode::CONFLICT,
@@ -392,25 +370,16 @@ fn unavailable(error: kube::Error) -> PageError {
     )
 }
 
-fn describe(failure: &crate::classify::TokenFailure) -> String {
+fn describe(failure: &TokenFailure) -> String {
     match failure {
-        crate::classify::TokenFailure::OAuth {
+        TokenFailure::OAuth {
             code, description, ..
         } => match description {
             Some(d) => format!("{code}: {d}"),
             None => code.clone(),
         },
-        crate::classify::TokenFailure::Http { status, .. } => format!("HTTP {status}"),
-        crate::classify::TokenFailure::Transport { detail } => detail.clone(),
-        crate::classify::TokenFailure::Malformed => "an answer that is not a token response".into(),
+        TokenFailure::Http { status, .. } => format!("HTTP {status}"),
+        TokenFailure::Transport { detail } => detail.clone(),
+        TokenFailure::Malformed => "an answer that is not a token response".into(),
     }
-}
-
-fn put(data: &mut BTreeMap<String, ByteString>, key: &str, value: &str) {
-    data.insert(key.to_owned(), ByteString(value.as_bytes().to_vec()));
-}
-
-fn text(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
-    data.get(key)
-        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
 }

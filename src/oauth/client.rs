@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::api::ClientAuthMethod;
-use crate::classify::TokenFailure;
+use crate::decide::classify::{self, VerificationAnswer};
+use crate::oauth::token::{IssuedToken, TokenFailure};
 
 /// Timeout of one token request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,41 +73,6 @@ pub struct TokenRequest<'a> {
     pub scopes: &'a [String],
     pub extra_params: &'a BTreeMap<String, String>,
     pub grant: Grant<'a>,
-}
-
-/// A successful token response, reduced to what tokenkeeper uses.
-pub struct IssuedToken {
-    pub access_token: String,
-    pub token_type: String,
-    pub expires_in: Option<Duration>,
-    pub refresh_token: Option<String>,
-    pub scope: Option<String>,
-    pub extra: BTreeMap<String, Value>,
-}
-
-impl IssuedToken {
-    /// `refresh_token_expires_in`, sent by some providers (GitHub, for one).
-    pub fn refresh_token_expires_in(&self) -> Option<Duration> {
-        self.extra
-            .get("refresh_token_expires_in")
-            .and_then(Value::as_u64)
-            .map(Duration::from_secs)
-    }
-
-    /// When the refresh token expires, for a token issued at `issued_at`.
-    pub fn refresh_token_expires_at(&self, issued_at: jiff::Timestamp) -> Option<jiff::Timestamp> {
-        let lifetime = jiff::SignedDuration::try_from(self.refresh_token_expires_in()?).ok()?;
-        Some(issued_at + lifetime)
-    }
-
-    /// A response field as text, for the target Secret.
-    pub fn field(&self, name: &str) -> Option<String> {
-        match self.extra.get(name)? {
-            Value::String(text) => Some(text.clone()),
-            Value::Null => None,
-            other => Some(other.to_string()),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -433,11 +399,7 @@ pub async fn revoke(
 const VERIFICATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Calls the verification URL with a fresh access token.
-pub async fn verify(
-    http: &reqwest::Client,
-    url: &str,
-    access_token: &str,
-) -> crate::classify::Verdict {
+pub async fn verify(http: &reqwest::Client, url: &str, access_token: &str) -> VerificationAnswer {
     let response = http
         .get(url)
         .bearer_auth(access_token)
@@ -445,14 +407,14 @@ pub async fn verify(
         .send()
         .await;
     match response {
-        Ok(response) => crate::classify::classify_verification(
+        Ok(response) => classify::classify_verification(
             response.status().as_u16(),
             response
                 .headers()
                 .get(reqwest::header::WWW_AUTHENTICATE)
                 .and_then(|v| v.to_str().ok()),
         ),
-        Err(error) => crate::classify::Verdict::Inconclusive {
+        Err(error) => VerificationAnswer::Inconclusive {
             detail: if error.is_timeout() {
                 "no answer".to_owned()
             } else {

@@ -1,33 +1,35 @@
-//! OAuth 2.0 token records and how they are kept in Secrets. Pure: turns
-//! records into Secret data and back.
+//! What a token endpoint answers (`IssuedToken`, `TokenFailure`), and
+//! access-token records as the target Secret keeps them. Pure: turns
+//! answers into records and records into Secret data and back.
 //!
 //! The target Secret (mounted by pods) holds `access_token`, `token_type`,
 //! `expires_at`, `scope` and the response fields the connection selects.
-//! The refresh token travels with them, sealed (`seal`). `GrantState` is
-//! the form of a grant just given on the consent page or by `kubectl
-//! tokenkeeper authorize`, left in the operator-private state Secret until
-//! the leader moves it into the target Secret.
+//! The refresh token travels with them, sealed (`seal`).
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use sha2::{Digest, Sha256};
 
-use crate::token_client::IssuedToken;
+use serde_json::Value;
+
+use crate::api::OAuth2Auth;
+use crate::time::rfc3339;
 
 pub const KEY_ACCESS_TOKEN: &str = "access_token";
 pub const KEY_TOKEN_TYPE: &str = "token_type";
 pub const KEY_EXPIRES_AT: &str = "expires_at";
 pub const KEY_SCOPE: &str = "scope";
 pub const KEY_REFRESH_TOKEN: &str = "refresh_token";
-const KEY_ISSUED_AT: &str = "issued_at";
-const KEY_LIFETIME_ASSUMED: &str = "lifetime_assumed";
-const KEY_REQUEST_HASH: &str = "token_request_sha256";
-const KEY_REFRESH_TOKEN_EXPIRES_AT: &str = "refresh_token_expires_at";
-const KEY_IMPORTED_HASH: &str = "imported_refresh_token_sha256";
-const KEY_VERIFICATION_DENIED: &str = "verification_denied";
+pub(crate) const KEY_ISSUED_AT: &str = "issued_at";
+pub(crate) const KEY_LIFETIME_ASSUMED: &str = "lifetime_assumed";
+pub(crate) const KEY_REQUEST_HASH: &str = "token_request_sha256";
+pub(crate) const KEY_REFRESH_TOKEN_EXPIRES_AT: &str = "refresh_token_expires_at";
+pub(crate) const KEY_IMPORTED_HASH: &str = "imported_refresh_token_sha256";
+pub(crate) const KEY_VERIFICATION_DENIED: &str = "verification_denied";
 
 /// Annotations on the target Secret that let tokenkeeper continue after a
 /// restart without keeping anything but the token in the data pods see.
@@ -42,6 +44,63 @@ pub const ANNOTATION_NEXT_REFRESH_AT: &str = "tokenkeeper.dev/next-refresh-at";
 /// Keys of the target Secret that response fields may not take.
 pub const RESERVED_TARGET_KEYS: [&str; 4] =
     [KEY_ACCESS_TOKEN, KEY_TOKEN_TYPE, KEY_EXPIRES_AT, KEY_SCOPE];
+
+/// A successful token response, reduced to what tokenkeeper uses.
+pub struct IssuedToken {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: Option<Duration>,
+    pub refresh_token: Option<String>,
+    pub scope: Option<String>,
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl IssuedToken {
+    /// `refresh_token_expires_in`, sent by some providers (GitHub, for one).
+    pub fn refresh_token_expires_in(&self) -> Option<Duration> {
+        self.extra
+            .get("refresh_token_expires_in")
+            .and_then(Value::as_u64)
+            .map(Duration::from_secs)
+    }
+
+    /// When the refresh token expires, for a token issued at `issued_at`.
+    pub fn refresh_token_expires_at(&self, issued_at: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        let lifetime = jiff::SignedDuration::try_from(self.refresh_token_expires_in()?).ok()?;
+        Some(issued_at + lifetime)
+    }
+
+    /// A response field as text, for the target Secret.
+    pub fn field(&self, name: &str) -> Option<String> {
+        match self.extra.get(name)? {
+            Value::String(text) => Some(text.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        }
+    }
+}
+
+/// A failed token request, as seen on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenFailure {
+    /// An OAuth error response (RFC 6749 section 5.2).
+    OAuth {
+        status: u16,
+        code: String,
+        description: Option<String>,
+    },
+    /// An HTTP answer that is not an OAuth response: 5xx, 429, or a body
+    /// that is not JSON.
+    Http {
+        status: u16,
+        retry_after: Option<Duration>,
+        content_type: Option<String>,
+    },
+    /// No answer: connection refused, DNS, TLS, timeout.
+    Transport { detail: String },
+    /// A 2xx JSON body that is not a token response.
+    Malformed,
+}
 
 /// One access token as the provider issued it.
 #[derive(Clone, PartialEq)]
@@ -200,85 +259,18 @@ impl TokenRecord {
     }
 }
 
-/// What the operator keeps for a grant with a refresh token.
-#[derive(Clone, Default, PartialEq)]
-pub struct GrantState {
-    pub refresh_token: Option<String>,
-    pub refresh_token_expires_at: Option<Timestamp>,
-    /// Fingerprint of the user-supplied refresh token last imported, so a
-    /// new one supplied later replaces the grant.
-    pub imported_hash: Option<String>,
-    /// The newest access token, persisted together with the refresh token.
-    pub token: Option<TokenRecord>,
-}
-
-impl fmt::Debug for GrantState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GrantState")
-            .field(
-                "refresh_token",
-                &self.refresh_token.as_ref().map(|_| "<redacted>"),
-            )
-            .field("refresh_token_expires_at", &self.refresh_token_expires_at)
-            .field("token", &self.token)
-            .finish()
+/// Fingerprint of everything that shapes a token request: a change means
+/// the current token may not be what the spec asks for.
+pub fn request_fingerprint(oauth: &OAuth2Auth, client_id: &str) -> String {
+    let grant = format!("{:?}", oauth.grant);
+    let mut parts = vec![oauth.token_url.as_str(), client_id, grant.as_str()];
+    parts.extend(oauth.scopes.iter().map(String::as_str));
+    parts.push("--");
+    for (name, value) in &oauth.extra_token_params {
+        parts.push(name);
+        parts.push(value);
     }
-}
-
-impl GrantState {
-    pub fn to_data(&self) -> BTreeMap<String, ByteString> {
-        let mut data = BTreeMap::new();
-        if let Some(refresh_token) = &self.refresh_token {
-            put(&mut data, KEY_REFRESH_TOKEN, refresh_token);
-        }
-        if let Some(expires_at) = self.refresh_token_expires_at {
-            put(
-                &mut data,
-                KEY_REFRESH_TOKEN_EXPIRES_AT,
-                &rfc3339(expires_at),
-            );
-        }
-        if let Some(hash) = &self.imported_hash {
-            put(&mut data, KEY_IMPORTED_HASH, hash);
-        }
-        if let Some(token) = &self.token {
-            data.extend(token.target_data());
-            put(&mut data, KEY_ISSUED_AT, &rfc3339(token.issued_at));
-            put(&mut data, KEY_REQUEST_HASH, &token.request_hash);
-            if token.lifetime_assumed {
-                put(&mut data, KEY_LIFETIME_ASSUMED, "true");
-            }
-            if let Some(denied) = &token.verification_denied {
-                put(&mut data, KEY_VERIFICATION_DENIED, denied);
-            }
-        }
-        data
-    }
-
-    pub fn from_data(data: &BTreeMap<String, ByteString>, field_names: &[String]) -> Self {
-        let token = (|| {
-            let mut annotations = BTreeMap::new();
-            annotations.insert(ANNOTATION_ISSUED_AT.to_owned(), get(data, KEY_ISSUED_AT)?);
-            annotations.insert(
-                ANNOTATION_REQUEST_HASH.to_owned(),
-                get(data, KEY_REQUEST_HASH)?,
-            );
-            if let Some(assumed) = get(data, KEY_LIFETIME_ASSUMED) {
-                annotations.insert(ANNOTATION_LIFETIME_ASSUMED.to_owned(), assumed);
-            }
-            if let Some(denied) = get(data, KEY_VERIFICATION_DENIED) {
-                annotations.insert(ANNOTATION_VERIFICATION_DENIED.to_owned(), denied);
-            }
-            TokenRecord::from_target(data, &annotations, field_names)
-        })();
-        GrantState {
-            refresh_token: get(data, KEY_REFRESH_TOKEN).filter(|t| !t.is_empty()),
-            refresh_token_expires_at: get(data, KEY_REFRESH_TOKEN_EXPIRES_AT)
-                .and_then(|t| t.parse().ok()),
-            imported_hash: get(data, KEY_IMPORTED_HASH),
-            token,
-        }
-    }
+    fingerprint(&parts)
 }
 
 /// SHA-256 hex of a value: fingerprints of tokens and settings, stored only
@@ -301,23 +293,18 @@ pub fn fingerprint(parts: &[&str]) -> String {
     hex
 }
 
-pub fn rfc3339(t: Timestamp) -> String {
-    Timestamp::from_second(t.as_second())
-        .expect("a valid timestamp stays valid")
-        .to_string()
-}
-
-fn put(data: &mut BTreeMap<String, ByteString>, key: &str, value: &str) {
+pub(crate) fn put(data: &mut BTreeMap<String, ByteString>, key: &str, value: &str) {
     data.insert(key.to_owned(), ByteString(value.as_bytes().to_vec()));
 }
 
-fn get(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
+pub(crate) fn get(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
     String::from_utf8(data.get(key)?.0.clone()).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oauth::state_secret::GrantState;
 
     fn record() -> TokenRecord {
         TokenRecord {

@@ -1,135 +1,30 @@
-//! Pure decisions about a SourceConnection's Secrets: which method it uses,
-//! whether its spec is usable, what the target Secret must hold, and
-//! whether the Secret in the cluster already holds it. No I/O here.
+//! The Secrets of a SourceConnection as pure values: the values read from
+//! the user's Secrets, the target and state Secrets tokenkeeper wants, and
+//! whether the copy in the cluster is ours and already says that. No I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use jiff::SignedDuration;
-
 use crate::api::{
-    ApiKeyAuth, BasicAuth, FIELD_MANAGER, LABEL_CONNECTION, LABEL_MANAGED_BY, LABEL_SECRET_ROLE,
-    MANAGED_BY, OAuth2Auth, OAuth2Grant, SECRET_ROLE_CREDENTIALS, SECRET_ROLE_STATE,
-    SourceConnection, target_keys,
+    LABEL_CONNECTION, LABEL_MANAGED_BY, LABEL_SECRET_ROLE, MANAGED_BY, OAuth2Auth,
+    SECRET_ROLE_CREDENTIALS, SECRET_ROLE_STATE, SourceConnection, target_keys,
 };
+use crate::decide::validate::StaticMethod;
 use crate::error::Error;
-use crate::schedule::{FALLBACK_TOKEN_LIFETIME, parse_duration};
-use crate::token::{KEY_REFRESH_TOKEN, RESERVED_TARGET_KEYS};
-
-/// The one authentication method a valid spec names.
-#[derive(Debug, Clone, Copy)]
-pub enum Method<'a> {
-    Basic(&'a BasicAuth),
-    ApiKey(&'a ApiKeyAuth),
-    OAuth2(&'a OAuth2Auth),
-}
-
-/// Checks what the CRD schema cannot: exactly one method, no reference into
-/// another namespace, and a target Secret that is not one of the inputs.
-pub fn validate(conn: &SourceConnection) -> Result<Method<'_>, Error> {
-    let spec = &conn.spec;
-    let namespace = conn.namespace().unwrap_or_default();
-    let mut methods = Vec::new();
-    if let Some(basic) = &spec.basic {
-        methods.push(Method::Basic(basic));
-    }
-    if let Some(api_key) = &spec.api_key {
-        methods.push(Method::ApiKey(api_key));
-    }
-    if let Some(oauth2) = &spec.oauth2 {
-        methods.push(Method::OAuth2(oauth2));
-    }
-    let method = match methods.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(Error::InvalidSpec(
-                "spec names no authentication method: set exactly one of spec.basic, \
-                 spec.apiKey or spec.oauth2"
-                    .into(),
-            ));
-        }
-        _ => {
-            return Err(Error::InvalidSpec(
-                "spec names more than one authentication method: keep exactly one of \
-                 spec.basic, spec.apiKey or spec.oauth2"
-                    .into(),
-            ));
-        }
-    };
-
-    let references: Vec<(&str, Option<&str>)> = match method {
-        Method::Basic(basic) => vec![("basic.secretRef", basic.secret_ref.namespace.as_deref())],
-        Method::ApiKey(api_key) => {
-            vec![("apiKey.secretRef", api_key.secret_ref.namespace.as_deref())]
-        }
-        Method::OAuth2(oauth2) => {
-            let mut refs = vec![(
-                "oauth2.client.secretRef",
-                oauth2.client.secret_ref.namespace.as_deref(),
-            )];
-            if let Some(refresh) = &oauth2.refresh_token_secret_ref {
-                refs.push(("oauth2.refreshTokenSecretRef", refresh.namespace.as_deref()));
-            }
-            refs
-        }
-    };
-    for (field, referenced_namespace) in references {
-        if let Some(other) = referenced_namespace.filter(|ns| *ns != namespace) {
-            return Err(Error::InvalidSpec(format!(
-                "spec.{field}.namespace is \"{other}\", but a SourceConnection may only read \
-                 Secrets in its own namespace \"{namespace}\" (otherwise anyone allowed to create \
-                 one could read another namespace's Secrets). Copy the Secret into \
-                 \"{namespace}\" and remove spec.{field}.namespace."
-            )));
-        }
-    }
-
-    let target = conn.target_secret_name();
-    if !is_dns_subdomain(&target) {
-        return Err(Error::InvalidSpec(format!(
-            "target Secret name \"{target}\" is not a valid Secret name: use lowercase letters, \
-             digits, '-' and '.', starting and ending with a letter or digit, at most 253 \
-             characters. Set spec.target.name."
-        )));
-    }
-    if matches!(method, Method::OAuth2(_)) {
-        let state = conn.state_secret_name();
-        if target == state || spec.referenced_secret_names().contains(&state.as_str()) {
-            return Err(Error::InvalidSpec(format!(
-                "Secret \"{state}\" is where tokenkeeper keeps this connection's refresh token; \
-                 it cannot also be the target or an input. Use other names."
-            )));
-        }
-    }
-    if spec.referenced_secret_names().contains(&target.as_str()) {
-        return Err(Error::InvalidSpec(format!(
-            "target Secret \"{target}\" is also a Secret this connection reads from; writing it \
-             would overwrite the input. Set spec.target.name to another name."
-        )));
-    }
-    for reserved in [LABEL_MANAGED_BY, LABEL_CONNECTION, LABEL_SECRET_ROLE] {
-        if spec.target.labels.contains_key(reserved) {
-            return Err(Error::InvalidSpec(format!(
-                "spec.target.labels sets \"{reserved}\", which tokenkeeper sets itself to find \
-                 the Secrets it manages. Remove it from spec.target.labels."
-            )));
-        }
-    }
-    Ok(method)
-}
+use crate::runtime::wire::{APPLIED, CREATED, ReadSecret};
 
 /// The keys the target Secret holds for a static method, read from the
 /// user's source Secret.
 pub fn static_credentials(
-    method: Method<'_>,
+    method: StaticMethod<'_>,
     source: &Secret,
 ) -> Result<BTreeMap<String, ByteString>, Error> {
     let wanted: Vec<(&str, &str, &'static str)> = match method {
-        Method::Basic(basic) => vec![
+        StaticMethod::Basic(basic) => vec![
             (
                 target_keys::USERNAME,
                 basic.secret_ref.username_key.as_str(),
@@ -141,12 +36,11 @@ pub fn static_credentials(
                 "basic.secretRef.passwordKey",
             ),
         ],
-        Method::ApiKey(api_key) => vec![(
+        StaticMethod::ApiKey(api_key) => vec![(
             target_keys::API_KEY,
             api_key.secret_ref.key.as_str(),
             "apiKey.secretRef.key",
         )],
-        Method::OAuth2(_) => unreachable!("OAuth 2.0 credentials are not static"),
     };
     let mut data = BTreeMap::new();
     for (target_key, source_key, field) in wanted {
@@ -180,10 +74,22 @@ pub fn secret_key(secret: &Secret, key: &str, field: &'static str) -> Result<Vec
 }
 
 /// The client id and secret of an OAuth 2.0 connection, from its client
-/// Secret.
-pub fn client_credentials(oauth: &OAuth2Auth, secret: &Secret) -> Result<(String, String), Error> {
+/// Secret as read (`None`: it does not exist) in `namespace`.
+pub fn client_credentials(
+    oauth: &OAuth2Auth,
+    namespace: &str,
+    secret: Option<&Secret>,
+) -> Result<(String, String), Error> {
     let reference = &oauth.client.secret_ref;
-    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).trim().to_owned();
+    let secret = secret.ok_or_else(|| Error::SecretNotFound {
+        namespace: namespace.to_owned(),
+        name: reference.name.clone(),
+        field: "oauth2.client.secretRef",
+        example_literals: format!(
+            "--from-literal={}=CLIENT_ID --from-literal={}=CLIENT_SECRET",
+            reference.client_id_key, reference.client_secret_key
+        ),
+    })?;
     Ok((
         text(secret_key(
             secret,
@@ -198,19 +104,30 @@ pub fn client_credentials(oauth: &OAuth2Auth, secret: &Secret) -> Result<(String
     ))
 }
 
+/// A secret value as text, without the line break `echo` and editors add.
+pub fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8_lossy(&bytes).trim().to_owned()
+}
+
+/// The user's Secret that a static method copies, by name and spec field.
+pub fn static_source(method: StaticMethod<'_>) -> (&str, &'static str) {
+    match method {
+        StaticMethod::Basic(basic) => (&basic.secret_ref.name, "basic.secretRef"),
+        StaticMethod::ApiKey(api_key) => (&api_key.secret_ref.name, "apiKey.secretRef"),
+    }
+}
+
 /// Example `--from-literal` flags for the kubectl command that creates a
 /// missing source Secret.
-pub fn example_literals(method: Method<'_>) -> String {
+pub fn example_literals(method: StaticMethod<'_>) -> String {
     match method {
-        Method::Basic(basic) => format!(
+        StaticMethod::Basic(basic) => format!(
             "--from-literal={}=USERNAME --from-literal={}=PASSWORD",
             basic.secret_ref.username_key, basic.secret_ref.password_key
         ),
-        Method::ApiKey(api_key) => format!("--from-literal={}=API_KEY", api_key.secret_ref.key),
-        Method::OAuth2(oauth2) => format!(
-            "--from-literal={}=CLIENT_ID --from-literal={}=CLIENT_SECRET",
-            oauth2.client.secret_ref.client_id_key, oauth2.client.secret_ref.client_secret_key
-        ),
+        StaticMethod::ApiKey(api_key) => {
+            format!("--from-literal={}=API_KEY", api_key.secret_ref.key)
+        }
     }
 }
 
@@ -332,98 +249,6 @@ fn is_owned_by(conn: &SourceConnection, secret: &Secret) -> bool {
         .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == uid.as_ref())
 }
 
-/// OAuth 2.0 settings checked and parsed.
-pub struct OAuthSettings {
-    pub refresh_before: Option<SignedDuration>,
-    pub default_lifetime: SignedDuration,
-}
-
-/// Checks an `oauth2` spec beyond what the schema can.
-pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
-    let invalid = |message: String| Error::InvalidSpec(message);
-    check_endpoint("spec.oauth2.tokenUrl", &oauth.token_url).map_err(invalid)?;
-    if let Some(authorization) = &oauth.authorization_url {
-        check_endpoint("spec.oauth2.authorizationUrl", authorization).map_err(invalid)?;
-    }
-    if let Some(revocation) = &oauth.revocation_url {
-        check_endpoint("spec.oauth2.revocationUrl", revocation).map_err(invalid)?;
-    }
-    if let Some(verification) = &oauth.verification {
-        check_endpoint("spec.oauth2.verification.url", &verification.url).map_err(invalid)?;
-    }
-    match oauth.grant {
-        OAuth2Grant::AuthorizationCode if oauth.authorization_url.is_none() => {
-            return Err(invalid(
-                "spec.oauth2.grant is authorizationCode, but spec.oauth2.authorizationUrl is not \
-                 set: name the provider's authorization endpoint."
-                    .into(),
-            ));
-        }
-        OAuth2Grant::RefreshToken if oauth.refresh_token_secret_ref.is_none() => {
-            return Err(invalid(
-                "spec.oauth2.grant is refreshToken, but spec.oauth2.refreshTokenSecretRef is not \
-                 set: name the Secret and key that hold the refresh token to start from."
-                    .into(),
-            ));
-        }
-        _ => {}
-    }
-    for field in &oauth.response_fields {
-        let reserved = RESERVED_TARGET_KEYS.contains(&field.as_str()) || field == KEY_REFRESH_TOKEN;
-        let valid_key = !field.is_empty()
-            && field
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
-        if reserved || !valid_key {
-            return Err(invalid(format!(
-                "spec.oauth2.responseFields lists \"{field}\", which cannot be a key of the \
-                 target Secret ({}). Remove it.",
-                if reserved {
-                    "tokenkeeper sets that key itself, or it is the refresh token"
-                } else {
-                    "keys are letters, digits, '-', '_' and '.'"
-                }
-            )));
-        }
-    }
-    let refresh_before = oauth
-        .refresh_before
-        .as_deref()
-        .map(|text| parse_duration("spec.oauth2.refreshBefore", text))
-        .transpose()
-        .map_err(invalid)?;
-    let default_lifetime = oauth
-        .default_token_lifetime
-        .as_deref()
-        .map(|text| parse_duration("spec.oauth2.defaultTokenLifetime", text))
-        .transpose()
-        .map_err(invalid)?
-        .unwrap_or(FALLBACK_TOKEN_LIFETIME);
-    Ok(OAuthSettings {
-        refresh_before,
-        default_lifetime,
-    })
-}
-
-/// Tokens and client secrets travel only over TLS, except to this machine
-/// (local development and tests).
-fn check_endpoint(field: &str, url: &str) -> Result<(), String> {
-    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
-        .iter()
-        .any(|prefix| {
-            url.strip_prefix(prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
-        });
-    if url.starts_with("https://") || loopback {
-        Ok(())
-    } else {
-        Err(format!(
-            "{field} \"{url}\" must be an https:// URL (plain http is accepted only for \
-             127.0.0.1 and localhost), because client secrets and tokens travel over it"
-        ))
-    }
-}
-
 /// Whether the Secret in the cluster differs from what tokenkeeper wants,
 /// including labels or annotations tokenkeeper applied earlier and no
 /// longer wants. Fields other writers added are left alone.
@@ -507,201 +332,6 @@ impl StaleFields {
     }
 }
 
-/// The keys a managedFields entry owns under `path`.
-fn entry_keys(entry: &ManagedFieldsEntry, path: &[&str]) -> Vec<String> {
-    let Some(fields) = &entry.fields_v1 else {
-        return Vec::new();
-    };
-    let section = path.iter().fold(&fields.0, |node, step| &node[*step]);
-    section
-        .as_object()
-        .into_iter()
-        .flat_map(|keys| keys.keys())
-        .filter_map(|key| key.strip_prefix("f:"))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Whether a managedFields entry of this operation is what a plain create
-/// (or any write that is not server-side apply) left: `Update`.
-pub fn is_create_entry(operation: Option<&str>) -> bool {
-    operation == Some("Update")
-}
-
-/// The keys one of tokenkeeper's managedFields entries of a Secret owns.
-#[derive(Debug, Default, PartialEq)]
-pub struct OwnedFields {
-    /// The entry is the create's (`is_create_entry`).
-    pub created: bool,
-    pub labels: Vec<String>,
-    pub annotations: Vec<String>,
-    pub data: Vec<String>,
-}
-
-/// A Secret as tokenkeeper reads it (the Secret cache gives these):
-/// without its managedFields, and with what `needs_write` and
-/// `stale_fields` read of them instead, which of its keys tokenkeeper owns.
-///
-/// The ownership is one byte per key the Secret has (its labels, then its
-/// annotations, then its data keys, each in order): `APPLIED` when any of
-/// tokenkeeper's entries owns the key, `CREATED` when the entry of its
-/// create does. Both decisions read ownership only of keys the Secret has,
-/// so these bytes say all they need. The Secret cache keeps target Secrets
-/// with these bytes instead of their managedFields (tokenkeeper's two
-/// entries took about 0.7 KiB of the 1.7 KiB a kept target Secret took
-/// once refreshed, at 10,000 connections), and a refresh reads them as
-/// they are: rebuilding managedFields from them and parsing those again
-/// took 4 % of the operator's CPU.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ReadSecret {
-    secret: Secret,
-    ownership: Box<[u8]>,
-}
-
-impl ReadSecret {
-    /// `secret` as the API gave it, managedFields included. Only of the
-    /// Secrets tokenkeeper manages is ownership read; others own nothing.
-    pub fn new(mut secret: Secret) -> Self {
-        let entries: Vec<OwnedFields> = secret
-            .managed_fields()
-            .iter()
-            .filter(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER))
-            .map(|entry| OwnedFields {
-                created: is_create_entry(entry.operation.as_deref()),
-                labels: entry_keys(entry, &["f:metadata", "f:labels"]),
-                annotations: entry_keys(entry, &["f:metadata", "f:annotations"]),
-                data: entry_keys(entry, &["f:data"]),
-            })
-            .collect();
-        secret.metadata.managed_fields = None;
-        Self::with_owned_fields(secret, &entries)
-    }
-
-    /// `secret` without its managedFields, and what tokenkeeper's entries
-    /// of them own (`secret_meta` decodes that much of them straight from
-    /// the API's answer).
-    pub fn with_owned_fields(secret: Secret, entries: &[OwnedFields]) -> Self {
-        let ownership = if is_managed(&secret) {
-            key_ownership(&secret, entries)
-        } else {
-            Box::default()
-        };
-        ReadSecret { secret, ownership }
-    }
-
-    /// `secret` (without managedFields) with the `ownership` bytes that
-    /// `ReadSecret::new` read of it.
-    pub fn with_ownership(secret: Secret, ownership: Box<[u8]>) -> Self {
-        ReadSecret { secret, ownership }
-    }
-
-    pub fn secret(&self) -> &Secret {
-        &self.secret
-    }
-
-    #[cfg(test)]
-    pub(crate) fn ownership(&self) -> &[u8] {
-        &self.ownership
-    }
-
-    pub fn into_parts(self) -> (Secret, Box<[u8]>) {
-        (self.secret, self.ownership)
-    }
-
-    /// The keys whose ownership byte has a bit of `wanted`.
-    fn owned_keys(&self, wanted: u8) -> OwnedKeys<'_> {
-        fn owned<'a>(
-            keys: impl Iterator<Item = &'a String>,
-            flags: &mut std::slice::Iter<'_, u8>,
-            wanted: u8,
-        ) -> Vec<&'a String> {
-            keys.zip(flags)
-                .filter(|(_, flag)| **flag & wanted != 0)
-                .map(|(key, _)| key)
-                .collect()
-        }
-        let flags = &mut self.ownership.iter();
-        OwnedKeys {
-            labels: owned(self.secret.labels().keys(), flags, wanted),
-            annotations: owned(self.secret.annotations().keys(), flags, wanted),
-            data: owned(data_keys(&self.secret).into_iter(), flags, wanted),
-        }
-    }
-}
-
-// So that the API's answers decode straight into a `ReadSecret`
-// (`secret_meta`). kube's `Resource` asks for `meta_mut` too; nothing
-// changes a `ReadSecret`'s metadata, which its ownership bytes follow.
-crate::cached::resource_as!(ReadSecret, Secret, secret.metadata {});
-
-impl std::ops::Deref for ReadSecret {
-    type Target = Secret;
-
-    fn deref(&self) -> &Secret {
-        &self.secret
-    }
-}
-
-struct OwnedKeys<'a> {
-    labels: Vec<&'a String>,
-    annotations: Vec<&'a String>,
-    data: Vec<&'a String>,
-}
-
-/// Whether tokenkeeper manages `secret` (its label says so).
-pub fn is_managed(secret: &Secret) -> bool {
-    secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
-}
-
-/// The ownership bytes of `secret` (see `ReadSecret`), from tokenkeeper's
-/// managedFields entries of it.
-fn key_ownership(secret: &Secret, entries: &[OwnedFields]) -> Box<[u8]> {
-    let owners = |keys_of: fn(&OwnedFields) -> &[String]| {
-        let mut owned: BTreeMap<&str, u8> = BTreeMap::new();
-        for entry in entries {
-            let flag = if entry.created {
-                CREATED | APPLIED
-            } else {
-                APPLIED
-            };
-            for key in keys_of(entry) {
-                *owned.entry(key).or_default() |= flag;
-            }
-        }
-        owned
-    };
-    let labels = owners(|entry| &entry.labels);
-    let annotations = owners(|entry| &entry.annotations);
-    let data = owners(|entry| &entry.data);
-    let flag =
-        |owned: &BTreeMap<&str, u8>, key: &String| owned.get(key.as_str()).copied().unwrap_or(0);
-    secret
-        .labels()
-        .keys()
-        .map(|key| flag(&labels, key))
-        .chain(
-            secret
-                .annotations()
-                .keys()
-                .map(|key| flag(&annotations, key)),
-        )
-        .chain(
-            data_keys(secret)
-                .into_iter()
-                .map(|key| flag(&data, key) & CREATED),
-        )
-        .collect()
-}
-
-/// A key some entry of tokenkeeper's owns.
-pub const APPLIED: u8 = 1;
-/// A key the entry of tokenkeeper's create owns.
-pub const CREATED: u8 = 2;
-
-fn data_keys(secret: &Secret) -> Vec<&String> {
-    secret.data.iter().flatten().map(|(key, _)| key).collect()
-}
-
 pub fn stale_fields(existing: &ReadSecret, desired: &Secret) -> StaleFields {
     let created = existing.owned_keys(CREATED);
     let no_data = BTreeMap::new();
@@ -722,25 +352,24 @@ fn unwanted<V>(owned: Vec<&String>, want: &BTreeMap<String, V>) -> BTreeSet<Stri
         .collect()
 }
 
-/// RFC 1123 subdomain, the rule for Secret names.
-fn is_dns_subdomain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ApiKeySecretRef, BasicAuthSecretRef, SourceConnectionSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
+    use crate::api::{
+        ApiKeyAuth, ApiKeySecretRef, BasicAuth, BasicAuthSecretRef, FIELD_MANAGER,
+        SourceConnectionSpec,
+    };
+    use crate::decide::validate::{Method, validate};
+    use crate::runtime::wire::secret::{entry_keys, is_create_entry};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    /// The static method a test connection names.
+    fn static_method(conn: &SourceConnection) -> StaticMethod<'_> {
+        match validate(conn).unwrap() {
+            Method::Static(method) => method,
+            Method::OAuth2(_) => panic!("a static connection"),
+        }
+    }
 
     fn basic_conn() -> SourceConnection {
         let mut conn = SourceConnection::new(
@@ -784,7 +413,7 @@ mod tests {
     #[test]
     fn basic_maps_configured_keys_to_stable_target_keys() {
         let conn = basic_conn();
-        let method = validate(&conn).unwrap();
+        let method = static_method(&conn);
         let source = secret(
             "warehouse-login",
             &[("user", "etl"), ("pass", "s3cret"), ("other", "x")],
@@ -801,7 +430,7 @@ mod tests {
     #[test]
     fn missing_key_names_the_keys_present_but_no_values() {
         let conn = basic_conn();
-        let method = validate(&conn).unwrap();
+        let method = static_method(&conn);
         let source = secret(
             "warehouse-login",
             &[("user", "etl"), ("password", "hunter2")],
@@ -820,7 +449,7 @@ mod tests {
     #[test]
     fn empty_value_counts_as_missing() {
         let conn = basic_conn();
-        let method = validate(&conn).unwrap();
+        let method = static_method(&conn);
         let source = secret("warehouse-login", &[("user", "etl"), ("pass", "")]);
         assert_eq!(
             static_credentials(method, &source).unwrap_err().reason(),
@@ -888,7 +517,10 @@ mod tests {
             .target
             .labels
             .insert(LABEL_MANAGED_BY.into(), "me".into());
-        assert_eq!(validate(&conn).unwrap_err().reason(), "InvalidSpec");
+        assert_eq!(
+            validate(&conn).unwrap_err().reason(),
+            crate::error::Reason::InvalidSpec
+        );
     }
 
     #[test]
@@ -919,7 +551,7 @@ mod tests {
     fn unchanged_secret_needs_no_write() {
         let conn = basic_conn();
         let source = secret("warehouse-login", &[("user", "etl"), ("pass", "s3cret")]);
-        let data = static_credentials(validate(&conn).unwrap(), &source).unwrap();
+        let data = static_credentials(static_method(&conn), &source).unwrap();
         let desired = target_secret(&conn, data, BTreeMap::new());
         let mut existing = desired.clone();
         existing.metadata.resource_version = Some("7".into());
@@ -1181,19 +813,10 @@ mod tests {
         // and applied) and theirs; annotations issued (applied), note
         // (both); data password (applied only, so nothing), username.
         let labels = refreshed.labels().len();
-        let ownership = ReadSecret::new(refreshed.clone()).ownership;
+        let read = ReadSecret::new(refreshed.clone());
+        let ownership = read.ownership();
         let (label_flags, rest) = ownership.split_at(labels);
         assert!(label_flags.iter().filter(|f| **f == 0).count() == 1);
         assert_eq!(rest, [APPLIED, APPLIED | CREATED, 0, CREATED]);
-    }
-
-    #[test]
-    fn dns_subdomain_rule() {
-        for ok in ["a", "db-credentials", "a.b-c.d1"] {
-            assert!(is_dns_subdomain(ok), "{ok}");
-        }
-        for bad in ["", "-a", "a-", "A", "a..b", "a_b", &"x".repeat(254)] {
-            assert!(!is_dns_subdomain(bad), "{bad}");
-        }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::schedule::DUE_TIME_GRID;
+use crate::decide::refresh::DUE_TIME_GRID;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -39,9 +39,8 @@ pub struct HostThrottle {
 struct Gates {
     by_host: HashMap<String, Arc<Gate>>,
     /// The gate of each token URL seen, so that a refresh does not parse
-    /// its URL again (a parse and a format per request were 3 % of the
-    /// operator's CPU at 10,000 connections). Token URLs are few; the map
-    /// is cleared should spec edits ever make it large.
+    /// its URL again. Token URLs are few; the map is cleared should spec
+    /// edits ever make it large.
     by_url: HashMap<Box<str>, Arc<Gate>>,
 }
 
@@ -54,6 +53,21 @@ struct Gate {
     ticks_from: Instant,
     /// The earliest start of the next request (a GCRA schedule).
     next_start: Mutex<Option<Instant>>,
+}
+
+/// The host of `url` as rate buckets and metric labels know it: the host,
+/// with the port when it is not the scheme's default.
+pub fn host_key(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|url| {
+            let host = url.host_str()?;
+            Some(match url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_owned(),
+            })
+        })
+        .unwrap_or_default()
 }
 
 /// Held while a token request is in flight.
@@ -75,13 +89,9 @@ impl HostThrottle {
         if let Some(gate) = gates.by_url.get(url) {
             return gate.clone();
         }
-        let host = url::Url::parse(url)
-            .ok()
-            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
-            .unwrap_or_default();
         let gate = gates
             .by_host
-            .entry(host)
+            .entry(host_key(url))
             .or_insert_with(|| {
                 Arc::new(Gate {
                     in_flight: Arc::new(Semaphore::new(self.limits.concurrency.max(1))),
@@ -344,9 +354,9 @@ mod tests {
             &token,
             &throttle.gate("https://a.example:8443/token")
         ));
-        assert!(!Arc::ptr_eq(
-            &token,
-            &throttle.gate("http://a.example/token")
-        ));
+        // The key the metrics label requests with: one provider host.
+        assert!(Arc::ptr_eq(&token, &throttle.gate("http://a.example/token")));
+        assert_eq!(host_key("https://a.example:443/token"), "a.example");
+        assert_eq!(host_key("https://a.example:8443/token"), "a.example:8443");
     }
 }

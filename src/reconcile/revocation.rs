@@ -10,19 +10,19 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::EventType;
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api::{FINALIZER_REVOKE, OAuth2Auth, SourceConnection};
-use crate::classify::{self, FailureContext};
-use crate::controller::{Context, Next, Note};
-use crate::decide;
-use crate::error::{Error, backoff};
-use crate::seal::ANNOTATION_SEALED_GRANT;
-use crate::status::display_name;
-use crate::token::{GrantState, KEY_ACCESS_TOKEN};
-use crate::token_client::{self, Revocable};
+use crate::decide::classify::{self, FailureContext};
+use crate::decide::refresh::backoff;
+use crate::decide::secrets::client_credentials;
+use crate::decide::status::{Note, display_name};
+use crate::error::{Error, Reason};
+use crate::oauth::client::{self, Revocable};
+use crate::oauth::state_secret::GrantState;
+use crate::oauth::token::KEY_ACCESS_TOKEN;
+use crate::reconcile::{Context, Next};
 
 /// What to do about revocation once the revocation attempt is known. Pure.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +50,10 @@ pub fn after_attempt(
     if waited >= bound {
         Release::GiveUp
     } else {
-        let left = Duration::try_from(bound - waited).unwrap_or_default();
+        let left = bound
+            .checked_sub(waited)
+            .and_then(|left| Duration::try_from(left).ok())
+            .unwrap_or_default();
         Release::RetryIn(backoff(attempts).min(left).max(Duration::from_secs(1)))
     }
 }
@@ -135,51 +138,25 @@ pub async fn finalize(
         attempts,
     );
     let name = display_name(conn);
-    let mut notes = Vec::new();
-    match (&release_after, &outcome) {
-        (Release::Done, _) => {
-            info!(connection = %name, "revoked the connection's tokens; releasing it");
-            notes.push(Note {
-                type_: EventType::Normal,
-                reason: "TokensRevoked".into(),
-                message: "Revoked the refresh and access tokens at the provider before deletion"
-                    .into(),
-            });
+    match &outcome {
+        Ok(()) => info!(connection = %name, "revoked the connection's tokens; releasing it"),
+        Err(error) => {
+            warn!(connection = %name, %error, attempts, release = ?release_after, "revocation failed")
         }
-        (Release::RetryIn(delay), Err(error)) => {
-            warn!(connection = %name, %error, attempts, retry_in = ?delay, "revocation failed; retrying");
-            notes.push(Note {
-                type_: EventType::Warning,
-                reason: "RevocationFailed".into(),
-                message: format!(
-                    "Could not revoke the tokens before deletion ({error}). Retrying in {} s; the \
-                     connection is released anyway {} s after its deletion.",
-                    delay.as_secs(),
-                    ctx.revocation_timeout.as_secs()
-                ),
-            });
-        }
-        (_, Err(error)) => {
-            warn!(connection = %name, %error, "revocation kept failing; releasing the connection anyway");
-            notes.push(Note {
-                type_: EventType::Warning,
-                reason: "RevocationAbandoned".into(),
-                message: format!(
-                    "Gave up revoking the tokens {} s after deletion ({error}); the grant may \
-                     still be valid at the provider: revoke the app's access there.",
-                    ctx.revocation_timeout.as_secs()
-                ),
-            });
-        }
-        (_, Ok(())) => {}
     }
+    let mut notes: Vec<Note> = revocation_note(
+        &release_after,
+        outcome.as_ref().err(),
+        ctx.revocation_timeout,
+    )
+    .into_iter()
+    .collect();
     match release_after {
         Release::RetryIn(delay) => Ok((Next::In(delay), notes)),
         Release::Done | Release::GiveUp => {
             // Events first: after the release the object is gone.
-            for note in notes.drain(..) {
-                crate::controller::publish_note(ctx, conn, &note).await;
-            }
+            ctx.events.publish_all(conn, &notes).await;
+            notes.clear();
             ctx.clear_transient_failures(conn);
             release(conn, ctx).await?;
             Ok((Next::AwaitChange, notes))
@@ -208,26 +185,16 @@ async fn revoke_all(
     let namespace = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let client_ref = &oauth.client.secret_ref;
-    let Some(client) = secrets.get_opt(&client_ref.name).await? else {
-        return Err(Error::SecretNotFound {
-            namespace,
-            name: client_ref.name.clone(),
-            field: "oauth2.client.secretRef",
-            example_literals: decide::example_literals(decide::Method::OAuth2(oauth)),
-        });
-    };
-    let (client_id, client_secret) = decide::client_credentials(oauth, &client)?;
+    let client = secrets.get_opt(&client_ref.name).await?;
+    let (client_id, client_secret) = client_credentials(oauth, &namespace, client.as_ref())?;
     // The grant is the sealed one in the target Secret, or a consent that
     // was not adopted yet.
     let target = secrets.get_opt(&conn.target_secret_name()).await?;
-    let sealed_refresh_token = target.as_ref().and_then(|t| {
-        let sealed = t.annotations().get(ANNOTATION_SEALED_GRANT)?;
-        let uid = conn.uid().unwrap_or_default();
-        ctx.sealing_key
-            .open(sealed, &uid)
-            .ok()
-            .map(|g| g.refresh_token)
-    });
+    let uid = conn.uid().unwrap_or_default();
+    let sealed_refresh_token = target
+        .as_ref()
+        .and_then(|t| ctx.sealing_key.open_grant(t, &uid).ok().flatten())
+        .map(|g| g.refresh_token);
     let consented_refresh_token = secrets
         .get_opt(&conn.state_secret_name())
         .await?
@@ -244,7 +211,7 @@ async fn revoke_all(
         .map(|t| Revocable::RefreshToken(t))
         .chain(access_token.as_deref().map(Revocable::AccessToken));
     for token in tokens {
-        let result = token_client::revoke(
+        let result = client::revoke(
             &ctx.http,
             revocation_url,
             &client_id,
@@ -269,6 +236,34 @@ async fn revoke_all(
         }
     }
     Ok(())
+}
+
+/// The event that says how revoking went.
+fn revocation_note(release: &Release, error: Option<&Error>, timeout: Duration) -> Option<Note> {
+    match (release, error) {
+        (Release::Done, _) => Some(Note::normal(
+            Reason::TokensRevoked,
+            "Revoked the refresh and access tokens at the provider before deletion".into(),
+        )),
+        (Release::RetryIn(delay), Some(error)) => Some(Note::warning(
+            Reason::RevocationFailed,
+            format!(
+                "Could not revoke the tokens before deletion ({error}). Retrying in {} s; the \
+                 connection is released anyway {} s after its deletion.",
+                delay.as_secs(),
+                timeout.as_secs()
+            ),
+        )),
+        (_, Some(error)) => Some(Note::warning(
+            Reason::RevocationAbandoned,
+            format!(
+                "Gave up revoking the tokens {} s after deletion ({error}); the grant may still \
+                 be valid at the provider: revoke the app's access there.",
+                timeout.as_secs()
+            ),
+        )),
+        (_, None) => None,
+    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,21 @@
-//! Which SourceConnections a Secret event concerns, decided from the
-//! Secret's metadata alone so that no Secret content is cached.
+//! What enqueues a connection: which watch events of SourceConnections and
+//! of Secrets wake which connection's reconcile.
 //!
-//! - Secrets tokenkeeper writes (labelled `managed-by`) wake their owner,
-//!   except for the versions tokenkeeper itself just wrote: a refresh must
-//!   not cost a second reconcile of the same connection.
-//! - Secrets users reference wake the connections that name them, found
-//!   through an index kept from the connection watch, so an event costs a
-//!   lookup rather than a scan of every connection.
+//! - `ConnectionWakes`: a new generation (the spec changed), changed
+//!   annotations (`tokenkeeper.dev/force-refresh`), the start of deletion,
+//!   or a connection not seen before. Not a status write, which is most
+//!   events, tokenkeeper's own included. It decides as kube-runtime's
+//!   `predicate_filter` does, keeping two hashes per connection instead of
+//!   three Strings.
+//! - `SecretTriggers`: a Secret tokenkeeper writes wakes its owner, except
+//!   for the version tokenkeeper itself just wrote (a refresh must not cost
+//!   a second reconcile); a Secret users reference wakes the connections
+//!   that name it, found through an index kept from the connection watch.
+//!   Decided from the Secret's metadata alone, so no Secret content is
+//!   cached for it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
 
 use kube::runtime::reflector::ObjectRef;
@@ -16,10 +23,70 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{LABEL_MANAGED_BY, MANAGED_BY};
-use crate::cached::CachedConnection;
-use crate::object_key::{Key, key, key_of, split};
-use crate::secret_cache::SecretCache;
-use crate::secret_meta::SecretMeta;
+use crate::runtime::object_key::{Key, key, key_of, split};
+use crate::runtime::relist::Relisting;
+use crate::runtime::secret_cache::SecretCache;
+use crate::runtime::wire::{CachedConnection, SecretMeta};
+
+#[derive(Default)]
+pub struct ConnectionWakes {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    seen: HashMap<Key, Seen>,
+    relisting: Relisting<()>,
+}
+
+/// Hashes, not copies: a uid tells a connection from a new one of the same
+/// name, and the rest tells whether anything that wakes changed.
+#[derive(Clone, Copy, PartialEq)]
+struct Seen {
+    uid: u64,
+    wakes: u64,
+}
+
+impl Seen {
+    fn of(conn: &CachedConnection) -> Self {
+        let meta = conn.meta();
+        Seen {
+            uid: hash(&meta.uid),
+            wakes: hash(&(
+                meta.generation,
+                &meta.annotations,
+                meta.deletion_timestamp.is_some(),
+            )),
+        }
+    }
+}
+
+fn hash(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl ConnectionWakes {
+    /// Whether `conn`, as the watch brings it now, should be reconciled.
+    pub fn wakes(&self, conn: &CachedConnection) -> bool {
+        let seen = Seen::of(conn);
+        let mut state = self.state.lock().expect("not poisoned");
+        state.seen.insert(key_of(conn), seen) != Some(seen)
+    }
+
+    /// Forgets deleted connections, including those deleted while the
+    /// watch was down (gone from its next listing).
+    pub fn observe(&self, event: &watcher::Event<CachedConnection>) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if let watcher::Event::Delete(conn) = event {
+            state.seen.remove(&key_of(conn));
+        }
+        if let Some(listed) = state.relisting.observe(event, |_| Some(())) {
+            state.seen.retain(|key, _| listed.contains_key(key));
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct SecretTriggers {
@@ -34,8 +101,7 @@ struct References {
     readers: HashMap<Key, Vec<Box<str>>>,
     /// Connection to the names of the Secrets it reads.
     reads: HashMap<Key, Box<[Box<str>]>>,
-    /// Connections listed since the watch (re)started; the others are gone.
-    listed: Option<HashSet<Key>>,
+    relisting: Relisting<()>,
 }
 
 impl References {
@@ -83,26 +149,19 @@ impl SecretTriggers {
     pub fn observe(&self, event: &watcher::Event<CachedConnection>) {
         let mut references = self.references.lock().expect("not poisoned");
         match event {
-            watcher::Event::Apply(conn) => references.set(conn),
+            watcher::Event::Apply(conn) | watcher::Event::InitApply(conn) => references.set(conn),
             watcher::Event::Delete(conn) => references.remove(&key_of(conn)),
-            watcher::Event::Init => references.listed = Some(HashSet::new()),
-            watcher::Event::InitApply(conn) => {
-                references.set(conn);
-                if let Some(listed) = references.listed.as_mut() {
-                    listed.insert(key_of(conn));
-                }
-            }
-            watcher::Event::InitDone => {
-                let listed = references.listed.take().unwrap_or_default();
-                let gone: Vec<Key> = references
-                    .reads
-                    .keys()
-                    .filter(|key| !listed.contains(*key))
-                    .cloned()
-                    .collect();
-                for key in gone {
-                    references.remove(&key);
-                }
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+        if let Some(listed) = references.relisting.observe(event, |_| Some(())) {
+            let gone: Vec<Key> = references
+                .reads
+                .keys()
+                .filter(|key| !listed.contains_key(*key))
+                .cloned()
+                .collect();
+            for key in gone {
+                references.remove(&key);
             }
         }
     }
@@ -142,6 +201,71 @@ impl SecretTriggers {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn connection(uid: &str, generation: i64) -> CachedConnection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "tokenkeeper.dev/v1alpha1",
+            "kind": "SourceConnection",
+            "metadata": {"name": "crm", "namespace": "data", "uid": uid,
+                         "generation": generation, "resourceVersion": "1"},
+            "spec": {"apiKey": {"secretRef": {"name": "crm", "key": "api_key"}}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_status_write_does_not_wake_a_spec_change_does() {
+        let wakes = ConnectionWakes::default();
+        let conn = connection("u1", 1);
+        assert!(wakes.wakes(&conn), "first seen");
+        let mut status_written = conn.clone();
+        status_written.meta_mut().resource_version = Some("2".into());
+        assert!(!wakes.wakes(&status_written));
+        assert!(wakes.wakes(&connection("u1", 2)), "new generation");
+        let mut annotated = connection("u1", 2);
+        annotated.meta_mut().annotations =
+            Some([("tokenkeeper.dev/force-refresh".into(), "1".into())].into());
+        assert!(wakes.wakes(&annotated), "force-refresh");
+        let mut deleting = annotated.clone();
+        deleting.meta_mut().deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        assert!(wakes.wakes(&deleting), "deletion starts");
+        assert!(!wakes.wakes(&deleting));
+    }
+
+    #[test]
+    fn a_connection_made_again_under_the_same_name_wakes() {
+        let wakes = ConnectionWakes::default();
+        assert!(wakes.wakes(&connection("u1", 1)));
+        // Deleted and created again while the watch was down: the relist
+        // brings the new one, same name and generation.
+        wakes.observe(&watcher::Event::Init);
+        assert!(wakes.wakes(&connection("u2", 1)));
+        wakes.observe(&watcher::Event::InitApply(connection("u2", 1)));
+        wakes.observe(&watcher::Event::InitDone);
+        assert!(!wakes.wakes(&connection("u2", 1)));
+    }
+
+    #[test]
+    fn deleted_connections_are_forgotten() {
+        let wakes = ConnectionWakes::default();
+        assert!(wakes.wakes(&connection("u1", 1)));
+        wakes.observe(&watcher::Event::Delete(connection("u1", 1)));
+        assert!(wakes.state.lock().unwrap().seen.is_empty());
+        assert!(wakes.wakes(&connection("u1", 1)));
+        wakes.observe(&watcher::Event::Init);
+        wakes.observe(&watcher::Event::InitDone);
+        assert!(
+            wakes.state.lock().unwrap().seen.is_empty(),
+            "not in the listing"
+        );
+    }
+}
+
+#[cfg(test)]
+mod secret_trigger_tests {
     use super::*;
     use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -223,7 +347,7 @@ mod tests {
         written.metadata.name = Some("crm-token".into());
         written.metadata.namespace = Some("data".into());
         written.metadata.resource_version = Some("41".into());
-        cache.wrote(crate::decide::ReadSecret::new(written));
+        cache.wrote(crate::runtime::wire::ReadSecret::new(written));
 
         let own = secret_meta("crm-token", "41", Some("crm"));
         assert!(triggers.connections_for(&own, &cache).is_empty());

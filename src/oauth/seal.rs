@@ -9,15 +9,13 @@
 //! annotation, so not even as a file or environment variable), and people
 //! who may read Secrets in the connection's namespace cannot use it either.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use jiff::Timestamp;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::ResourceExt;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
@@ -25,7 +23,8 @@ use sha2::{Digest, Sha256};
 
 /// The annotation of the target Secret that carries the sealed grant.
 pub const ANNOTATION_SEALED_GRANT: &str = "tokenkeeper.dev/sealed-grant";
-const KEY_FIELD: &str = "key";
+/// The key of the sealing key Secret that holds the key's 32 bytes.
+pub const KEY_FIELD: &str = "key";
 const FORMAT: &str = "v1";
 
 /// What the operator needs to continue a grant after a restart.
@@ -98,6 +97,15 @@ impl SealingKey {
         format!("{FORMAT}.{}.{}", self.id, STANDARD_NO_PAD.encode(payload))
     }
 
+    /// The grant sealed in `target`'s annotation for the connection with
+    /// UID `uid`; `None` when it carries none.
+    pub fn open_grant(&self, target: &Secret, uid: &str) -> Result<Option<SealedGrant>, OpenError> {
+        match target.annotations().get(ANNOTATION_SEALED_GRANT) {
+            Some(sealed) => self.open(sealed, uid).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Opens what `seal` produced for the same UID.
     pub fn open(&self, sealed: &str, uid: &str) -> Result<SealedGrant, OpenError> {
         let mut parts = sealed.splitn(3, '.');
@@ -124,64 +132,12 @@ impl SealingKey {
     }
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     SystemRandom::new()
         .fill(&mut bytes)
         .expect("the system's random source works");
     bytes
-}
-
-/// Reads the operator's sealing key, creating it on first start. Replicas
-/// racing to create it converge on the one that was written first.
-pub async fn load_or_create(secrets: &Api<Secret>, name: &str) -> Result<SealingKey, kube::Error> {
-    loop {
-        if let Some(secret) = secrets.get_opt(name).await? {
-            let bytes = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(KEY_FIELD))
-                .map(|v| v.0.clone())
-                .unwrap_or_default();
-            return SealingKey::from_bytes(&bytes).ok_or_else(|| {
-                kube::Error::Service(
-                    format!(
-                        "Secret {name} does not hold a 32-byte key under \"{KEY_FIELD}\"; \
-                         restore it from a backup, or delete it to start over (every \
-                         connection then needs to be authorized again)"
-                    )
-                    .into(),
-                )
-            });
-        }
-        let bytes = random::<32>();
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: Some(BTreeMap::from([(
-                    crate::api::LABEL_MANAGED_BY.to_owned(),
-                    crate::api::MANAGED_BY.to_owned(),
-                )])),
-                annotations: Some(BTreeMap::from([(
-                    "tokenkeeper.dev/purpose".to_owned(),
-                    "Seals the refresh tokens kept in target Secrets. Back it up with the \
-                     cluster; without it every OAuth connection must be authorized again."
-                        .to_owned(),
-                )])),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([(
-                KEY_FIELD.to_owned(),
-                ByteString(bytes.to_vec()),
-            )])),
-            ..Default::default()
-        };
-        match secrets.create(&PostParams::default(), &secret).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(error) => return Err(error),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,25 +1,14 @@
-//! SourceConnections as the controller's cache keeps them.
-//!
-//! The cache holds every connection in scope for as long as the operator
-//! runs, but a reconcile reads only the one it works on. So the cache keeps
-//! each connection's metadata decoded (the controller's machinery reads it
-//! on every event) and its spec and status as the JSON the API server sent,
-//! decoded again when needed. At ten thousand connections this took
-//! 4.6 MiB off the operator's peak RSS (91.7 to 87.1 MiB in the scale
-//! benchmark).
-//!
-//! The metadata is decoded without `managedFields` (about a kilobyte per
-//! connection, never read) and without kubectl's copy of the last applied
-//! object: skipped while parsing, they cost neither allocations nor the
-//! capacity a cleared `Vec` would keep.
+//! SourceConnections as the controller's cache keeps them: metadata
+//! decoded (the queue and the wake-up filter read it on every event), spec
+//! and status as the JSON the API server sent, decoded by the one reconcile
+//! that works on the connection.
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use serde::de::{DeserializeOwned, Error as _, IgnoredAny};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use super::{WireMeta, resource_as};
 use crate::api::{SourceConnection, SourceConnectionSpec, SourceConnectionStatus};
 
 #[derive(Clone, Debug)]
@@ -75,109 +64,12 @@ impl<'de> Deserialize<'de> for CachedConnection {
     }
 }
 
-/// `ObjectMeta` less what the cache never reads: fields not named here
-/// (`selfLink`) are skipped unread, and kubectl's last-applied copy of the
-/// object is dropped.
-///
-/// `Managed` decodes the managedFields: by default they are skipped too.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct WireMeta<Managed = IgnoredAny> {
-    pub(crate) managed_fields: Option<Managed>,
-    annotations: Option<BTreeMap<String, String>>,
-    creation_timestamp: Option<Time>,
-    deletion_grace_period_seconds: Option<i64>,
-    deletion_timestamp: Option<Time>,
-    finalizers: Option<Vec<String>>,
-    generate_name: Option<String>,
-    generation: Option<i64>,
-    labels: Option<BTreeMap<String, String>>,
-    name: Option<String>,
-    namespace: Option<String>,
-    owner_references: Option<Vec<OwnerReference>>,
-    resource_version: Option<String>,
-    uid: Option<String>,
-}
-
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-impl<Managed> From<WireMeta<Managed>> for ObjectMeta {
-    fn from(wire: WireMeta<Managed>) -> Self {
-        let annotations = wire.annotations.map(|mut annotations| {
-            annotations.remove(LAST_APPLIED);
-            annotations
-        });
-        ObjectMeta {
-            annotations,
-            creation_timestamp: wire.creation_timestamp,
-            deletion_grace_period_seconds: wire.deletion_grace_period_seconds,
-            deletion_timestamp: wire.deletion_timestamp,
-            finalizers: wire.finalizers,
-            generate_name: wire.generate_name,
-            generation: wire.generation,
-            labels: wire.labels,
-            managed_fields: None,
-            name: wire.name,
-            namespace: wire.namespace,
-            owner_references: wire.owner_references,
-            resource_version: wire.resource_version,
-            self_link: None,
-            uid: wire.uid,
-        }
-    }
-}
-
-/// Implements `Resource` for a type that stands for `$as` in watches and
-/// caches but decodes less of it: the same kind, group, version and plural,
-/// and its metadata in a `metadata` field. Extra items of the impl, such as
-/// `metadata_api`, go in the braces. The metadata is in another field when
-/// its path comes after `$as` (`secret.metadata`).
-macro_rules! resource_as {
-    ($view:ty, $as:ty { $($extra:item)* }) => {
-        resource_as!($view, $as, metadata { $($extra)* });
-    };
-    ($view:ty, $as:ty, $($meta:ident).+ { $($extra:item)* }) => {
-        impl ::kube::Resource for $view {
-            type DynamicType = ();
-            type Scope = ::kube::core::NamespaceResourceScope;
-
-            fn kind(dt: &()) -> ::std::borrow::Cow<'_, str> {
-                <$as as ::kube::Resource>::kind(dt)
-            }
-
-            fn group(dt: &()) -> ::std::borrow::Cow<'_, str> {
-                <$as as ::kube::Resource>::group(dt)
-            }
-
-            fn version(dt: &()) -> ::std::borrow::Cow<'_, str> {
-                <$as as ::kube::Resource>::version(dt)
-            }
-
-            fn plural(dt: &()) -> ::std::borrow::Cow<'_, str> {
-                <$as as ::kube::Resource>::plural(dt)
-            }
-
-            fn meta(&self) -> &::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                &self.$($meta).+
-            }
-
-            fn meta_mut(
-                &mut self,
-            ) -> &mut ::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                &mut self.$($meta).+
-            }
-
-            $($extra)*
-        }
-    };
-}
-pub(crate) use resource_as;
-
 resource_as!(CachedConnection, SourceConnection {});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::wire::LAST_APPLIED;
     use kube::Resource;
 
     const CONNECTION: &str = r#"{

@@ -1,17 +1,13 @@
-//! Status writes whose echo the controller's cache does not show yet.
+//! Status writes, each made once.
 //!
 //! A connection can be reconciled again before the watch brings back the
-//! status tokenkeeper just wrote: the first listing of the Secrets it reads
-//! and the echo of its target Secret both wake it. The cache then still
-//! shows the connection as it was before the write, the status looks out
-//! of date, and the same status would be written a second time. At a cold
-//! start of 10,000 connections that was 4–5 % of the status writes, each
-//! costing the API server about 6 ms of CPU (tests/bench/api-cost.sh).
-//!
-//! A write is remembered with the resourceVersion of the connection it was
-//! decided on. While the cache still shows that version, the same status
-//! is not written again; any other version (the echo, or someone else's
-//! change) forgets it.
+//! status tokenkeeper just wrote (the first listing of the Secrets it reads
+//! and the echo of its target Secret both wake it). The cache then still
+//! shows the connection as it was before the write, and the same status
+//! would be written a second time. So a write is remembered with the
+//! resourceVersion of the connection it was decided on: while the cache
+//! still shows that version, the same status is not written again; any
+//! other version (the echo, or someone else's change) forgets it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -19,12 +15,64 @@ use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
 
-use crate::api::SourceConnectionStatus;
-use crate::object_key::Key;
+use crate::api::{FIELD_MANAGER, SourceConnection, SourceConnectionStatus};
+use crate::runtime::object_key::{Key, key_of};
+
+/// Writes a connection's status by server-side apply, once per change.
+pub struct StatusWriter {
+    client: Client,
+    echoes: StatusEchoes,
+}
+
+impl StatusWriter {
+    pub fn new(client: Client) -> Self {
+        StatusWriter {
+            client,
+            echoes: StatusEchoes::default(),
+        }
+    }
+
+    /// Writes `desired` unless it is written already (onto the version of
+    /// `conn` the cache still shows).
+    pub async fn write(
+        &self,
+        conn: &SourceConnection,
+        desired: &SourceConnectionStatus,
+    ) -> Result<(), kube::Error> {
+        let key = key_of(conn);
+        let version = conn.resource_version().unwrap_or_default();
+        if self.echoes.already_written(&key, &version, desired) {
+            return Ok(());
+        }
+        let api: Api<SourceConnection> =
+            Api::namespaced(self.client.clone(), &conn.namespace().unwrap_or_default());
+        let body = json!({
+            "apiVersion": SourceConnection::api_version(&()),
+            "kind": SourceConnection::kind(&()),
+            "status": desired,
+        });
+        api.patch_status(
+            &conn.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+        self.echoes.wrote(key, &version, desired);
+        Ok(())
+    }
+
+    /// The cache shows `version` of the connection now (`None`: deleted).
+    pub fn observed(&self, key: &Key, version: Option<&str>) {
+        self.echoes.observed(key, version);
+    }
+}
 
 #[derive(Default)]
-pub struct StatusEchoes {
+struct StatusEchoes {
     pending: Mutex<HashMap<Key, Pending>>,
 }
 

@@ -6,30 +6,30 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
+use kube::runtime::events::EventType;
+
 use crate::api::{SourceConnection, SourceConnectionStatus};
-use crate::error::Error;
+use crate::error::{Error, Reason};
+use crate::time::truncate_to_seconds;
 
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_AUTH_FAILED: &str = "AuthFailed";
-pub const REASON_SECRET_SYNCED: &str = "SecretSynced";
-pub const REASON_NOT_REJECTED: &str = "NotRejected";
-pub const REASON_ACCESS_TOKEN_EXPIRED: &str = "AccessTokenExpired";
 
 /// What the conditions say.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub ready: bool,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
     /// Set when the provider rejected the credentials: `AuthFailed=True`.
-    pub rejection: Option<(String, String)>,
+    pub rejection: Option<(Reason, String)>,
 }
 
 impl Verdict {
     pub fn ready(message: String) -> Self {
         Verdict {
             ready: true,
-            reason: REASON_SECRET_SYNCED.to_owned(),
+            reason: Reason::SecretSynced,
             message,
             rejection: None,
         }
@@ -39,12 +39,43 @@ impl Verdict {
     pub fn failed(error: &Error) -> Self {
         Verdict {
             ready: false,
-            reason: error.reason().to_owned(),
+            reason: error.reason(),
             message: error.to_string(),
             rejection: error
                 .is_auth_failure()
-                .then(|| (error.reason().to_owned(), error.to_string())),
+                .then(|| (error.reason(), error.to_string())),
         }
+    }
+}
+
+/// Something to tell the user through an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub type_: EventType,
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Note {
+    pub fn normal(reason: Reason, message: String) -> Self {
+        Note {
+            type_: EventType::Normal,
+            reason,
+            message,
+        }
+    }
+
+    pub fn warning(reason: Reason, message: String) -> Self {
+        Note {
+            type_: EventType::Warning,
+            reason,
+            message,
+        }
+    }
+
+    /// A Warning that says what `error` says.
+    pub fn of_error(error: &Error) -> Self {
+        Note::warning(error.reason(), error.to_string())
     }
 }
 
@@ -81,6 +112,7 @@ impl TokenStatus {
 }
 
 /// What a reconcile found; `None` fields keep what the status has.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     /// `None` keeps the conditions as they are (a retry is pending).
     pub verdict: Option<Verdict>,
@@ -113,15 +145,15 @@ pub fn desired_status(
             let ready = condition(
                 CONDITION_READY,
                 verdict.ready,
-                &verdict.reason,
+                verdict.reason,
                 &verdict.message,
             );
             let auth_failed = match &verdict.rejection {
-                Some((reason, message)) => condition(CONDITION_AUTH_FAILED, true, reason, message),
+                Some((reason, message)) => condition(CONDITION_AUTH_FAILED, true, *reason, message),
                 None => condition(
                     CONDITION_AUTH_FAILED,
                     false,
-                    REASON_NOT_REJECTED,
+                    Reason::NotRejected,
                     "No credential of this connection has been rejected.",
                 ),
             };
@@ -182,21 +214,15 @@ pub fn display_name(conn: &impl kube::Resource) -> String {
     )
 }
 
-fn condition(type_: &str, status: bool, reason: &str, message: &str) -> Condition {
+fn condition(type_: &str, status: bool, reason: Reason, message: &str) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if status { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
+        reason: reason.as_str().to_owned(),
         message: message.to_owned(),
         last_transition_time: Time(Timestamp::UNIX_EPOCH),
         observed_generation: None,
     }
-}
-
-/// The API server stores times with second precision; comparing a stored
-/// time with an untruncated one would always differ and cause a write.
-pub fn truncate_to_seconds(t: Timestamp) -> Timestamp {
-    Timestamp::from_second(t.as_second()).expect("a valid timestamp stays valid")
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
-//! When to refresh an OAuth 2.0 token: pure functions of a clock reading,
-//! the current token and the connection's settings.
+//! When to refresh an OAuth 2.0 token and when to retry a failed refresh:
+//! pure functions of a clock reading, the current token and the
+//! connection's settings.
 
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::token::{TokenRecord, fingerprint};
+use crate::oauth::token::{TokenRecord, fingerprint};
+use crate::time::truncate_to_seconds;
 
 /// Lifetime assumed when the provider sends no `expires_in` and the
 /// connection sets no `defaultTokenLifetime`.
@@ -14,15 +16,10 @@ pub const FALLBACK_TOKEN_LIFETIME: SignedDuration = SignedDuration::from_hours(1
 /// moves a refresh earlier, by at most this much or 5 % of the lifetime.
 const MAX_JITTER: SignedDuration = SignedDuration::from_secs(30);
 /// Due times fall on this grid of wall-clock time, so that connections due
-/// within one slot are refreshed on one wake-up of the operator. On the
-/// operator's single thread a wake-up (the timer, and each reply arriving
-/// alone) is a large part of a refresh's CPU: in benches/scale the same
-/// "POST token + PUT Secret" loop costs 2-3 times as much per refresh
-/// paced one by one as back to back. A slot of 100 ms holds about a dozen
-/// refreshes at 10,000 connections with 120 s tokens; it took the
-/// operator's CPU per refresh there from 0.76 to 0.48 ms. Token requests
-/// held back by the rate limit are released on the same grid
-/// (`throttle::RELEASE_TICK`).
+/// within one slot are refreshed on one wake-up of the operator: on its
+/// single thread a wake-up is a large part of a refresh's CPU
+/// (benches/README.md). Token requests held back by the rate limit are
+/// released on the same grid (`throttle::RELEASE_TICK`).
 pub const DUE_TIME_GRID: SignedDuration = SignedDuration::from_millis(100);
 
 /// Parses a duration such as `90s`, `5m` or `1h30m`.
@@ -57,7 +54,7 @@ pub fn refresh_due_at(
         _ => by_rule,
     };
     let jitter_span = (lifetime / 20).min(MAX_JITTER);
-    let jitter = jitter_span.mul_f64(jitter_fraction(jitter_key));
+    let jitter = jitter_span.mul_f64(stable_fraction(&[jitter_key]));
     floor_to_grid(planned - jitter).max(ceil_to_millisecond(token.issued_at))
 }
 
@@ -156,11 +153,45 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 }
 
-/// A stable fraction in [0, 1) derived from the connection's identity.
-fn jitter_fraction(key: &str) -> f64 {
-    let hex = fingerprint(&[key]);
-    let value = u32::from_str_radix(&hex[..8], 16).expect("hex digits");
+/// A fraction in [0, 1) that depends only on `parts` (a connection's
+/// identity, an attempt): the one jitter of refreshes and retries.
+pub fn stable_fraction(parts: &[&str]) -> f64 {
+    let hex = fingerprint(parts);
+    let value = hex
+        .get(..8)
+        .and_then(|prefix| u32::from_str_radix(prefix, 16).ok())
+        .unwrap_or_default();
     f64::from(value) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// Exponential backoff for retried errors: 5 s doubling up to 5 minutes.
+pub fn backoff(consecutive_failures: u32) -> Duration {
+    let exponent = consecutive_failures.saturating_sub(1).min(6);
+    Duration::from_secs(5 * (1u64 << exponent)).min(Duration::from_secs(300))
+}
+
+/// The longest `Retry-After` honoured: a provider's answer must not park a
+/// connection for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// When to retry the `attempt`th failed token request in a row: after the
+/// backoff or the provider's `Retry-After` (at most `MAX_RETRY_AFTER`),
+/// whichever is longer, plus up to a tenth more so that connections failing
+/// together do not retry together; on a whole second after that.
+pub fn retry_at(
+    now: Timestamp,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    jitter_key: &str,
+) -> Timestamp {
+    let retry_after = retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
+    let base = backoff(attempt).max(retry_after);
+    let jitter = base.mul_f64(0.1 * stable_fraction(&[jitter_key, &attempt.to_string()]));
+    let wait = SignedDuration::try_from(base + jitter).unwrap_or(SignedDuration::MAX);
+    let at = now.checked_add(wait).unwrap_or(Timestamp::MAX);
+    truncate_to_seconds(at)
+        .checked_add(SignedDuration::from_secs(1))
+        .unwrap_or(Timestamp::MAX)
 }
 
 /// Due times keep the jitter's sub-second part down to the grid:
@@ -183,6 +214,39 @@ fn ceil_to_millisecond(t: Timestamp) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn a_retry_waits_the_backoff_or_retry_after_plus_at_most_a_tenth() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        for attempt in 1..=8 {
+            let at = retry_at(now, attempt, None, "data/crm");
+            let wait = at.duration_since(now).as_secs();
+            let base = backoff(attempt).as_secs() as i64;
+            assert!(
+                wait > base && wait <= base + base / 10 + 1,
+                "{attempt}: {wait}"
+            );
+            assert_eq!(at, retry_at(now, attempt, None, "data/crm"), "stable");
+        }
+        let honoured = retry_at(now, 1, Some(Duration::from_secs(60)), "data/crm");
+        assert!(honoured.duration_since(now).as_secs() >= 60);
+    }
+
+    #[test]
+    fn an_absurd_retry_after_is_clamped() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        let at = retry_at(now, 1, Some(Duration::from_secs(u64::MAX)), "k");
+        let wait = at.duration_since(now).as_secs();
+        let most = MAX_RETRY_AFTER.as_secs() as i64;
+        assert!(wait >= most && wait <= most + most / 10 + 1, "{wait}");
+        assert_eq!(retry_at(Timestamp::MAX, 1, None, "k"), Timestamp::MAX);
+    }
     use std::collections::BTreeMap;
 
     fn token(issued: i64, expires: i64) -> TokenRecord {

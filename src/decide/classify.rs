@@ -6,29 +6,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::error::Error;
-use crate::token::rfc3339;
-
-/// A failed token request, as seen on the wire.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TokenFailure {
-    /// An OAuth error response (RFC 6749 section 5.2).
-    OAuth {
-        status: u16,
-        code: String,
-        description: Option<String>,
-    },
-    /// An HTTP answer that is not an OAuth response: 5xx, 429, or a body
-    /// that is not JSON.
-    Http {
-        status: u16,
-        retry_after: Option<Duration>,
-        content_type: Option<String>,
-    },
-    /// No answer: connection refused, DNS, TLS, timeout.
-    Transport { detail: String },
-    /// A 2xx JSON body that is not a token response.
-    Malformed,
-}
+use crate::oauth::token::TokenFailure;
+use crate::time::rfc3339;
 
 /// What the classifier needs to know besides the failure.
 pub struct FailureContext<'a> {
@@ -147,7 +126,7 @@ fn clip(text: &str) -> String {
 
 /// What a verification request said about a fresh access token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub enum VerificationAnswer {
     Accepted,
     /// HTTP 401: the token itself is refused.
     Unauthorized {
@@ -165,7 +144,7 @@ pub enum Verdict {
 
 /// Classifies a verification answer by status and `WWW-Authenticate`
 /// (RFC 6750 section 3.1).
-pub fn classify_verification(status: u16, www_authenticate: Option<&str>) -> Verdict {
+pub fn classify_verification(status: u16, www_authenticate: Option<&str>) -> VerificationAnswer {
     let error_code = www_authenticate.and_then(|header| {
         let start = header.find("error=\"")? + "error=\"".len();
         let end = header[start..].find('"')? + start;
@@ -176,15 +155,15 @@ pub fn classify_verification(status: u16, www_authenticate: Option<&str>) -> Ver
         None => String::new(),
     };
     match status {
-        200..=299 if error_code.is_none() => Verdict::Accepted,
-        403 => Verdict::Forbidden {
+        200..=299 if error_code.is_none() => VerificationAnswer::Accepted,
+        403 => VerificationAnswer::Forbidden {
             detail: format!("HTTP 403{detail}"),
         },
-        _ if error_code.as_deref() == Some("insufficient_scope") => Verdict::Forbidden {
+        _ if error_code.as_deref() == Some("insufficient_scope") => VerificationAnswer::Forbidden {
             detail: format!("HTTP {status}{detail}"),
         },
-        401 => Verdict::Unauthorized { detail },
-        _ => Verdict::Inconclusive {
+        401 => VerificationAnswer::Unauthorized { detail },
+        _ => VerificationAnswer::Inconclusive {
             detail: format!("HTTP {status}{detail}"),
         },
     }
@@ -336,31 +315,34 @@ mod tests {
 
     #[test]
     fn verification_answers() {
-        assert_eq!(classify_verification(200, None), Verdict::Accepted);
+        assert_eq!(
+            classify_verification(200, None),
+            VerificationAnswer::Accepted
+        );
         assert_eq!(
             classify_verification(
                 403,
                 Some(r#"Bearer error="insufficient_scope", scope="crm.write""#)
             ),
-            Verdict::Forbidden {
+            VerificationAnswer::Forbidden {
                 detail: "HTTP 403, insufficient_scope".into()
             }
         );
         assert_eq!(
             classify_verification(400, Some(r#"Bearer error="insufficient_scope""#)),
-            Verdict::Forbidden {
+            VerificationAnswer::Forbidden {
                 detail: "HTTP 400, insufficient_scope".into()
             }
         );
         assert_eq!(
             classify_verification(401, Some(r#"Bearer error="invalid_token""#)),
-            Verdict::Unauthorized {
+            VerificationAnswer::Unauthorized {
                 detail: ", invalid_token".into()
             }
         );
         assert!(matches!(
             classify_verification(503, None),
-            Verdict::Inconclusive { .. }
+            VerificationAnswer::Inconclusive { .. }
         ));
     }
 

@@ -23,8 +23,8 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Stream, StreamExt};
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::cached::CachedConnection;
-use crate::object_key::{Key, split};
+use crate::runtime::object_key::{Key, split};
+use crate::runtime::wire::CachedConnection;
 
 /// Connections waiting for their due time, and the ones running.
 #[derive(Default)]

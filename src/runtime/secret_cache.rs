@@ -22,9 +22,10 @@ use kube::api::{Api, GetParams};
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 
-use crate::decide::{self, ReadSecret};
-use crate::object_key::{Key, key, key_of, split};
-use crate::secret_meta::{self, SecretMeta};
+use crate::runtime::object_key::{Key, key, key_of, split};
+use crate::runtime::relist::Relisting;
+use crate::runtime::wire::secret::is_managed;
+use crate::runtime::wire::{ReadSecret, SecretMeta};
 
 /// What one watch covers: a namespace, or all of them (`None`).
 pub type Scope = Option<String>;
@@ -33,8 +34,9 @@ pub type Scope = Option<String>;
 pub struct SecretCache {
     /// Scopes whose watch has listed its Secrets at least once.
     listed: Mutex<HashSet<Scope>>,
-    /// Listings in progress after a (re)start of a watch.
-    listing: Mutex<HashMap<Scope, HashMap<Key, Box<str>>>>,
+    /// Listings in progress after a (re)start of a watch: each Secret's
+    /// version.
+    relisting: Mutex<HashMap<Scope, Relisting<Box<str>>>>,
     /// Every Secret the watches have seen, and every Secret kept. One map
     /// rather than one for versions and one for contents: at ten thousand
     /// connections the second copy of each key cost about 5 MiB.
@@ -70,7 +72,7 @@ struct Entry {
     /// tokenkeeper wrote this version itself.
     own: bool,
     /// Of a Secret tokenkeeper manages, which keys it owns (see
-    /// `decide::ReadSecret`), in place of the managedFields.
+    /// `ReadSecret`), in place of the managedFields.
     ownership: Box<[u8]>,
 }
 
@@ -90,7 +92,7 @@ struct Kept {
 
 impl Entry {
     fn new(version: String, read: ReadSecret, own: bool) -> Box<Self> {
-        let managed = decide::is_managed(&read);
+        let managed = is_managed(&read);
         let (secret, ownership) = read.into_parts();
         let metadata = secret.metadata;
         let kept = Kept {
@@ -158,22 +160,17 @@ impl SecretCache {
                     known.kept = known.kept.take().filter(|e| e.own);
                 });
             }
-            watcher::Event::Init => {
-                self.listing
+            watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => {
+                let listed = self
+                    .relisting
                     .lock()
                     .expect("not poisoned")
-                    .insert(scope.clone(), HashMap::new());
-            }
-            watcher::Event::InitApply(meta) => {
-                if let Some(listing) = self.listing.lock().expect("not poisoned").get_mut(scope)
-                    && let Some(version) = &meta.metadata.resource_version
-                {
-                    listing.insert(key_of(meta), version.as_str().into());
-                }
-            }
-            watcher::Event::InitDone => {
-                let Some(mut listed) = self.listing.lock().expect("not poisoned").remove(scope)
-                else {
+                    .entry(scope.clone())
+                    .or_default()
+                    .observe(event, |meta| {
+                        meta.metadata.resource_version.as_deref().map(Box::from)
+                    });
+                let Some(mut listed) = listed else {
                     return;
                 };
                 let mut secrets = self.lock();
@@ -321,7 +318,7 @@ impl SecretCache {
         key: Key,
         version: &str,
     ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
-        match secret_meta::read_view(secrets)
+        match read_view(secrets)
             .get_with(split(&key).1, &GetParams::at(version))
             .await
         {
@@ -340,10 +337,7 @@ impl SecretCache {
         secrets: &Api<Secret>,
         key: Key,
     ) -> Result<Option<Arc<ReadSecret>>, kube::Error> {
-        let Some(secret) = secret_meta::read_view(secrets)
-            .get_opt(split(&key).1)
-            .await?
-        else {
+        let Some(secret) = read_view(secrets).get_opt(split(&key).1).await? else {
             self.update(key, |known| known.kept = None);
             return Ok(None);
         };
@@ -360,6 +354,15 @@ impl SecretCache {
         let read = entry.secret(&key);
         self.lock().entry(key).or_default().kept = Some(entry);
         read
+    }
+}
+
+/// The Secrets of `secrets`, read as `ReadSecret`s.
+pub fn read_view(secrets: &Api<Secret>) -> Api<ReadSecret> {
+    let client = secrets.clone().into_client();
+    match secrets.namespace() {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
     }
 }
 
@@ -553,7 +556,7 @@ mod tests {
         drop(secrets);
         let read = cache.last_written("data", "target").expect("kept");
         assert_eq!(read.metadata.managed_fields, None);
-        use decide::{APPLIED, CREATED};
+        use crate::runtime::wire::{APPLIED, CREATED};
         assert_eq!(
             read.ownership(),
             [APPLIED | CREATED, 0, 0, CREATED],

@@ -1,0 +1,342 @@
+//! The operator-private state Secret of an OAuth 2.0 connection
+//! (`<name>-tokenkeeper-state`): a consent in progress (the pending
+//! authorization) and a grant just given on the consent page or by `kubectl
+//! tokenkeeper authorize`, until the leader moves it, sealed, into the
+//! target Secret. Pure: Secret data in and out, and the callback's checks.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+
+use crate::api::OAuth2Auth;
+use crate::decide::validate::oauth_settings;
+use crate::error::Error;
+use crate::oauth::token::{
+    ANNOTATION_ISSUED_AT, ANNOTATION_LIFETIME_ASSUMED, ANNOTATION_REQUEST_HASH,
+    ANNOTATION_VERIFICATION_DENIED, IssuedToken, KEY_IMPORTED_HASH, KEY_ISSUED_AT,
+    KEY_LIFETIME_ASSUMED, KEY_REFRESH_TOKEN, KEY_REFRESH_TOKEN_EXPIRES_AT, KEY_REQUEST_HASH,
+    KEY_VERIFICATION_DENIED, TokenRecord, fingerprint, get, put, request_fingerprint,
+};
+use crate::time::rfc3339;
+
+/// Keys of the state Secret that belong to a pending authorization.
+pub const PENDING_PREFIX: &str = "pending_authorization_";
+const PENDING_STATE_HASH: &str = "pending_authorization_state_sha256";
+const PENDING_VERIFIER: &str = "pending_authorization_pkce_verifier";
+const PENDING_EXPIRES_AT: &str = "pending_authorization_expires_at";
+const PENDING_UID: &str = "pending_authorization_uid";
+const PENDING_KEYS: [&str; 4] = [
+    PENDING_STATE_HASH,
+    PENDING_VERIFIER,
+    PENDING_EXPIRES_AT,
+    PENDING_UID,
+];
+
+/// What the operator keeps for a grant with a refresh token.
+#[derive(Clone, Default, PartialEq)]
+pub struct GrantState {
+    pub refresh_token: Option<String>,
+    pub refresh_token_expires_at: Option<Timestamp>,
+    /// Fingerprint of the user-supplied refresh token last imported, so a
+    /// new one supplied later replaces the grant.
+    pub imported_hash: Option<String>,
+    /// The newest access token, persisted together with the refresh token.
+    pub token: Option<TokenRecord>,
+}
+
+impl fmt::Debug for GrantState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrantState")
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("refresh_token_expires_at", &self.refresh_token_expires_at)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl GrantState {
+    pub fn to_data(&self) -> BTreeMap<String, ByteString> {
+        let mut data = BTreeMap::new();
+        if let Some(refresh_token) = &self.refresh_token {
+            put(&mut data, KEY_REFRESH_TOKEN, refresh_token);
+        }
+        if let Some(expires_at) = self.refresh_token_expires_at {
+            put(
+                &mut data,
+                KEY_REFRESH_TOKEN_EXPIRES_AT,
+                &rfc3339(expires_at),
+            );
+        }
+        if let Some(hash) = &self.imported_hash {
+            put(&mut data, KEY_IMPORTED_HASH, hash);
+        }
+        if let Some(token) = &self.token {
+            data.extend(token.target_data());
+            put(&mut data, KEY_ISSUED_AT, &rfc3339(token.issued_at));
+            put(&mut data, KEY_REQUEST_HASH, &token.request_hash);
+            if token.lifetime_assumed {
+                put(&mut data, KEY_LIFETIME_ASSUMED, "true");
+            }
+            if let Some(denied) = &token.verification_denied {
+                put(&mut data, KEY_VERIFICATION_DENIED, denied);
+            }
+        }
+        data
+    }
+
+    pub fn from_data(data: &BTreeMap<String, ByteString>, field_names: &[String]) -> Self {
+        let token = (|| {
+            let mut annotations = BTreeMap::new();
+            annotations.insert(ANNOTATION_ISSUED_AT.to_owned(), get(data, KEY_ISSUED_AT)?);
+            annotations.insert(
+                ANNOTATION_REQUEST_HASH.to_owned(),
+                get(data, KEY_REQUEST_HASH)?,
+            );
+            if let Some(assumed) = get(data, KEY_LIFETIME_ASSUMED) {
+                annotations.insert(ANNOTATION_LIFETIME_ASSUMED.to_owned(), assumed);
+            }
+            if let Some(denied) = get(data, KEY_VERIFICATION_DENIED) {
+                annotations.insert(ANNOTATION_VERIFICATION_DENIED.to_owned(), denied);
+            }
+            TokenRecord::from_target(data, &annotations, field_names)
+        })();
+        GrantState {
+            refresh_token: get(data, KEY_REFRESH_TOKEN).filter(|t| !t.is_empty()),
+            refresh_token_expires_at: get(data, KEY_REFRESH_TOKEN_EXPIRES_AT)
+                .and_then(|t| t.parse().ok()),
+            imported_hash: get(data, KEY_IMPORTED_HASH),
+            token,
+        }
+    }
+}
+
+/// The grant a person just gave on the consent page (through the
+/// operator's callback or `kubectl tokenkeeper authorize`), ready to be
+/// stored in the state Secret.
+pub fn consented_grant(
+    oauth: &OAuth2Auth,
+    issued: &IssuedToken,
+    refresh_token: String,
+    client_id: &str,
+    previous: GrantState,
+    now: Timestamp,
+) -> Result<GrantState, Error> {
+    let settings = oauth_settings(oauth)?;
+    let record = TokenRecord::issued(
+        now,
+        issued,
+        settings.default_lifetime,
+        (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")),
+        &oauth.response_fields,
+        &request_fingerprint(oauth, client_id),
+    );
+    Ok(GrantState {
+        refresh_token: Some(refresh_token),
+        refresh_token_expires_at: issued.refresh_token_expires_at(record.issued_at),
+        imported_hash: previous.imported_hash,
+        token: Some(record),
+    })
+}
+
+/// The state Secret's data less any pending authorization.
+pub fn without_pending(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
+    data.iter()
+        .filter(|(key, _)| !key.starts_with(PENDING_PREFIX))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
+/// Only the pending authorization of the state Secret's data.
+pub fn only_pending(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
+    data.iter()
+        .filter(|(key, _)| key.starts_with(PENDING_PREFIX))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
+/// A consent in progress: started at `/authorize`, answered at `/callback`.
+/// Only a hash of `state` is kept.
+#[derive(Clone, PartialEq)]
+pub struct PendingAuthorization {
+    state_hash: String,
+    pub pkce_verifier: String,
+    expires_at: Option<Timestamp>,
+    uid: Option<String>,
+}
+
+impl fmt::Debug for PendingAuthorization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingAuthorization")
+            .field("expires_at", &self.expires_at)
+            .field("uid", &self.uid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAuthorization {
+    pub fn new(state: &str, pkce_verifier: String, expires_at: Timestamp, uid: String) -> Self {
+        PendingAuthorization {
+            state_hash: fingerprint(&[state]),
+            pkce_verifier,
+            expires_at: Some(expires_at),
+            uid: Some(uid),
+        }
+    }
+
+    /// `data` with this authorization in place of any earlier one.
+    pub fn store_in(&self, data: &mut BTreeMap<String, ByteString>) {
+        put(data, PENDING_STATE_HASH, &self.state_hash);
+        put(data, PENDING_VERIFIER, &self.pkce_verifier);
+        if let Some(at) = self.expires_at {
+            put(data, PENDING_EXPIRES_AT, &rfc3339(at));
+        }
+        put(data, PENDING_UID, self.uid.as_deref().unwrap_or_default());
+    }
+
+    fn read(data: &BTreeMap<String, ByteString>) -> Option<Self> {
+        Some(PendingAuthorization {
+            state_hash: get(data, PENDING_STATE_HASH)?,
+            pkce_verifier: get(data, PENDING_VERIFIER).unwrap_or_default(),
+            expires_at: get(data, PENDING_EXPIRES_AT).and_then(|t| t.parse().ok()),
+            uid: get(data, PENDING_UID),
+        })
+    }
+}
+
+/// Removes the pending authorization from the state Secret's data.
+pub fn clear_pending(data: &mut BTreeMap<String, ByteString>) {
+    for key in PENDING_KEYS {
+        data.remove(key);
+    }
+}
+
+/// Why a callback cannot complete the authorization in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackRefusal {
+    /// Nothing is pending: completed already, or never started.
+    NothingPending,
+    /// `state` is not the one this authorization was started with.
+    StateMismatch,
+    /// The connection was deleted and made again under its name.
+    ConnectionReplaced,
+    /// Started longer ago than the authorization's time to live; the
+    /// pending authorization is to be cleared.
+    Expired,
+}
+
+impl fmt::Display for CallbackRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CallbackRefusal::NothingPending => {
+                "This authorization was already completed, or was never started."
+            }
+            CallbackRefusal::StateMismatch => {
+                "This answer does not match the authorization in progress (a forged or outdated \
+                 link)."
+            }
+            CallbackRefusal::ConnectionReplaced => {
+                "The SourceConnection was replaced since this authorization started."
+            }
+            CallbackRefusal::Expired => "This authorization took too long and expired.",
+        })
+    }
+}
+
+/// Checks a callback's `state` against the pending authorization in the
+/// state Secret's `data`, for the connection whose UID is `uid` now.
+pub fn check_callback(
+    data: &BTreeMap<String, ByteString>,
+    state: &str,
+    uid: Option<&str>,
+    now: Timestamp,
+) -> Result<PendingAuthorization, CallbackRefusal> {
+    let pending = PendingAuthorization::read(data).ok_or(CallbackRefusal::NothingPending)?;
+    if pending.state_hash != fingerprint(&[state]) {
+        return Err(CallbackRefusal::StateMismatch);
+    }
+    if pending.uid.as_deref() != uid {
+        return Err(CallbackRefusal::ConnectionReplaced);
+    }
+    if pending.expires_at.is_none_or(|at| at <= now) {
+        return Err(CallbackRefusal::Expired);
+    }
+    Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).unwrap()
+    }
+
+    fn started(state: &str) -> BTreeMap<String, ByteString> {
+        let mut data = BTreeMap::new();
+        put(&mut data, "refresh_token", "kept");
+        PendingAuthorization::new(state, "verifier".into(), at(600), "uid-1".into())
+            .store_in(&mut data);
+        data
+    }
+
+    #[test]
+    fn the_callback_of_the_pending_authorization_passes() {
+        let pending = check_callback(&started("ns:c:r1"), "ns:c:r1", Some("uid-1"), at(10));
+        assert_eq!(pending.unwrap().pkce_verifier, "verifier");
+    }
+
+    #[test]
+    fn each_refusal_has_its_own_cause() {
+        let data = started("ns:c:r1");
+        let check = |state, uid, now| check_callback(&data, state, uid, at(now));
+        assert_eq!(
+            check("ns:c:forged", Some("uid-1"), 10),
+            Err(CallbackRefusal::StateMismatch)
+        );
+        assert_eq!(
+            check("ns:c:r1", Some("uid-2"), 10),
+            Err(CallbackRefusal::ConnectionReplaced)
+        );
+        assert_eq!(
+            check("ns:c:r1", None, 10),
+            Err(CallbackRefusal::ConnectionReplaced)
+        );
+        assert_eq!(
+            check("ns:c:r1", Some("uid-1"), 600),
+            Err(CallbackRefusal::Expired)
+        );
+        let mut done = data.clone();
+        clear_pending(&mut done);
+        assert_eq!(
+            check_callback(&done, "ns:c:r1", Some("uid-1"), at(10)),
+            Err(CallbackRefusal::NothingPending)
+        );
+        assert_eq!(get(&done, "refresh_token").as_deref(), Some("kept"));
+    }
+
+    #[test]
+    fn a_forgery_is_checked_before_anything_else_is_told() {
+        // A forged state on an expired authorization of a replaced
+        // connection learns only that it does not match.
+        let data = started("ns:c:r1");
+        assert_eq!(
+            check_callback(&data, "ns:c:guess", Some("other"), at(10_000)),
+            Err(CallbackRefusal::StateMismatch)
+        );
+    }
+
+    #[test]
+    fn pending_and_grant_keys_split_apart() {
+        let data = started("s");
+        assert_eq!(
+            without_pending(&data).keys().collect::<Vec<_>>(),
+            ["refresh_token"]
+        );
+        assert_eq!(only_pending(&data).len(), PENDING_KEYS.len());
+    }
+}

@@ -1,0 +1,501 @@
+//! Reconciling one OAuth 2.0 connection, in phases: read the client, the
+//! grant and the target Secret; decide with `decide::grant`; request a
+//! token when due and verify it; write the new access token and the
+//! (sealed) refresh token to the target Secret in one write; report
+//! through `decide::outcome`.
+//!
+//! One refresh per connection runs at a time: the work queue never
+//! reconciles the same connection concurrently. Only the leader writes
+//! grants, and it keeps the target Secret it wrote last (see
+//! `runtime::secret_cache`), so the refresh token it sends is the one it
+//! stored; after a restart or a change by anyone else it reads the Secret
+//! from the API again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+use tracing::{debug, info, warn};
+
+use crate::api::{OAuth2Auth, OAuth2Grant, SourceConnection};
+use crate::decide::classify::{self, FailureContext, VerificationAnswer};
+use crate::decide::grant::{
+    Action, OAuthInputs, RefreshDecision, TokenAsk, adopt_consented_grant, decide_refresh,
+    next_grant,
+};
+use crate::decide::outcome::{self, Next, Refreshed, Synced, reauthorize_fix};
+use crate::decide::refresh::refresh_due_at;
+use crate::decide::secrets::{
+    check_ownership, check_state_ownership, client_credentials, secret_key, target_secret, text,
+};
+use crate::decide::status::{Report, Verdict, display_name};
+use crate::decide::validate::{OAuthSettings, oauth_settings};
+use crate::error::{Error, Retry};
+use crate::oauth::client::{self, Grant, TokenRequest};
+use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, SealedGrant};
+use crate::oauth::state_secret::{GrantState, only_pending};
+use crate::oauth::token::{IssuedToken, TokenRecord};
+use crate::reconcile::Context;
+use crate::runtime::wire::ReadSecret;
+use crate::write::secret::{apply_if_changed, store_state_secret};
+
+/// How often a write of a freshly rotated refresh token is retried before
+/// giving up: losing it would lose the grant.
+const GRANT_WRITE_ATTEMPTS: u32 = 5;
+
+pub async fn sync(
+    conn: &SourceConnection,
+    oauth: &OAuth2Auth,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Synced, Error> {
+    let settings = oauth_settings(oauth)?;
+    let namespace = conn.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let sync = OAuthSync {
+        conn,
+        oauth,
+        ctx,
+        secrets: &secrets,
+        settings: &settings,
+        now,
+    };
+    let mut inputs = sync.read_inputs().await?;
+    if let Some(problem) = &inputs.grant_problem {
+        warn!(connection = %display_name(conn), %problem, "the sealed refresh token in the target Secret cannot be used");
+    }
+    let adopted = adopt_consented_grant(&mut inputs);
+    if !adopted && inputs.inbox.is_some() {
+        // An older consent than the grant in use: only in the way, and its
+        // refresh token must not be taken for a rotation later.
+        sync.clear_inbox(&inputs).await;
+        inputs.inbox = None;
+    }
+    let link = ctx.authorization_link(conn, oauth);
+    let (decision, action) = decide_refresh(conn, oauth, &settings, &inputs, link, now);
+    match action {
+        Action::AuthorizationRequired(error) => Ok(Synced {
+            report: Report {
+                verdict: Some(Verdict::failed(&error)),
+                secret_name: None,
+                token: Some(decision.token_status),
+            },
+            next: Next::AwaitChange,
+            notes: vec![outcome::authorization_required(&error)],
+            token_times: None,
+        }),
+        // Without a request, the target must still hold the newest token
+        // and grant: a consent may have just been given.
+        Action::RetryAt(until) => {
+            if let Some(current) = &inputs.current {
+                sync.write_token(&inputs, current, inputs.grant.as_ref(), until)
+                    .await?;
+            }
+            sync.clear_inbox(&inputs).await;
+            Ok(Synced::unchanged(Next::At(until)))
+        }
+        Action::Wait { token, due } => {
+            sync.write_token(&inputs, &token, inputs.grant.as_ref(), due)
+                .await?;
+            sync.clear_inbox(&inputs).await;
+            let default_lifetime = settings.default_lifetime;
+            let mut synced = outcome::healthy(
+                conn,
+                oauth,
+                default_lifetime,
+                &token,
+                due,
+                decision.token_status,
+            );
+            if adopted {
+                synced.notes.push(outcome::token_issued(conn, &token, true));
+            }
+            Ok(synced)
+        }
+        Action::Request(ask) => sync.refresh(&inputs, &decision, ask).await,
+    }
+}
+
+/// What every phase of one OAuth 2.0 reconcile works on.
+struct OAuthSync<'a> {
+    conn: &'a SourceConnection,
+    oauth: &'a OAuth2Auth,
+    ctx: &'a Context,
+    secrets: &'a Api<Secret>,
+    settings: &'a OAuthSettings,
+    now: Timestamp,
+}
+
+impl OAuthSync<'_> {
+    fn namespace(&self) -> String {
+        self.conn.namespace().unwrap_or_default()
+    }
+
+    /// Requests a token, verifies it, writes it with the grant, and says
+    /// what came of it.
+    async fn refresh(
+        &self,
+        inputs: &OAuthInputs,
+        decision: &RefreshDecision,
+        ask: TokenAsk,
+    ) -> Result<Synced, Error> {
+        let (conn, oauth) = (self.conn, self.oauth);
+        debug!(connection = %display_name(conn), reason = ?ask.reason, "requesting a token");
+        let answer = self.request_token(inputs, &ask).await;
+        let result = match &answer {
+            Ok(_) => "success",
+            Err(error) => error.reason().as_str(),
+        };
+        self.ctx.metrics.token_request(&oauth.token_url, result);
+        let issued = match answer {
+            Ok(issued) => issued,
+            Err(error) => return self.after_failure(inputs, decision, &ask, error).await,
+        };
+        let mut record = self.record_of(inputs, &issued, &decision.request_hash);
+        let grant = ask.refresh_token.map(|used| {
+            let previous = inputs.grant.as_ref();
+            next_grant(previous, &issued, used, ask.import_hash, record.issued_at)
+        });
+        let rejected = self.verify(&mut record).await;
+        let due = refresh_due_at(&record, self.settings.refresh_before, &decision.jitter_key);
+        // The new refresh token and access token go out in one write.
+        self.write_token(inputs, &record, grant.as_ref(), due)
+            .await?;
+        self.clear_inbox(inputs).await;
+        if let Some(error) = &rejected {
+            warn!(connection = %display_name(conn), reason = %error.reason(), "the access token just issued was refused");
+        }
+        let refreshed = Refreshed {
+            record,
+            due,
+            reason: ask.reason,
+            rejected,
+        };
+        Ok(outcome::after_refresh(
+            conn,
+            oauth,
+            self.settings.default_lifetime,
+            refreshed,
+            decision.token_status.clone(),
+            self.now,
+            &decision.jitter_key,
+        ))
+    }
+
+    /// Sends the token request through the provider host's throttle.
+    async fn request_token(
+        &self,
+        inputs: &OAuthInputs,
+        ask: &TokenAsk,
+    ) -> Result<IssuedToken, Error> {
+        let oauth = self.oauth;
+        let request = TokenRequest {
+            token_url: &oauth.token_url,
+            client_id: &inputs.client_id,
+            client_secret: &inputs.client_secret,
+            auth_method: oauth.client.auth_method,
+            scopes: &oauth.scopes,
+            extra_params: &oauth.extra_token_params,
+            grant: match &ask.refresh_token {
+                Some(token) => Grant::RefreshToken(token),
+                None => Grant::ClientCredentials,
+            },
+        };
+        let slot = self.ctx.throttle.acquire(&oauth.token_url).await;
+        let answer = client::request_token(&self.ctx.http, request).await;
+        drop(slot);
+        answer.map_err(|failure| {
+            let namespace = self.namespace();
+            let context = FailureContext {
+                now: self.now,
+                token_endpoint: &oauth.token_url,
+                refresh_token_expires_at: ask.refresh_token_expires_at,
+                reauthorize_fix: &reauthorize_fix(self.conn, oauth),
+                client_secret_namespace: &namespace,
+                client_secret_name: &oauth.client.secret_ref.name,
+            };
+            classify::classify(&failure, &context)
+        })
+    }
+
+    /// The record of a token just issued; without `scope` in the answer it
+    /// has the scopes the current token had, or else those requested.
+    fn record_of(
+        &self,
+        inputs: &OAuthInputs,
+        issued: &IssuedToken,
+        request_hash: &str,
+    ) -> TokenRecord {
+        let oauth = self.oauth;
+        let scope_if_unsaid = inputs
+            .current
+            .as_ref()
+            .and_then(|c| c.scope.clone())
+            .or_else(|| (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")));
+        TokenRecord::issued(
+            self.now,
+            issued,
+            self.settings.default_lifetime,
+            scope_if_unsaid,
+            &oauth.response_fields,
+            request_hash,
+        )
+    }
+
+    /// Asks the verification URL, when set, whether the provider accepts
+    /// the token it just issued. A 403 is kept on the record; a 401 is the
+    /// error to report.
+    async fn verify(&self, record: &mut TokenRecord) -> Option<Error> {
+        let verification = self.oauth.verification.as_ref()?;
+        let answer = client::verify(&self.ctx.http, &verification.url, &record.access_token).await;
+        match answer {
+            VerificationAnswer::Accepted => None,
+            VerificationAnswer::Forbidden { detail } => {
+                record.verification_denied =
+                    Some(format!("GET {} answered {detail}", verification.url));
+                None
+            }
+            VerificationAnswer::Unauthorized { detail } => Some(Error::AccessTokenRejected {
+                url: verification.url.clone(),
+                detail,
+            }),
+            VerificationAnswer::Inconclusive { detail } => {
+                warn!(connection = %display_name(self.conn), %detail, "verification request gave no answer; token kept");
+                None
+            }
+        }
+    }
+
+    /// After a failed token request: a grant rotated meanwhile by a sibling
+    /// refresh or a new consent is merely stale, not revoked, and is tried
+    /// again at once; anything else is reported.
+    async fn after_failure(
+        &self,
+        inputs: &OAuthInputs,
+        decision: &RefreshDecision,
+        ask: &TokenAsk,
+        error: Error,
+    ) -> Result<Synced, Error> {
+        let rejects_grant = matches!(
+            error,
+            Error::InvalidGrant { .. } | Error::RefreshTokenExpired { .. }
+        );
+        if rejects_grant
+            && let Some(used) = ask.refresh_token.as_deref()
+            && self.rotated_meanwhile(used).await?
+        {
+            info!(connection = %display_name(self.conn), "the refresh token changed meanwhile; retrying with the new one");
+            return Ok(Synced::unchanged(Next::In(Duration::from_millis(100))));
+        }
+        warn!(connection = %display_name(self.conn), reason = %error.reason(), "token request failed");
+        Ok(outcome::failed(
+            self.conn,
+            &error,
+            inputs.current.as_ref(),
+            decision.token_status.clone(),
+            self.now,
+            &decision.jitter_key,
+        ))
+    }
+
+    /// Whether the grant now stored differs from the refresh token `used`.
+    async fn rotated_meanwhile(&self, used: &str) -> Result<bool, Error> {
+        let (conn, ctx) = (self.conn, self.ctx);
+        let namespace = self.namespace();
+        let target = ctx
+            .secrets
+            .get_fresh(self.secrets, &namespace, &conn.target_secret_name())
+            .await?;
+        let uid = conn.uid().unwrap_or_default();
+        let stored = target
+            .as_deref()
+            .and_then(|t| ctx.sealing_key.open_grant(t, &uid).ok().flatten())
+            .map(|g| g.refresh_token);
+        let consented = ctx
+            .secrets
+            .get_fresh(self.secrets, &namespace, &conn.state_secret_name())
+            .await?
+            .and_then(|s| s.data.clone())
+            .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
+        Ok([stored, consented]
+            .into_iter()
+            .flatten()
+            .any(|token| token != used))
+    }
+
+    async fn read_inputs(&self) -> Result<OAuthInputs, Error> {
+        let (conn, oauth, ctx) = (self.conn, self.oauth, self.ctx);
+        let namespace = self.namespace();
+        let client = ctx
+            .secrets
+            .get(self.secrets, &namespace, &oauth.client.secret_ref.name)
+            .await?;
+        let (client_id, client_secret) =
+            client_credentials(oauth, &namespace, client.as_deref().map(ReadSecret::secret))?;
+        let user_refresh_token = self.read_user_refresh_token().await?;
+
+        let target = ctx
+            .secrets
+            .get(self.secrets, &namespace, &conn.target_secret_name())
+            .await?;
+        check_ownership(conn, target.as_deref().map(ReadSecret::secret))?;
+        // A deleted target Secret is written again from what tokenkeeper
+        // wrote last, grant included.
+        let remembered = match &target {
+            Some(_) => None,
+            None => ctx
+                .secrets
+                .last_written(&namespace, &conn.target_secret_name()),
+        };
+        let source = target.as_deref().or(remembered.as_deref());
+        let current = source.and_then(|t| {
+            TokenRecord::from_target(t.data.as_ref()?, t.annotations(), &oauth.response_fields)
+        });
+        let mut inputs = OAuthInputs {
+            client_id,
+            client_secret,
+            user_refresh_token,
+            target: None,
+            stored_grant: None,
+            grant: None,
+            grant_problem: None,
+            inbox: None,
+            current,
+        };
+        if oauth.grant != OAuth2Grant::ClientCredentials {
+            let uid = conn.uid().unwrap_or_default();
+            match source.map(|t| ctx.sealing_key.open_grant(t, &uid)) {
+                Some(Ok(grant)) => inputs.grant = grant,
+                Some(Err(problem)) => inputs.grant_problem = Some(problem),
+                None => {}
+            }
+            inputs.inbox = self.read_inbox().await?;
+        }
+        inputs.stored_grant = target.as_ref().and(inputs.grant.clone());
+        inputs.target = target;
+        Ok(inputs)
+    }
+
+    /// The refresh token the user supplied (refreshToken grant).
+    async fn read_user_refresh_token(&self) -> Result<Option<String>, Error> {
+        let oauth = self.oauth;
+        let (OAuth2Grant::RefreshToken, Some(reference)) =
+            (&oauth.grant, &oauth.refresh_token_secret_ref)
+        else {
+            return Ok(None);
+        };
+        let namespace = self.namespace();
+        let secret = self
+            .ctx
+            .secrets
+            .get(self.secrets, &namespace, &reference.name)
+            .await?
+            .ok_or_else(|| Error::SecretNotFound {
+                namespace: namespace.clone(),
+                name: reference.name.clone(),
+                field: "oauth2.refreshTokenSecretRef",
+                example_literals: format!("--from-literal={}=REFRESH_TOKEN", reference.key),
+            })?;
+        let field = "oauth2.refreshTokenSecretRef.key";
+        Ok(Some(text(secret_key(&secret, &reference.key, field)?)))
+    }
+
+    /// The state Secret, when it holds a consented grant.
+    async fn read_inbox(&self) -> Result<Option<(Arc<ReadSecret>, GrantState)>, Error> {
+        let conn = self.conn;
+        let state = self
+            .ctx
+            .secrets
+            .get(self.secrets, &self.namespace(), &conn.state_secret_name())
+            .await?;
+        check_state_ownership(conn, state.as_deref().map(ReadSecret::secret))?;
+        Ok(state.and_then(|secret| {
+            let consented =
+                GrantState::from_data(secret.data.as_ref()?, &self.oauth.response_fields);
+            consented
+                .refresh_token
+                .is_some()
+                .then_some((secret, consented))
+        }))
+    }
+
+    /// After a consent is adopted (or found stale), the state Secret keeps
+    /// only a pending authorization, if any. A failure leaves it for next
+    /// time.
+    async fn clear_inbox(&self, inputs: &OAuthInputs) {
+        let Some((secret, _)) = &inputs.inbox else {
+            return;
+        };
+        let data = only_pending(secret.data.as_ref().unwrap_or(&Default::default()));
+        let version = secret.resource_version();
+        match store_state_secret(self.secrets, self.conn, version, data).await {
+            Ok(written) => self.ctx.secrets.wrote(ReadSecret::new(written)),
+            Err(error) => {
+                debug!(connection = %display_name(self.conn), %error, "could not clear the adopted consent");
+            }
+        }
+    }
+
+    /// The target Secret for `record` and `grant`. An unchanged grant keeps
+    /// its seal, which is different each time it is made, so that an
+    /// unchanged token rewrites nothing.
+    fn desired_target(
+        &self,
+        inputs: &OAuthInputs,
+        record: &TokenRecord,
+        grant: Option<&SealedGrant>,
+        next_refresh_at: Timestamp,
+    ) -> Secret {
+        let conn = self.conn;
+        let mut annotations = record.target_annotations(Some(next_refresh_at));
+        if let Some(grant) = grant {
+            let kept_seal = inputs
+                .target
+                .as_deref()
+                .filter(|_| inputs.stored_grant.as_ref() == Some(grant))
+                .and_then(|t| t.annotations().get(ANNOTATION_SEALED_GRANT).cloned());
+            let sealed = kept_seal.unwrap_or_else(|| {
+                self.ctx
+                    .sealing_key
+                    .seal(grant, &conn.uid().unwrap_or_default())
+            });
+            annotations.insert(ANNOTATION_SEALED_GRANT.to_owned(), sealed);
+        }
+        target_secret(conn, record.target_data(), annotations)
+    }
+
+    /// Writes the target Secret when it differs from what `record` and
+    /// `grant` make. A freshly rotated refresh token exists nowhere else,
+    /// so that write is retried before giving up.
+    async fn write_token(
+        &self,
+        inputs: &OAuthInputs,
+        record: &TokenRecord,
+        grant: Option<&SealedGrant>,
+        next_refresh_at: Timestamp,
+    ) -> Result<(), Error> {
+        let desired = self.desired_target(inputs, record, grant, next_refresh_at);
+        let existing = inputs.target.as_deref();
+        let mut attempt = 1;
+        loop {
+            match apply_if_changed(self.conn, self.secrets, existing, &desired).await {
+                Ok(Some(written)) => {
+                    self.ctx.secrets.wrote(written.secret);
+                    return Ok(());
+                }
+                Ok(None) => return Ok(()),
+                Err(error)
+                    if error.retry() == Retry::Infrastructure && attempt < GRANT_WRITE_ATTEMPTS =>
+                {
+                    warn!(connection = %display_name(self.conn), attempt, %error, "could not write the target Secret; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
