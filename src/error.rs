@@ -127,8 +127,26 @@ pub enum Error {
         present: String,
     },
 
+    /// The spec is wrong in a way the schema cannot say; the message names
+    /// the field and the fix.
     #[error("{0}")]
     InvalidSpec(String),
+
+    #[error(
+        "The token endpoint {endpoint} refused the request ({detail}); check spec.oauth2 \
+         (grant, scopes, extraTokenParams) against the provider's documentation"
+    )]
+    RequestRefused { endpoint: String, detail: String },
+
+    #[error("the API server refused the target Secret {name}: {message}. Fix spec.target.")]
+    TargetSecretRefused { name: String, message: String },
+
+    #[error(
+        "Secret {name} exists and is not managed by this SourceConnection, but tokenkeeper \
+         keeps the connection's refresh token under that name. Rename the SourceConnection, \
+         or delete the Secret: kubectl delete secret {name} -n {namespace}"
+    )]
+    StateSecretConflict { namespace: String, name: String },
 
     #[error(
         "Secret {namespace}/{name} already exists and is not managed by this SourceConnection, \
@@ -221,7 +239,11 @@ impl Error {
         match self {
             Error::SecretNotFound { .. } => Reason::SecretNotFound,
             Error::MissingKey { .. } => Reason::MissingKey,
-            Error::InvalidSpec(_) => Reason::InvalidSpec,
+            // What the user wrote in the spec is what must change.
+            Error::InvalidSpec(_)
+            | Error::RequestRefused { .. }
+            | Error::TargetSecretRefused { .. }
+            | Error::StateSecretConflict { .. } => Reason::InvalidSpec,
             Error::TargetSecretConflict { .. } => Reason::TargetSecretConflict,
             Error::AuthorizationRequired { .. } => Reason::AuthorizationRequired,
             Error::InvalidGrant { .. } => Reason::InvalidGrant,
@@ -243,6 +265,9 @@ impl Error {
             Error::SecretNotFound { .. }
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
+            | Error::RequestRefused { .. }
+            | Error::TargetSecretRefused { .. }
+            | Error::StateSecretConflict { .. }
             | Error::TargetSecretConflict { .. }
             | Error::AuthorizationRequired { .. }
             | Error::InvalidGrant { .. }
@@ -264,6 +289,9 @@ impl Error {
             Error::SecretNotFound { .. }
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
+            | Error::RequestRefused { .. }
+            | Error::TargetSecretRefused { .. }
+            | Error::StateSecretConflict { .. }
             | Error::TargetSecretConflict { .. }
             | Error::AuthorizationRequired { .. }
             | Error::ProviderUnavailable { .. }

@@ -4,9 +4,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokenkeeper::leader::LeaseSettings;
 
-// mimalloc: at 10,000 connections the resident size was 160 MiB against
-// 195 MiB with glibc's allocator (benches/scale), whose arenas keep what a
-// cold start allocated and freed.
+// mimalloc: glibc's allocator keeps in its arenas what a cold start
+// allocated and freed, a fifth more resident memory at scale
+// (benches/README.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -108,10 +108,10 @@ struct RunArgs {
 }
 
 /// mimalloc asks the kernel for transparent huge pages for its arenas, and
-/// a huge page is resident as a whole however little of it is used: at 300
-/// connections they were 10 of the operator's 20 MiB of anonymous memory
-/// (benches/scale). The operator's heap is many small objects, which gain
-/// nothing from huge pages.
+/// a huge page is resident as a whole however little of it is used, half
+/// the operator's memory at a few hundred connections (benches/README.md).
+/// The operator's heap is many small objects, which gain nothing from huge
+/// pages.
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE only sets a flag of this process; it takes
@@ -123,8 +123,7 @@ fn disable_transparent_huge_pages() {
 
 // One thread: the operator waits on the network almost all the time, and
 // on two cores the wake-ups between worker threads cost more CPU than the
-// work they hand over (benches/scale at 1,000 connections measured 0.83 s
-// of CPU per 1,000 refreshes against 1.08 s on the multi-threaded runtime).
+// work they hand over (benches/README.md).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {

@@ -3,6 +3,27 @@
 
 use jiff::{SignedDuration, Timestamp};
 
+/// Where the operator reads the time: the system's clock, or a fixed one
+/// for tests of what reads it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock {
+    fixed: Option<Timestamp>,
+}
+
+impl Clock {
+    pub fn system() -> Self {
+        Clock { fixed: None }
+    }
+
+    pub fn fixed(at: Timestamp) -> Self {
+        Clock { fixed: Some(at) }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.fixed.unwrap_or_else(Timestamp::now)
+    }
+}
+
 /// `t` to the second, as conditions and Secret keys show times.
 pub fn truncate_to_seconds(t: Timestamp) -> Timestamp {
     Timestamp::from_second(t.as_second()).unwrap_or(t)
@@ -28,6 +49,13 @@ pub fn humanize(duration: SignedDuration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fixed_clock_stands_still() {
+        let at = Timestamp::from_second(1_000).unwrap();
+        assert_eq!(Clock::fixed(at).now(), at);
+        assert!(Clock::system().now() > at);
+    }
 
     #[test]
     fn times_show_to_the_second() {

@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
 use tokenkeeper::decide::secrets::{check_state_ownership, client_credentials};
-use tokenkeeper::oauth::client as token_client;
+use tokenkeeper::oauth::client::{self as token_client, CodeExchange};
 use tokenkeeper::oauth::state_secret::{GrantState, consented_grant};
 use tokenkeeper::oauth::token::{ANNOTATION_ISSUED_AT, ANNOTATION_NEXT_REFRESH_AT, KEY_EXPIRES_AT};
 use tokenkeeper::write::secret::store_state_secret;
@@ -283,18 +283,20 @@ async fn authorize(
         .code
         .ok_or_else(|| anyhow::anyhow!("the provider's answer has no code"))?;
     let http = token_client::http_client();
-    let issued = token_client::exchange_code(
-        &http,
-        &oauth.token_url,
-        &client_id,
-        &client_secret,
-        oauth.client.auth_method,
-        &redirect,
-        &code,
-        &started.pkce_verifier,
-    )
-    .await
-    .map_err(|failure| anyhow::anyhow!("the provider did not exchange the code: {failure:?}"))?;
+    let exchange = CodeExchange {
+        token_url: &oauth.token_url,
+        client_id: &client_id,
+        client_secret: &client_secret,
+        auth_method: oauth.client.auth_method,
+        redirect_url: &redirect,
+        code: &code,
+        pkce_verifier: &started.pkce_verifier,
+    };
+    let issued = token_client::exchange_code(&http, exchange)
+        .await
+        .map_err(|failure| {
+            anyhow::anyhow!("the provider did not exchange the code: {failure:?}")
+        })?;
     let refresh_token = issued.refresh_token.clone().ok_or_else(|| {
         anyhow::anyhow!("the provider sent no refresh token; ask for offline access (authorizationParams or the offline_access scope)")
     })?;

@@ -81,12 +81,10 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
                 _ if *status >= 500 => {
                     unavailable(format!("HTTP {status}, {}", detail(code)), None)
                 }
-                _ => Error::InvalidSpec(format!(
-                    "the token endpoint {} refused the request ({}); check spec.oauth2 \
-                     (grant, scopes, extraTokenParams) against the provider's documentation",
-                    context.token_endpoint,
-                    detail(code)
-                )),
+                _ => Error::RequestRefused {
+                    endpoint: context.token_endpoint.to_owned(),
+                    detail: detail(code),
+                },
             }
         }
         TokenFailure::Http {

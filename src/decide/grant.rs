@@ -214,3 +214,243 @@ pub fn next_grant(
         imported_hash: import_hash,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use crate::decide::validate::oauth_settings;
+
+    fn token(issued: i64) -> TokenRecord {
+        TokenRecord {
+            access_token: format!("at-{issued}"),
+            token_type: "Bearer".into(),
+            issued_at: Timestamp::from_second(issued).unwrap(),
+            expires_at: Timestamp::from_second(issued + 3600).unwrap(),
+            lifetime_assumed: false,
+            scope: None,
+            fields: BTreeMap::new(),
+            request_hash: "h".into(),
+            verification_denied: None,
+        }
+    }
+
+    fn inputs(current: Option<i64>, grant: Option<&str>, consented: Option<i64>) -> OAuthInputs {
+        OAuthInputs {
+            client_id: "id".into(),
+            client_secret: "secret".into(),
+            user_refresh_token: None,
+            target: None,
+            stored_grant: None,
+            grant: grant.map(|rt| SealedGrant {
+                refresh_token: rt.into(),
+                imported_hash: Some("imported".into()),
+                ..Default::default()
+            }),
+            grant_problem: None,
+            inbox: consented.map(|issued| {
+                (
+                    Arc::new(ReadSecret::default()),
+                    GrantState {
+                        refresh_token: Some("consented-rt".into()),
+                        token: Some(token(issued)),
+                        ..Default::default()
+                    },
+                )
+            }),
+            current: current.map(token),
+        }
+    }
+
+    fn connection(grant: &str) -> SourceConnection {
+        let mut oauth = serde_json::json!({
+            "tokenUrl": "https://login.example.com/token",
+            "grant": grant,
+            "client": {"secretRef": {"name": "crm-client"}},
+        });
+        match grant {
+            "refreshToken" => {
+                oauth["refreshTokenSecretRef"] =
+                    serde_json::json!({"name": "crm-grant", "key": "refresh_token"});
+            }
+            "authorizationCode" => {
+                oauth["authorizationUrl"] = "https://login.example.com/authorize".into();
+            }
+            _ => {}
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "tokenkeeper.dev/v1alpha1",
+            "kind": "SourceConnection",
+            "metadata": {"name": "crm", "namespace": "data", "uid": "uid-1"},
+            "spec": {"oauth2": oauth},
+        }))
+        .unwrap()
+    }
+
+    fn decide(
+        conn: &SourceConnection,
+        inputs: &OAuthInputs,
+        now: i64,
+    ) -> (RefreshDecision, Action) {
+        let oauth = conn.spec.oauth2.as_ref().unwrap();
+        let settings = oauth_settings(oauth).unwrap();
+        let now = Timestamp::from_second(now).unwrap();
+        decide_refresh(conn, oauth, &settings, inputs, None, now)
+    }
+
+    /// `current` with the fingerprint of `conn`'s token request, as a token
+    /// tokenkeeper requested for that spec carries.
+    fn current_for(conn: &SourceConnection, inputs: &mut OAuthInputs) {
+        let oauth = conn.spec.oauth2.as_ref().unwrap();
+        if let Some(current) = inputs.current.as_mut() {
+            current.request_hash = request_fingerprint(oauth, &inputs.client_id);
+        }
+    }
+
+    #[test]
+    fn a_newer_consent_replaces_the_grant_and_keeps_the_import_fingerprint() {
+        let mut fresh = inputs(Some(100), Some("old-rt"), Some(200));
+        assert!(adopt_consented_grant(&mut fresh));
+        let grant = fresh.grant.unwrap();
+        assert_eq!(grant.refresh_token, "consented-rt");
+        assert_eq!(grant.imported_hash.as_deref(), Some("imported"));
+        assert_eq!(fresh.current.unwrap().issued_at.as_second(), 200);
+    }
+
+    #[test]
+    fn an_older_consent_is_not_adopted() {
+        let mut stale = inputs(Some(300), Some("current-rt"), Some(200));
+        assert!(!adopt_consented_grant(&mut stale));
+        assert_eq!(stale.grant.unwrap().refresh_token, "current-rt");
+    }
+
+    #[test]
+    fn a_consent_is_adopted_when_there_is_no_grant_yet() {
+        let mut first = inputs(None, None, Some(50));
+        assert!(adopt_consented_grant(&mut first));
+        let mut nothing = inputs(Some(10), Some("rt"), None);
+        assert!(!adopt_consented_grant(&mut nothing));
+    }
+
+    #[test]
+    fn without_any_refresh_token_a_person_must_authorize() {
+        let conn = connection("authorizationCode");
+        let (_, action) = decide(&conn, &inputs(None, None, None), 1_000);
+        let Action::AuthorizationRequired(error) = action else {
+            panic!("authorization required");
+        };
+        assert_eq!(error.reason(), "AuthorizationRequired");
+        assert!(error.to_string().contains("data/crm"), "{error}");
+    }
+
+    #[test]
+    fn a_valid_token_waits_until_it_is_due_and_the_wait_says_when() {
+        let conn = connection("authorizationCode");
+        let mut read = inputs(Some(1_000), Some("rt"), None);
+        current_for(&conn, &mut read);
+        let (decision, action) = decide(&conn, &read, 1_100);
+        let Action::Wait { token, due } = action else {
+            panic!("wait");
+        };
+        assert_eq!(token.issued_at.as_second(), 1_000);
+        // Two thirds of the hour, less a jitter of at most 30 s.
+        let at = due.as_second();
+        assert!((3_370..=3_400).contains(&at), "{at}");
+        assert_eq!(decision.jitter_key, "uid-1");
+        let (_, action) = decide(&conn, &read, at);
+        assert!(matches!(
+            action,
+            Action::Request(TokenAsk {
+                reason: RefreshReason::Due,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_new_refresh_token_from_the_user_wins_over_the_kept_grant() {
+        let conn = connection("refreshToken");
+        let mut read = inputs(Some(1_000), Some("kept-rt"), None);
+        current_for(&conn, &mut read);
+        read.user_refresh_token = Some("new-rt".into());
+        let (_, action) = decide(&conn, &read, 1_100);
+        let Action::Request(ask) = action else {
+            panic!("request");
+        };
+        assert_eq!(ask.reason, RefreshReason::NewRefreshToken);
+        assert_eq!(ask.refresh_token.as_deref(), Some("new-rt"));
+        assert_eq!(ask.import_hash, Some(fingerprint(&["new-rt"])));
+        assert_eq!(ask.refresh_token_expires_at, None, "the old grant's expiry");
+    }
+
+    #[test]
+    fn a_forced_refresh_is_handled_once_per_annotation_value() {
+        let mut conn = connection("clientCredentials");
+        conn.metadata.annotations = Some([(ANNOTATION_FORCE_REFRESH.into(), "1".into())].into());
+        let mut read = inputs(Some(1_000), None, None);
+        current_for(&conn, &mut read);
+        let (decision, action) = decide(&conn, &read, 1_100);
+        assert!(matches!(
+            action,
+            Action::Request(TokenAsk {
+                reason: RefreshReason::Forced,
+                refresh_token: None,
+                ..
+            })
+        ));
+        assert_eq!(
+            decision.token_status.force_refresh_handled.as_deref(),
+            Some("1")
+        );
+        conn.status = Some(crate::api::SourceConnectionStatus {
+            force_refresh_handled: Some("1".into()),
+            ..Default::default()
+        });
+        let (_, action) = decide(&conn, &read, 1_100);
+        assert!(matches!(action, Action::Wait { .. }));
+    }
+
+    #[test]
+    fn a_rotated_refresh_token_replaces_the_old_one_and_its_expiry() {
+        let previous = SealedGrant {
+            refresh_token: "rt-1".into(),
+            refresh_token_expires_at: Some(Timestamp::from_second(50_000).unwrap()),
+            imported_hash: None,
+        };
+        let issued_at = Timestamp::from_second(1_000).unwrap();
+        let mut issued = IssuedToken {
+            access_token: "at".into(),
+            token_type: "Bearer".into(),
+            expires_in: Some(Duration::from_secs(60)),
+            refresh_token: Some("rt-2".into()),
+            scope: None,
+            extra: BTreeMap::new(),
+        };
+        let rotated = next_grant(Some(&previous), &issued, "rt-1".into(), None, issued_at);
+        assert_eq!(rotated.refresh_token, "rt-2");
+        assert_eq!(rotated.refresh_token_expires_at, None);
+
+        issued.refresh_token = None;
+        let kept = next_grant(
+            Some(&previous),
+            &issued,
+            "rt-1".into(),
+            Some("h".into()),
+            issued_at,
+        );
+        assert_eq!(kept.refresh_token, "rt-1");
+        assert_eq!(
+            kept.refresh_token_expires_at,
+            previous.refresh_token_expires_at
+        );
+        assert_eq!(kept.imported_hash.as_deref(), Some("h"));
+
+        issued
+            .extra
+            .insert("refresh_token_expires_in".into(), serde_json::json!(600));
+        let told = next_grant(Some(&previous), &issued, "rt-1".into(), None, issued_at);
+        assert_eq!(told.refresh_token_expires_at.unwrap().as_second(), 1_600);
+    }
+}

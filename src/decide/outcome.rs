@@ -343,3 +343,318 @@ pub fn reauthorize_fix(conn: &SourceConnection, oauth: &OAuth2Auth) -> String {
     };
     format!("{open_link}{command}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).unwrap()
+    }
+
+    fn connection(required_scopes: &[&str]) -> (SourceConnection, OAuth2Auth) {
+        let conn: SourceConnection = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tokenkeeper.dev/v1alpha1",
+            "kind": "SourceConnection",
+            "metadata": {"name": "crm", "namespace": "data", "uid": "uid-1"},
+            "spec": {"oauth2": {
+                "tokenUrl": "https://login.example.com/token",
+                "grant": "refreshToken",
+                "client": {"secretRef": {"name": "crm-client"}},
+                "refreshTokenSecretRef": {"name": "crm-grant", "key": "refresh_token"},
+                "requiredScopes": required_scopes,
+            }},
+        }))
+        .unwrap();
+        let oauth = conn.spec.oauth2.clone().unwrap();
+        (conn, oauth)
+    }
+
+    fn token(issued: i64, lifetime: i64, scope: Option<&str>) -> TokenRecord {
+        TokenRecord {
+            access_token: "at".into(),
+            token_type: "Bearer".into(),
+            issued_at: at(issued),
+            expires_at: at(issued + lifetime),
+            lifetime_assumed: false,
+            scope: scope.map(str::to_owned),
+            fields: BTreeMap::new(),
+            request_hash: "h".into(),
+            verification_denied: None,
+        }
+    }
+
+    fn unavailable(retry_after: Option<u64>) -> Error {
+        Error::ProviderUnavailable {
+            endpoint: "https://login.example.com/token".into(),
+            detail: "HTTP 503".into(),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    fn verdict(synced: &Synced) -> &Verdict {
+        synced.report.verdict.as_ref().expect("a verdict")
+    }
+
+    #[test]
+    fn a_current_token_is_ready_and_due_at_its_refresh_time() {
+        let (conn, oauth) = connection(&[]);
+        let record = token(1_000, 3_600, Some("read"));
+        let previous = TokenStatus {
+            failed_refresh_attempts: 3,
+            next_refresh_time: Some(at(900)),
+            ..TokenStatus::default()
+        };
+        let lifetime = SignedDuration::from_hours(1);
+        let synced = healthy(&conn, &oauth, lifetime, &record, at(3_400), previous);
+        assert!(verdict(&synced).ready);
+        assert_eq!(verdict(&synced).reason, Reason::SecretSynced);
+        assert_eq!(synced.next, Next::At(at(3_400)));
+        let token_status = synced.report.token.unwrap();
+        assert_eq!(token_status.failed_refresh_attempts, 0, "a success resets");
+        assert_eq!(token_status.next_refresh_time, None);
+        assert_eq!(token_status.granted_scopes, ["read"]);
+        assert_eq!(
+            synced.token_times,
+            Some(TokenTimes {
+                expires_at: Some(at(4_600)),
+                next_action_at: Some(at(3_400)),
+            })
+        );
+    }
+
+    #[test]
+    fn an_assumed_lifetime_is_said() {
+        let (conn, oauth) = connection(&[]);
+        let record = TokenRecord {
+            lifetime_assumed: true,
+            ..token(1_000, 5_400, None)
+        };
+        let lifetime = SignedDuration::from_mins(90);
+        let synced = healthy(
+            &conn,
+            &oauth,
+            lifetime,
+            &record,
+            at(4_600),
+            TokenStatus::default(),
+        );
+        assert!(
+            verdict(&synced).message.contains("assumes 90m"),
+            "{:?}",
+            verdict(&synced)
+        );
+    }
+
+    #[test]
+    fn missing_scopes_or_a_denied_verification_are_insufficient_permissions() {
+        let (conn, oauth) = connection(&["read", "write"]);
+        let lifetime = SignedDuration::from_hours(1);
+        let narrow = token(1_000, 3_600, Some("read"));
+        let synced = healthy(
+            &conn,
+            &oauth,
+            lifetime,
+            &narrow,
+            at(3_400),
+            TokenStatus::default(),
+        );
+        let said = verdict(&synced);
+        assert_eq!(said.reason, Reason::InsufficientPermissions);
+        assert!(
+            said.message.contains("missing write (granted: read)"),
+            "{said:?}"
+        );
+        assert!(said.rejection.is_some(), "AuthFailed=True");
+        assert_eq!(synced.next, Next::At(at(3_400)), "kept fresh all the same");
+
+        let unsaid = token(1_000, 3_600, None);
+        let synced = healthy(
+            &conn,
+            &oauth,
+            lifetime,
+            &unsaid,
+            at(3_400),
+            TokenStatus::default(),
+        );
+        assert!(
+            verdict(&synced).ready,
+            "no scope in the answer: as requested"
+        );
+
+        let denied = TokenRecord {
+            verification_denied: Some("GET https://api/me answered HTTP 403".into()),
+            ..token(1_000, 3_600, None)
+        };
+        let synced = healthy(
+            &conn,
+            &oauth,
+            lifetime,
+            &denied,
+            at(3_400),
+            TokenStatus::default(),
+        );
+        assert_eq!(verdict(&synced).reason, Reason::InsufficientPermissions);
+    }
+
+    #[test]
+    fn a_transient_failure_keeps_ready_while_the_token_is_valid_and_backs_off() {
+        let (conn, _) = connection(&[]);
+        let current = token(1_000, 3_600, None);
+        let previous = TokenStatus {
+            failed_refresh_attempts: 2,
+            ..TokenStatus::default()
+        };
+        let synced = failed(
+            &conn,
+            &unavailable(None),
+            Some(&current),
+            previous,
+            at(3_500),
+            "k",
+        );
+        let said = verdict(&synced);
+        assert!(said.ready);
+        assert_eq!(said.reason, Reason::ProviderUnavailable);
+        assert!(said.message.contains("Attempt 3 failed"), "{said:?}");
+        let token_status = synced.report.token.as_ref().unwrap();
+        assert_eq!(token_status.failed_refresh_attempts, 3);
+        assert_eq!(token_status.last_failure_time, Some(at(3_500)));
+        let retry = token_status.next_refresh_time.expect("a retry time");
+        let wait = retry.duration_since(at(3_500)).as_secs();
+        assert!(
+            (21..=23).contains(&wait),
+            "the third backoff is 20 s: {wait}"
+        );
+        assert_eq!(synced.next, Next::At(retry));
+        assert_eq!(synced.notes, [Note::of_error(&unavailable(None))]);
+    }
+
+    #[test]
+    fn a_retry_after_longer_than_the_backoff_is_honoured() {
+        let (conn, _) = connection(&[]);
+        let current = token(1_000, 3_600, None);
+        let synced = failed(
+            &conn,
+            &unavailable(Some(60)),
+            Some(&current),
+            TokenStatus::default(),
+            at(3_500),
+            "k",
+        );
+        let retry = synced.report.token.unwrap().next_refresh_time.unwrap();
+        assert!(retry >= at(3_560), "{retry}");
+    }
+
+    #[test]
+    fn once_the_token_expired_the_failure_is_access_token_expired() {
+        let (conn, _) = connection(&[]);
+        let current = token(1_000, 3_600, None);
+        let synced = failed(
+            &conn,
+            &unavailable(None),
+            Some(&current),
+            TokenStatus::default(),
+            at(4_600),
+            "k",
+        );
+        let said = verdict(&synced);
+        assert!(!said.ready);
+        assert_eq!(said.reason, Reason::AccessTokenExpired);
+        assert!(said.message.contains("expired at"), "{said:?}");
+    }
+
+    #[test]
+    fn a_permanent_failure_waits_for_a_change_and_sets_no_retry_time() {
+        let (conn, oauth) = connection(&[]);
+        let error = Error::InvalidGrant {
+            detail: String::new(),
+            fix: reauthorize_fix(&conn, &oauth),
+        };
+        let current = token(1_000, 3_600, None);
+        let synced = failed(
+            &conn,
+            &error,
+            Some(&current),
+            TokenStatus::default(),
+            at(2_000),
+            "k",
+        );
+        assert_eq!(synced.next, Next::AwaitChange);
+        let said = verdict(&synced);
+        assert_eq!(said.reason, Reason::InvalidGrant);
+        assert!(said.rejection.is_some());
+        assert!(
+            said.message
+                .contains("kubectl create secret generic crm-grant -n data")
+        );
+        let token_status = synced.report.token.unwrap();
+        assert_eq!(token_status.next_refresh_time, None);
+        assert_eq!(token_status.failed_refresh_attempts, 1);
+    }
+
+    #[test]
+    fn a_token_issued_is_told_when_the_connection_was_not_ready() {
+        let (mut conn, oauth) = connection(&[]);
+        let lifetime = SignedDuration::from_hours(1);
+        let refreshed = |reason| Refreshed {
+            record: token(1_000, 3_600, None),
+            due: at(3_400),
+            reason,
+            rejected: None,
+        };
+        let first = after_refresh(
+            &conn,
+            &oauth,
+            lifetime,
+            refreshed(RefreshReason::FirstToken),
+            TokenStatus::default(),
+            at(1_000),
+            "k",
+        );
+        assert_eq!(first.notes.len(), 1);
+        assert_eq!(first.notes[0].reason, Reason::TokenIssued);
+
+        let desired = crate::decide::status::desired_status(&conn, &first.report, at(1_000));
+        conn.status = Some(desired);
+        let routine = after_refresh(
+            &conn,
+            &oauth,
+            lifetime,
+            refreshed(RefreshReason::Due),
+            TokenStatus::default(),
+            at(3_400),
+            "k",
+        );
+        assert!(routine.notes.is_empty(), "a routine refresh says nothing");
+        let rejected = after_refresh(
+            &conn,
+            &oauth,
+            lifetime,
+            Refreshed {
+                rejected: Some(Error::AccessTokenRejected {
+                    url: "https://api/me".into(),
+                    detail: String::new(),
+                }),
+                ..refreshed(RefreshReason::Due)
+            },
+            TokenStatus::default(),
+            at(3_400),
+            "k",
+        );
+        assert_eq!(verdict(&rejected).reason, Reason::AccessTokenExpired);
+        assert!(!verdict(&rejected).ready);
+        assert!(matches!(rejected.next, Next::At(_)), "retried with backoff");
+    }
+
+    #[test]
+    fn next_is_counted_from_the_end_of_the_reconcile() {
+        assert_eq!(
+            Next::At(at(100)).delay(at(90)),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(Next::At(at(100)).delay(at(110)), Some(Duration::ZERO));
+        assert_eq!(Next::AwaitChange.delay(at(0)), None);
+    }
+}

@@ -18,7 +18,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use jiff::{SignedDuration, Timestamp};
+use jiff::SignedDuration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
@@ -29,12 +29,13 @@ use tracing::{info, warn};
 use crate::api::{OAuth2Auth, SourceConnection};
 use crate::decide::classify::missing_scopes;
 use crate::decide::secrets::{check_state_ownership, client_credentials};
-use crate::oauth::client;
+use crate::oauth::client::{self, CodeExchange};
 use crate::oauth::state_secret::{
     CallbackRefusal, GrantState, PendingAuthorization, check_callback, clear_pending,
     consented_grant,
 };
 use crate::oauth::token::TokenFailure;
+use crate::time::Clock;
 use crate::write::secret::store_state_secret;
 
 /// What the authorization endpoints need: the API, the token endpoints'
@@ -47,6 +48,7 @@ pub struct Flow {
     pub callback_url: String,
     /// How long a started authorization may take.
     pub state_ttl: Duration,
+    pub clock: Clock,
 }
 
 pub fn router(flow: Flow) -> Router {
@@ -132,7 +134,7 @@ async fn begin(flow: &Flow, namespace: &str, name: &str) -> Result<String, PageE
         )
     })?;
 
-    let expires = Timestamp::now()
+    let expires = flow.clock.now()
         + SignedDuration::try_from(flow.state_ttl).unwrap_or(SignedDuration::from_mins(10));
     let existing = secrets
         .get_opt(&conn.state_secret_name())
@@ -195,7 +197,7 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
         .unwrap_or_default();
     let mut cleared = data.clone();
     clear_pending(&mut cleared);
-    let pending = match check_callback(&data, state, conn.uid().as_deref(), Timestamp::now()) {
+    let pending = match check_callback(&data, state, conn.uid().as_deref(), flow.clock.now()) {
         Ok(pending) => pending,
         Err(refusal) => {
             if refusal == CallbackRefusal::Expired {
@@ -215,13 +217,15 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
     let (client_id, client_secret) = read_client_credentials(&secrets, oauth).await?;
     let exchange = client::exchange_code(
         &flow.http,
-        &oauth.token_url,
-        &client_id,
-        &client_secret,
-        oauth.client.auth_method,
-        &flow.callback_url,
-        code,
-        &pending.pkce_verifier,
+        CodeExchange {
+            token_url: &oauth.token_url,
+            client_id: &client_id,
+            client_secret: &client_secret,
+            auth_method: oauth.client.auth_method,
+            redirect_url: &flow.callback_url,
+            code,
+            pkce_verifier: &pending.pkce_verifier,
+        },
     );
     let issued = exchange.await.map_err(|failure| {
         warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
@@ -232,7 +236,7 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
         return Err(no_refresh_token());
     };
     let previous = GrantState::from_data(&data, &oauth.response_fields);
-    let now = Timestamp::now();
+    let now = flow.clock.now();
     let consented = consented_grant(oauth, &issued, refresh_token, &client_id, previous, now)
         .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     // Single use: this write fails if another callback or writer got there

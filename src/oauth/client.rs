@@ -218,36 +218,46 @@ pub fn authorization_start(
     })
 }
 
+/// An authorization code to exchange (RFC 6749 section 4.1.3), with the
+/// PKCE verifier of the authorization it answers.
+pub struct CodeExchange<'a> {
+    pub token_url: &'a str,
+    pub client_id: &'a str,
+    pub client_secret: &'a str,
+    pub auth_method: ClientAuthMethod,
+    /// The redirect URI the authorization was started with.
+    pub redirect_url: &'a str,
+    pub code: &'a str,
+    pub pkce_verifier: &'a str,
+}
+
 /// Exchanges an authorization code for tokens, proving PKCE.
-#[allow(clippy::too_many_arguments)]
 pub async fn exchange_code(
     http: &reqwest::Client,
-    token_url: &str,
-    client_id: &str,
-    client_secret: &str,
-    auth_method: ClientAuthMethod,
-    redirect_url: &str,
-    code: &str,
-    pkce_verifier: &str,
+    exchange: CodeExchange<'_>,
 ) -> Result<IssuedToken, TokenFailure> {
-    let token_url = TokenUrl::new(token_url.to_owned()).map_err(|e| TokenFailure::Transport {
-        detail: format!("invalid token URL: {e}"),
-    })?;
-    let redirect =
-        oauth2::RedirectUrl::new(redirect_url.to_owned()).map_err(|e| TokenFailure::Transport {
-            detail: format!("invalid redirect URL: {e}"),
+    let token_url =
+        TokenUrl::new(exchange.token_url.to_owned()).map_err(|e| TokenFailure::Transport {
+            detail: format!("invalid token URL: {e}"),
         })?;
-    let client: OAuthClient = oauth2::Client::new(ClientId::new(client_id.to_owned()))
-        .set_client_secret(ClientSecret::new(client_secret.to_owned()))
+    let redirect = oauth2::RedirectUrl::new(exchange.redirect_url.to_owned()).map_err(|e| {
+        TokenFailure::Transport {
+            detail: format!("invalid redirect URL: {e}"),
+        }
+    })?;
+    let client: OAuthClient = oauth2::Client::new(ClientId::new(exchange.client_id.to_owned()))
+        .set_client_secret(ClientSecret::new(exchange.client_secret.to_owned()))
         .set_token_uri(token_url)
-        .set_auth_type(match auth_method {
+        .set_auth_type(match exchange.auth_method {
             ClientAuthMethod::ClientSecretBasic => AuthType::BasicAuth,
             ClientAuthMethod::ClientSecretPost => AuthType::RequestBody,
         });
     let send = ProviderHttp(http.clone());
     let result = client
-        .exchange_code(oauth2::AuthorizationCode::new(code.to_owned()))
-        .set_pkce_verifier(oauth2::PkceCodeVerifier::new(pkce_verifier.to_owned()))
+        .exchange_code(oauth2::AuthorizationCode::new(exchange.code.to_owned()))
+        .set_pkce_verifier(oauth2::PkceCodeVerifier::new(
+            exchange.pkce_verifier.to_owned(),
+        ))
         .set_redirect_uri(std::borrow::Cow::Owned(redirect))
         .request_async(&send)
         .await;

@@ -15,6 +15,7 @@ use crate::runtime::secret_cache::SecretCache;
 use crate::runtime::throttle::HostThrottle;
 use crate::runtime::wakeups::SecretTriggers;
 use crate::runtime::wire::CachedConnection;
+use crate::time::Clock;
 use crate::write::events::EventPublisher;
 use crate::write::status::StatusWriter;
 
@@ -40,6 +41,7 @@ pub struct Context {
     pub sealing_key: SealingKey,
     pub events: EventPublisher,
     pub status: Arc<StatusWriter>,
+    pub clock: Clock,
 }
 
 /// What `Context::new` is made of.
@@ -52,6 +54,7 @@ pub struct ContextParts {
     pub throttle: HostThrottle,
     pub sealing_key: SealingKey,
     pub events: EventPublisher,
+    pub clock: Clock,
 }
 
 impl Context {
@@ -69,6 +72,7 @@ impl Context {
             secrets: Arc::default(),
             sealing_key: parts.sealing_key,
             events: parts.events,
+            clock: parts.clock,
         }
     }
 

@@ -38,7 +38,7 @@ pub async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Opti
     };
     ctx.metrics.observe_reconcile(started.elapsed());
     match result {
-        Ok(next) => next.delay(Timestamp::now()),
+        Ok(next) => next.delay(ctx.clock.now()),
         Err(error) => {
             ctx.metrics.reconcile_error(error.reason());
             let failures = ctx.record_transient_failure(&*cached);
@@ -50,7 +50,7 @@ pub async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Opti
 }
 
 async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, Error> {
-    let now = Timestamp::now();
+    let now = ctx.clock.now();
     if conn.metadata.deletion_timestamp.is_some() {
         let (next, notes) = revocation::finalize(conn, ctx, now).await?;
         ctx.events.publish_all(conn, &notes).await;

@@ -1,7 +1,7 @@
 //! The key of the operator's per-object maps: `namespace/name` in one
-//! allocation rather than two Strings (at ten thousand connections the
-//! second String of every key cost megabytes). Neither part of a
-//! Kubernetes object's name contains a slash, so the key splits back.
+//! allocation rather than two Strings, which at scale is megabytes.
+//! Neither part of a Kubernetes object's name contains a slash, so the key
+//! splits back.
 
 use kube::Resource;
 

@@ -4,9 +4,8 @@
 //! the queue holds one entry per connection for as long as the operator
 //! runs. kube-runtime's controller keeps each planned reconcile as a
 //! request carrying the connection's reference (four Strings), twice: in a
-//! map and in a delay queue. At ten thousand connections that was about
-//! 5.6 MB of the operator's 49 MB heap (heaptrack, benches/scale). This
-//! queue keeps one shared key and one time per connection.
+//! map and in a delay queue, a tenth of the heap at scale (benches/README.md).
+//! This queue keeps one shared key and one time per connection.
 //!
 //! It keeps kube-runtime's rules: a connection has one due time, the
 //! earliest asked for; it is never reconciled twice at once, and one that

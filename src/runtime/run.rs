@@ -30,6 +30,7 @@ use crate::runtime::throttle::{self, EventBudget, HostThrottle};
 use crate::runtime::wakeups::ConnectionWakes;
 use crate::runtime::wire::{CachedConnection, SecretMeta};
 use crate::server::{self, Health};
+use crate::time::Clock;
 use crate::write::events::EventPublisher;
 
 pub struct Settings {
@@ -128,6 +129,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             settings.event_budget,
             metrics.events_dropped.clone(),
         ),
+        clock: Clock::system(),
     }));
     if let Some(authorization) = &settings.authorization {
         let flow = authorize::Flow {
@@ -135,6 +137,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             http,
             callback_url: format!("{}/callback", external_url.as_deref().unwrap_or_default()),
             state_ttl: authorization.state_ttl,
+            clock: Clock::system(),
         };
         let address = authorization.bind_address;
         tokio::spawn(async move {
@@ -326,10 +329,9 @@ async fn run_controllers(
 }
 
 /// Lists served from the API server's watch cache, as client-go's
-/// informers do: a consistent list is read from etcd page by page, and at
-/// ten thousand connections the first list of SourceConnections alone cost
-/// the API server about six CPU-seconds, during the cold start. The watch
-/// that follows brings everything newer than the cached list.
+/// informers do: a consistent list is read from etcd page by page, which
+/// costs the API server seconds of CPU at scale during the cold start. The
+/// watch that follows brings everything newer than the cached list.
 fn watch_config() -> watcher::Config {
     watcher::Config::default().any_semantic()
 }

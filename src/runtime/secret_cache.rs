@@ -38,8 +38,8 @@ pub struct SecretCache {
     /// version.
     relisting: Mutex<HashMap<Scope, Relisting<Box<str>>>>,
     /// Every Secret the watches have seen, and every Secret kept. One map
-    /// rather than one for versions and one for contents: at ten thousand
-    /// connections the second copy of each key cost about 5 MiB.
+    /// rather than one for versions and one for contents, so that each key
+    /// is kept once.
     secrets: Mutex<HashMap<Key, Known>>,
 }
 
@@ -66,8 +66,8 @@ impl Known {
 struct Entry {
     version: Box<str>,
     /// The slimmed Secret as JSON (`Kept`): one allocation instead of a
-    /// hundred small ones. A target Secret took about 6 KiB decoded and
-    /// takes about 1 KiB so; decoding it again costs about 10 µs per read.
+    /// hundred small ones, a sixth of the decoded size, for a decode per
+    /// read.
     json: Box<[u8]>,
     /// tokenkeeper wrote this version itself.
     own: bool,
@@ -307,11 +307,10 @@ impl SecretCache {
     }
 
     /// Reads a version the watch already brought: the API server answers
-    /// from its watch cache, for 0.4–0.8 ms of control-plane CPU against
-    /// 1.0–1.3 ms from etcd (kube-apiserver 1.20, two runs of
-    /// tests/bench/api-cost.sh); a cold
-    /// start makes one such read per connection. A server whose cache lags
-    /// too far behind answers 504; etcd answers then.
+    /// from its watch cache, for about half the control-plane CPU of a read
+    /// from etcd (tests/bench/api-cost.sh), and a cold start makes one such
+    /// read per connection. A server whose cache lags too far behind
+    /// answers 504; etcd answers then.
     async fn read_at(
         &self,
         secrets: &Api<Secret>,

@@ -139,10 +139,8 @@ fn reserve(next_start: &Mutex<Option<Instant>>, now: Instant, limits: &Limits) -
 /// the due-time grid instead of one per `1 / per_second`: during a wave of
 /// refreshes at the limit the operator then wakes once per tick for a
 /// dozen or more requests, whose replies and Secret writes also travel
-/// together. At 10,000 connections this halved the operator's CPU per
-/// refresh (0.47 → 0.23 s per 1,000) and cut the control plane's, for at
-/// most one tick of delay; no request starts before its place in the
-/// rate schedule.
+/// together (benches/README.md), for at most one tick of delay; no request
+/// starts before its place in the rate schedule.
 const RELEASE_TICK: Duration = Duration::from_millis(DUE_TIME_GRID.as_millis() as u64);
 
 /// When a request asking at `now` may start: at once within the burst,
@@ -204,8 +202,8 @@ impl Spacing {
 /// How many Normal events may be published: `burst` at once, then
 /// `per_second`, across all connections, as the kubelet's `--event-qps`
 /// and `--event-burst` do. A Normal event says what the Ready condition
-/// already says; when ten thousand connections become Ready together,
-/// ten thousand events would be a third of the API server's work and a
+/// already says; when thousands of connections become Ready together,
+/// an event each would be a large part of the API server's work and a
 /// flood no one reads. Warnings ask a person to act and are never held
 /// back.
 pub struct EventBudget {
@@ -355,7 +353,10 @@ mod tests {
             &throttle.gate("https://a.example:8443/token")
         ));
         // The key the metrics label requests with: one provider host.
-        assert!(Arc::ptr_eq(&token, &throttle.gate("http://a.example/token")));
+        assert!(Arc::ptr_eq(
+            &token,
+            &throttle.gate("http://a.example/token")
+        ));
         assert_eq!(host_key("https://a.example:443/token"), "a.example");
         assert_eq!(host_key("https://a.example:8443/token"), "a.example:8443");
     }

@@ -41,10 +41,10 @@ pub async fn apply_if_changed(
         // The server refuses the Secret for what the user wrote into
         // spec.target (an invalid label, say): a spec problem, not an outage.
         Err(kube::Error::Api(status)) if status.code == 422 => {
-            return Err(Error::InvalidSpec(format!(
-                "the API server refused the target Secret {name}: {}. Fix spec.target.",
-                status.message
-            )));
+            return Err(Error::TargetSecretRefused {
+                name,
+                message: status.message,
+            });
         }
         Err(error) => return Err(error.into()),
     };
