@@ -815,3 +815,133 @@ fn a_shared_grant_can_opt_out_of_revocation() {
         "a shared grant stays alive"
     );
 }
+
+fn shape_answers(server: &OAuthServer, shape: &str, times: Option<u64>) {
+    let mut body = json!({ "shape": shape });
+    if let Some(times) = times {
+        body["times"] = json!(times);
+    }
+    server.control("answer-shape", body);
+}
+
+fn ready_message(ns: &TestNamespace, name: &str) -> String {
+    ns.condition(name, "Ready", "message")
+}
+
+#[test]
+fn odd_but_clear_answers_are_read_and_said() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
+    let ns = TestNamespace::new("oauth-odd");
+    let _operator = Operator::start(&ns);
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    shape_answers(&server, "azure-v1", None);
+    let first = server.mint_refresh_token("crm.read");
+    user_refresh_token(&ns, &first);
+    ns.apply_ok(&refresh_token_grant("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let said = ready_message(&ns, "crm");
+    assert!(said.contains("expires_in was a string"), "{said}");
+    let tokens = sample_freshness(&ns, "crm-credentials", Duration::from_secs(8));
+    assert!(tokens.len() >= 2, "refreshed: {} tokens", tokens.len());
+
+    shape_answers(&server, "linkedin", None);
+    wait_for(
+        "an answer without token_type to be read",
+        Duration::from_secs(20),
+        || {
+            let said = ready_message(&ns, "crm");
+            said.contains("token_type was absent")
+                .then_some(())
+                .ok_or(said)
+        },
+    );
+    assert_eq!(
+        ns.secret_value("crm-credentials", "token_type").as_deref(),
+        Some("Bearer")
+    );
+    let stats = server.stats();
+    assert_eq!(stats["refreshTokenReuse"], 0, "{stats}");
+    assert_eq!(stats["errors"], json!({}), "{stats}");
+}
+
+#[test]
+fn a_rotated_refresh_token_in_an_unusable_answer_is_kept() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
+    let ns = TestNamespace::new("oauth-unusable");
+    let _operator = Operator::start(&ns);
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    let first = server.mint_refresh_token("crm.read");
+    user_refresh_token(&ns, &first);
+    ns.apply_ok(&refresh_token_grant("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let before = stored_refresh_token_is_live(&ns, &server);
+
+    // The provider rotates the refresh token and answers without an access
+    // token, once; the next answers are whole again.
+    shape_answers(&server, "no-access-token", Some(1));
+    wait_for(
+        "the unusable answer to be sent",
+        Duration::from_secs(20),
+        || {
+            let stats = server.stats();
+            (stats["shapedAnswers"].as_u64() == Some(1))
+                .then_some(())
+                .ok_or(stats.to_string())
+        },
+    );
+    assert!(!server.is_active(&before), "the provider rotated it");
+    // The retry after the backoff uses the rotated refresh token.
+    let requests = token_requests(&server);
+    wait_for(
+        "a token issued after the unusable answer",
+        Duration::from_secs(40),
+        || {
+            let done = token_requests(&server) > requests
+                && ns.condition("crm", "Ready", "reason") == "SecretSynced";
+            done.then_some(()).ok_or(ready_message(&ns, "crm"))
+        },
+    );
+    let stats = server.stats();
+    assert_eq!(
+        stats["refreshTokenReuse"], 0,
+        "the rotated refresh token was lost and the old one reused: {stats}"
+    );
+    assert_eq!(stats["errors"], json!({}), "{stats}");
+    let after = stored_refresh_token_is_live(&ns, &server);
+    assert_ne!(after, before);
+}
+
+#[test]
+fn lifetimes_out_of_range_are_clamped_or_defaulted_and_said() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("oauth-lifetimes");
+    let _operator = Operator::start(&ns);
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    shape_answers(&server, "huge-lifetime", None);
+    ns.apply_ok(&client_credentials("crm", &server, ""));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let said = ready_message(&ns, "crm");
+    assert!(said.contains("clamped to one year"), "{said}");
+    let expires = timestamp(&ns.secret_value("crm-credentials", "expires_at").unwrap());
+    let year_ahead = Timestamp::now() + jiff::SignedDuration::from_hours(366 * 24);
+    assert!(expires < year_ahead, "{expires}");
+
+    // expires_in 0: the configured default lifetime, not a refresh loop.
+    shape_answers(&server, "zero-lifetime", None);
+    ns.apply_ok(&client_credentials(
+        "zero",
+        &server,
+        "    defaultTokenLifetime: 2h\n",
+    ));
+    ns.wait_ready("zero", "True", "SecretSynced", READY);
+    let said = ready_message(&ns, "zero");
+    assert!(said.contains("read as not given"), "{said}");
+    assert!(said.contains("assumes 2h"), "{said}");
+    let issued = timestamp(&ns.jsonpath(
+        "secret",
+        "zero-credentials",
+        "{.metadata.annotations.tokenkeeper\\.dev/issued-at}",
+    ));
+    let expires = timestamp(&ns.secret_value("zero-credentials", "expires_at").unwrap());
+    assert_eq!(expires.duration_since(issued).as_secs(), 7200);
+}

@@ -105,10 +105,7 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
             unavailable(detail, *retry_after)
         }
         TokenFailure::Transport { detail } => unavailable(detail.clone(), None),
-        TokenFailure::Malformed => unavailable(
-            "the answer is JSON but not a token response".to_owned(),
-            None,
-        ),
+        TokenFailure::Malformed { what, .. } => unavailable(format!("it answered {what}"), None),
     }
 }
 
@@ -254,7 +251,13 @@ mod tests {
                 },
                 "ProviderUnavailable",
             ),
-            (TokenFailure::Malformed, "ProviderUnavailable"),
+            (
+                TokenFailure::Malformed {
+                    what: "an answer without an access_token".into(),
+                    refresh_token: None,
+                },
+                "ProviderUnavailable",
+            ),
         ];
         for (failure, reason) in cases {
             assert_eq!(classify(&failure, &ctx).reason(), reason, "{failure:?}");

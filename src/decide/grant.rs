@@ -234,6 +234,7 @@ mod tests {
             fields: BTreeMap::new(),
             request_hash: "h".into(),
             verification_denied: None,
+            oddities: None,
         }
     }
 
@@ -426,7 +427,9 @@ mod tests {
             expires_in: Some(Duration::from_secs(60)),
             refresh_token: Some("rt-2".into()),
             scope: None,
-            extra: BTreeMap::new(),
+            extra: serde_json::Map::new(),
+            refresh_token_expires_in: None,
+            oddities: Vec::new(),
         };
         let rotated = next_grant(Some(&previous), &issued, "rt-1".into(), None, issued_at);
         assert_eq!(rotated.refresh_token, "rt-2");
@@ -447,9 +450,7 @@ mod tests {
         );
         assert_eq!(kept.imported_hash.as_deref(), Some("h"));
 
-        issued
-            .extra
-            .insert("refresh_token_expires_in".into(), serde_json::json!(600));
+        issued.refresh_token_expires_in = Some(Duration::from_secs(600));
         let told = next_grant(Some(&previous), &issued, "rt-1".into(), None, issued_at);
         assert_eq!(told.refresh_token_expires_at.unwrap().as_second(), 1_600);
     }

@@ -113,6 +113,11 @@ pub fn healthy(
             humanize(default_lifetime)
         ));
     }
+    if let Some(oddities) = &record.oddities {
+        message.push_str(&format!(
+            " The provider's answer was odd but clear, and read so: {oddities}."
+        ));
+    }
     let granted = record.granted_scopes();
     let missing = missing_scopes(
         &oauth.required_scopes,
@@ -382,6 +387,7 @@ mod tests {
             fields: BTreeMap::new(),
             request_hash: "h".into(),
             verification_denied: None,
+            oddities: None,
         }
     }
 

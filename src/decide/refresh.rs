@@ -260,6 +260,7 @@ mod tests {
             fields: BTreeMap::new(),
             request_hash: String::new(),
             verification_denied: None,
+            oddities: None,
         }
     }
 

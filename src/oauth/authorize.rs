@@ -384,6 +384,6 @@ fn describe(failure: &TokenFailure) -> String {
         },
         TokenFailure::Http { status, .. } => format!("HTTP {status}"),
         TokenFailure::Transport { detail } => detail.clone(),
-        TokenFailure::Malformed => "an answer that is not a token response".into(),
+        TokenFailure::Malformed { what, .. } => what.clone(),
     }
 }

@@ -1,64 +1,26 @@
-//! Token requests to the provider, through the `oauth2` crate over reqwest.
-//!
-//! The `oauth2` crate drops the HTTP status and headers of answers it
-//! cannot parse, so the HTTP layer handed to it turns 5xx, 429 and non-JSON
-//! answers into errors that keep them (Retry-After in particular); OAuth
-//! error responses pass through for the crate to parse.
+//! Requests to the provider's endpoints: tokens (refresh, client
+//! credentials, authorization code with PKCE), revocation (RFC 7009) and
+//! verification. Form POSTs over reqwest, with the client authenticated as
+//! `spec.oauth2.client.authMethod` says; answers are read up to
+//! `MAX_ANSWER_BYTES` and parsed leniently (`oauth::response`). The
+//! `oauth2` crate builds the consent URL and the PKCE pair.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
-use oauth2::basic::{
-    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
-    BasicTokenType,
-};
-use oauth2::{
-    AsyncHttpClient, AuthType, ClientId, ClientSecret, EndpointNotSet, EndpointSet,
-    ExtraTokenFields, HttpRequest, HttpResponse, RefreshToken, RequestTokenError, Scope,
-    StandardRevocableToken, StandardTokenResponse, TokenResponse as _, TokenUrl,
-};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use oauth2::{ClientId, Scope};
 
 use crate::api::ClientAuthMethod;
 use crate::decide::classify::{self, VerificationAnswer};
+use crate::oauth::response::{parse_error, parse_success};
 use crate::oauth::token::{IssuedToken, TokenFailure};
 
 /// Timeout of one token request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Every field of the token response that RFC 6749 does not name.
-#[derive(Clone, Deserialize, Serialize)]
-pub struct ExtraFields {
-    #[serde(flatten)]
-    pub fields: BTreeMap<String, Value>,
-}
-
-impl fmt::Debug for ExtraFields {
-    // Extra fields may hold an id_token or other credentials.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.fields.keys()).finish()
-    }
-}
-
-impl ExtraTokenFields for ExtraFields {}
-
-type ProviderTokenResponse = StandardTokenResponse<ExtraFields, BasicTokenType>;
-type OAuthClient = oauth2::Client<
-    BasicErrorResponse,
-    ProviderTokenResponse,
-    BasicTokenIntrospectionResponse,
-    StandardRevocableToken,
-    BasicRevocationErrorResponse,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointSet,
->;
+/// The largest answer read from a provider; a larger one is refused unread
+/// past this, so that no provider can make the operator buffer without end.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
 pub enum Grant<'a> {
     RefreshToken(&'a str),
@@ -75,107 +37,39 @@ pub struct TokenRequest<'a> {
     pub grant: Grant<'a>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum HttpError {
-    #[error("{0}")]
-    Transport(String),
-    #[error("HTTP {status}")]
-    NotOAuth {
-        status: u16,
-        retry_after: Option<Duration>,
-        content_type: Option<String>,
-    },
-    #[error("invalid request: {0}")]
-    Build(String),
-}
-
 /// Requests a token. Never logs or returns token values in errors.
 pub async fn request_token(
     http: &reqwest::Client,
     request: TokenRequest<'_>,
 ) -> Result<IssuedToken, TokenFailure> {
-    let token_url =
-        TokenUrl::new(request.token_url.to_owned()).map_err(|e| TokenFailure::Transport {
-            detail: format!("invalid token URL: {e}"),
-        })?;
-    let client: OAuthClient = oauth2::Client::new(ClientId::new(request.client_id.to_owned()))
-        .set_client_secret(ClientSecret::new(request.client_secret.to_owned()))
-        .set_token_uri(token_url)
-        .set_auth_type(match request.auth_method {
-            ClientAuthMethod::ClientSecretBasic => AuthType::BasicAuth,
-            ClientAuthMethod::ClientSecretPost => AuthType::RequestBody,
-        });
-    let send = ProviderHttp(http.clone());
-
-    let result = match request.grant {
-        Grant::RefreshToken(refresh_token) => {
-            let refresh_token = RefreshToken::new(refresh_token.to_owned());
-            // No scope parameter: a refresh keeps what the grant holds
-            // (RFC 6749 section 6); asking for more is refused.
-            let mut exchange = client.exchange_refresh_token(&refresh_token);
-            for (name, value) in request.extra_params {
-                exchange = exchange.add_extra_param(name.clone(), value.clone());
-            }
-            exchange.request_async(&send).await
-        }
+    let scopes = request.scopes.join(" ");
+    let mut form: Vec<(&str, &str)> = match request.grant {
+        // No scope parameter: a refresh keeps what the grant holds (RFC 6749
+        // section 6); asking for more is refused.
+        Grant::RefreshToken(refresh_token) => vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ],
         Grant::ClientCredentials => {
-            let mut exchange = client
-                .exchange_client_credentials()
-                .add_scopes(request.scopes.iter().cloned().map(Scope::new));
-            for (name, value) in request.extra_params {
-                exchange = exchange.add_extra_param(name.clone(), value.clone());
+            let mut form = vec![("grant_type", "client_credentials")];
+            if !scopes.is_empty() {
+                form.push(("scope", &scopes));
             }
-            exchange.request_async(&send).await
+            form
         }
     };
-
-    issued(result)
-}
-
-fn issued(
-    result: Result<ProviderTokenResponse, RequestTokenError<HttpError, BasicErrorResponse>>,
-) -> Result<IssuedToken, TokenFailure> {
-    match result {
-        Ok(response) => Ok(IssuedToken {
-            access_token: response.access_token().secret().clone(),
-            token_type: match response.token_type() {
-                BasicTokenType::Bearer => "Bearer".to_owned(),
-                BasicTokenType::Mac => "mac".to_owned(),
-                BasicTokenType::Extension(other) => other.clone(),
-            },
-            expires_in: response.expires_in(),
-            refresh_token: response.refresh_token().map(|t| t.secret().clone()),
-            scope: response.scopes().map(|scopes| {
-                scopes
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            }),
-            extra: response.extra_fields().fields.clone(),
-        }),
-        Err(RequestTokenError::ServerResponse(error)) => Err(TokenFailure::OAuth {
-            status: 400,
-            code: error.error().as_ref().to_owned(),
-            description: error.error_description().cloned(),
-        }),
-        Err(RequestTokenError::Request(HttpError::NotOAuth {
-            status,
-            retry_after,
-            content_type,
-        })) => Err(TokenFailure::Http {
-            status,
-            retry_after,
-            content_type,
-        }),
-        Err(RequestTokenError::Request(error)) => Err(TokenFailure::Transport {
-            detail: error.to_string(),
-        }),
-        // The body may hold tokens: it is dropped, never shown.
-        Err(RequestTokenError::Parse(_, _)) | Err(RequestTokenError::Other(_)) => {
-            Err(TokenFailure::Malformed)
-        }
-    }
+    form.extend(
+        request
+            .extra_params
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str())),
+    );
+    let client = ClientAuth {
+        id: request.client_id,
+        secret: request.client_secret,
+        method: request.auth_method,
+    };
+    post_for_token(http, request.token_url, &client, form).await
 }
 
 /// What starts an authorization-code flow: the provider's consent URL and
@@ -236,56 +130,96 @@ pub async fn exchange_code(
     http: &reqwest::Client,
     exchange: CodeExchange<'_>,
 ) -> Result<IssuedToken, TokenFailure> {
-    let token_url =
-        TokenUrl::new(exchange.token_url.to_owned()).map_err(|e| TokenFailure::Transport {
-            detail: format!("invalid token URL: {e}"),
-        })?;
-    let redirect = oauth2::RedirectUrl::new(exchange.redirect_url.to_owned()).map_err(|e| {
-        TokenFailure::Transport {
-            detail: format!("invalid redirect URL: {e}"),
-        }
-    })?;
-    let client: OAuthClient = oauth2::Client::new(ClientId::new(exchange.client_id.to_owned()))
-        .set_client_secret(ClientSecret::new(exchange.client_secret.to_owned()))
-        .set_token_uri(token_url)
-        .set_auth_type(match exchange.auth_method {
-            ClientAuthMethod::ClientSecretBasic => AuthType::BasicAuth,
-            ClientAuthMethod::ClientSecretPost => AuthType::RequestBody,
-        });
-    let send = ProviderHttp(http.clone());
-    let result = client
-        .exchange_code(oauth2::AuthorizationCode::new(exchange.code.to_owned()))
-        .set_pkce_verifier(oauth2::PkceCodeVerifier::new(
-            exchange.pkce_verifier.to_owned(),
-        ))
-        .set_redirect_uri(std::borrow::Cow::Owned(redirect))
-        .request_async(&send)
-        .await;
-    issued(result)
+    let form = vec![
+        ("grant_type", "authorization_code"),
+        ("code", exchange.code),
+        ("redirect_uri", exchange.redirect_url),
+        ("code_verifier", exchange.pkce_verifier),
+    ];
+    let client = ClientAuth {
+        id: exchange.client_id,
+        secret: exchange.client_secret,
+        method: exchange.auth_method,
+    };
+    post_for_token(http, exchange.token_url, &client, form).await
 }
 
-/// The HTTP layer handed to `oauth2`. A named type with a boxed `Send`
-/// future, because a closure would make the whole reconcile future `Send`
-/// only for one lifetime, which the controller runtime cannot accept.
-struct ProviderHttp(reqwest::Client);
+/// The client's credentials and how the endpoint wants them.
+struct ClientAuth<'a> {
+    id: &'a str,
+    secret: &'a str,
+    method: ClientAuthMethod,
+}
 
-impl<'c> AsyncHttpClient<'c> for ProviderHttp {
-    type Error = HttpError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send + 'c>>;
-
-    fn call(&'c self, request: HttpRequest) -> Self::Future {
-        Box::pin(send(&self.0, request))
+impl ClientAuth<'_> {
+    /// A form POST to `url` with the client authenticated: HTTP Basic of the
+    /// form-encoded id and secret (RFC 6749 section 2.3.1), or both in the
+    /// form.
+    fn post<'f>(
+        &'f self,
+        http: &reqwest::Client,
+        url: &str,
+        mut form: Vec<(&'f str, &'f str)>,
+    ) -> reqwest::RequestBuilder {
+        let mut request = http
+            .post(url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        match self.method {
+            ClientAuthMethod::ClientSecretBasic => {
+                let encode = |text: &str| {
+                    url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>()
+                };
+                request = request.basic_auth(encode(self.id), Some(encode(self.secret)));
+            }
+            ClientAuthMethod::ClientSecretPost => {
+                form.push(("client_id", self.id));
+                form.push(("client_secret", self.secret));
+            }
+        }
+        request.form(&form)
     }
 }
 
-async fn send(http: &reqwest::Client, request: HttpRequest) -> Result<HttpResponse, HttpError> {
-    let request =
-        reqwest::Request::try_from(request).map_err(|e| HttpError::Build(e.to_string()))?;
-    let response = http
-        .execute(request)
-        .await
-        .map_err(|e| HttpError::Transport(transport_detail(&e)))?;
-    let status = response.status();
+/// Sends a token request and reads the answer: a token, an OAuth error, or
+/// an HTTP failure that keeps the status and `Retry-After`.
+async fn post_for_token(
+    http: &reqwest::Client,
+    token_url: &str,
+    client: &ClientAuth<'_>,
+    form: Vec<(&str, &str)>,
+) -> Result<IssuedToken, TokenFailure> {
+    let answer = send(client.post(http, token_url, form)).await?;
+    let content_type = answer.content_type.as_deref();
+    match answer.status {
+        200..=299 => parse_success(answer.status, &answer.body, content_type),
+        status if status >= 500 || status == 429 => Err(answer.http_failure()),
+        status => Err(parse_error(status, &answer.body, content_type)
+            .unwrap_or_else(|| answer.http_failure())),
+    }
+}
+
+/// What an endpoint answered, its body read up to `MAX_ANSWER_BYTES`.
+struct Answer {
+    status: u16,
+    retry_after: Option<Duration>,
+    content_type: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn http_failure(&self) -> TokenFailure {
+        TokenFailure::Http {
+            status: self.status,
+            retry_after: self.retry_after,
+            content_type: self.content_type.clone(),
+        }
+    }
+}
+
+async fn send(request: reqwest::RequestBuilder) -> Result<Answer, TokenFailure> {
+    let mut response = request.send().await.map_err(|e| TokenFailure::Transport {
+        detail: transport_detail(&e),
+    })?;
     let header = |name: reqwest::header::HeaderName| {
         response
             .headers()
@@ -293,28 +227,39 @@ async fn send(http: &reqwest::Client, request: HttpRequest) -> Result<HttpRespon
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
+    let retry_after = header(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     let content_type = header(reqwest::header::CONTENT_TYPE);
-    let is_json = content_type.as_deref().is_some_and(|t| t.contains("json"));
-    if status.is_server_error() || status.as_u16() == 429 || !is_json {
-        return Err(HttpError::NotOAuth {
-            status: status.as_u16(),
-            retry_after: header(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs),
-            content_type,
-        });
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|_| TokenFailure::Transport {
+                detail: "the answer was cut off".to_owned(),
+            })?;
+        let Some(chunk) = chunk else {
+            break;
+        };
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(TokenFailure::Malformed {
+                what: format!(
+                    "an answer larger than {} KiB, refused",
+                    MAX_ANSWER_BYTES / 1024
+                ),
+                refresh_token: None,
+            });
+        }
+        body.extend_from_slice(&chunk);
     }
-    let mut builder = http::Response::builder().status(status);
-    for (name, value) in response.headers() {
-        builder = builder.header(name, value);
-    }
-    let body = response
-        .bytes()
-        .await
-        .map_err(|_| HttpError::Transport("the answer was cut off".to_owned()))?;
-    builder
-        .body(body.to_vec())
-        .map_err(|e| HttpError::Build(e.to_string()))
+    Ok(Answer {
+        status,
+        retry_after,
+        content_type,
+        body,
+    })
 }
 
 pub enum Revocable<'a> {
@@ -322,12 +267,8 @@ pub enum Revocable<'a> {
     AccessToken(&'a str),
 }
 
-/// Revokes a token at the provider's revocation endpoint (RFC 7009).
-///
-/// Not through the `oauth2` crate: it refuses revocation endpoints that are
-/// not HTTPS, even on loopback, where local providers and the tests live.
-/// The request is the same: a form POST with the client authenticated as
-/// for token requests.
+/// Revokes a token at the provider's revocation endpoint (RFC 7009): a form
+/// POST with the client authenticated as for token requests.
 pub async fn revoke(
     http: &reqwest::Client,
     revocation_url: &str,
@@ -340,68 +281,20 @@ pub async fn revoke(
         Revocable::RefreshToken(t) => (t, "refresh_token"),
         Revocable::AccessToken(t) => (t, "access_token"),
     };
-    let mut form = vec![("token", token), ("token_type_hint", hint)];
-    let mut request = http.post(revocation_url);
-    match auth_method {
-        // RFC 6749 section 2.3.1: form-encode before Basic.
-        ClientAuthMethod::ClientSecretBasic => {
-            let encode = |text: &str| {
-                url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>()
-            };
-            request = request.basic_auth(encode(client_id), Some(encode(client_secret)));
-        }
-        ClientAuthMethod::ClientSecretPost => {
-            form.push(("client_id", client_id));
-            form.push(("client_secret", client_secret));
-        }
-    }
-    let response = request
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| TokenFailure::Transport {
-            detail: if e.is_timeout() {
-                "no answer".to_owned()
-            } else {
-                "connection failed".to_owned()
-            },
-        })?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body: Option<Value> = response
-        .bytes()
-        .await
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    match body.as_ref().and_then(|b| b["error"].as_str()) {
-        Some(code) if !status.is_server_error() && status.as_u16() != 429 => {
-            Err(TokenFailure::OAuth {
-                status: status.as_u16(),
-                code: code.to_owned(),
-                description: body
-                    .as_ref()
-                    .and_then(|b| b["error_description"].as_str())
-                    .map(str::to_owned),
-            })
-        }
-        _ => Err(TokenFailure::Http {
-            status: status.as_u16(),
-            retry_after,
-            content_type,
-        }),
+    let form = vec![("token", token), ("token_type_hint", hint)];
+    let client = ClientAuth {
+        id: client_id,
+        secret: client_secret,
+        method: auth_method,
+    };
+    let answer = send(client.post(http, revocation_url, form)).await?;
+    match answer.status {
+        200..=299 => Ok(()),
+        status if status >= 500 || status == 429 => Err(answer.http_failure()),
+        status => Err(
+            parse_error(status, &answer.body, answer.content_type.as_deref())
+                .unwrap_or_else(|| answer.http_failure()),
+        ),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod authorize;
 pub mod client;
+pub mod response;
 pub mod seal;
 pub mod state_secret;
 pub mod token;

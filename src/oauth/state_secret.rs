@@ -14,10 +14,11 @@ use crate::api::OAuth2Auth;
 use crate::decide::validate::oauth_settings;
 use crate::error::Error;
 use crate::oauth::token::{
-    ANNOTATION_ISSUED_AT, ANNOTATION_LIFETIME_ASSUMED, ANNOTATION_REQUEST_HASH,
-    ANNOTATION_VERIFICATION_DENIED, IssuedToken, KEY_IMPORTED_HASH, KEY_ISSUED_AT,
-    KEY_LIFETIME_ASSUMED, KEY_REFRESH_TOKEN, KEY_REFRESH_TOKEN_EXPIRES_AT, KEY_REQUEST_HASH,
-    KEY_VERIFICATION_DENIED, TokenRecord, fingerprint, get, put, request_fingerprint,
+    ANNOTATION_ISSUED_AT, ANNOTATION_LIFETIME_ASSUMED, ANNOTATION_ODDITIES,
+    ANNOTATION_REQUEST_HASH, ANNOTATION_VERIFICATION_DENIED, IssuedToken, KEY_IMPORTED_HASH,
+    KEY_ISSUED_AT, KEY_LIFETIME_ASSUMED, KEY_ODDITIES, KEY_REFRESH_TOKEN,
+    KEY_REFRESH_TOKEN_EXPIRES_AT, KEY_REQUEST_HASH, KEY_VERIFICATION_DENIED, TokenRecord,
+    fingerprint, get, put, request_fingerprint,
 };
 use crate::time::rfc3339;
 
@@ -85,6 +86,9 @@ impl GrantState {
             if let Some(denied) = &token.verification_denied {
                 put(&mut data, KEY_VERIFICATION_DENIED, denied);
             }
+            if let Some(oddities) = &token.oddities {
+                put(&mut data, KEY_ODDITIES, oddities);
+            }
         }
         data
     }
@@ -102,6 +106,9 @@ impl GrantState {
             }
             if let Some(denied) = get(data, KEY_VERIFICATION_DENIED) {
                 annotations.insert(ANNOTATION_VERIFICATION_DENIED.to_owned(), denied);
+            }
+            if let Some(oddities) = get(data, KEY_ODDITIES) {
+                annotations.insert(ANNOTATION_ODDITIES.to_owned(), oddities);
             }
             TokenRecord::from_target(data, &annotations, field_names)
         })();

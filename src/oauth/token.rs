@@ -14,7 +14,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use sha2::{Digest, Sha256};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::api::OAuth2Auth;
 use crate::time::rfc3339;
@@ -30,6 +30,7 @@ pub(crate) const KEY_REQUEST_HASH: &str = "token_request_sha256";
 pub(crate) const KEY_REFRESH_TOKEN_EXPIRES_AT: &str = "refresh_token_expires_at";
 pub(crate) const KEY_IMPORTED_HASH: &str = "imported_refresh_token_sha256";
 pub(crate) const KEY_VERIFICATION_DENIED: &str = "verification_denied";
+pub(crate) const KEY_ODDITIES: &str = "token_response_oddities";
 
 /// Annotations on the target Secret that let tokenkeeper continue after a
 /// restart without keeping anything but the token in the data pods see.
@@ -37,6 +38,8 @@ pub const ANNOTATION_ISSUED_AT: &str = "tokenkeeper.dev/issued-at";
 pub const ANNOTATION_LIFETIME_ASSUMED: &str = "tokenkeeper.dev/lifetime-assumed";
 pub const ANNOTATION_REQUEST_HASH: &str = "tokenkeeper.dev/token-request-sha256";
 pub const ANNOTATION_VERIFICATION_DENIED: &str = "tokenkeeper.dev/verification-denied";
+/// What was odd about the answer that issued the token (`oauth::response`).
+pub const ANNOTATION_ODDITIES: &str = "tokenkeeper.dev/token-response-oddities";
 /// When tokenkeeper plans to replace the token: for people and monitors,
 /// since the status does not change on routine refreshes.
 pub const ANNOTATION_NEXT_REFRESH_AT: &str = "tokenkeeper.dev/next-refresh-at";
@@ -45,29 +48,43 @@ pub const ANNOTATION_NEXT_REFRESH_AT: &str = "tokenkeeper.dev/next-refresh-at";
 pub const RESERVED_TARGET_KEYS: [&str; 4] =
     [KEY_ACCESS_TOKEN, KEY_TOKEN_TYPE, KEY_EXPIRES_AT, KEY_SCOPE];
 
-/// A successful token response, reduced to what tokenkeeper uses.
+/// A successful token response, reduced to what tokenkeeper uses
+/// (`oauth::response` reads it).
 pub struct IssuedToken {
     pub access_token: String,
     pub token_type: String,
     pub expires_in: Option<Duration>,
     pub refresh_token: Option<String>,
+    /// `refresh_token_expires_in`, sent by some providers (GitHub, for one).
+    pub refresh_token_expires_in: Option<Duration>,
     pub scope: Option<String>,
-    pub extra: BTreeMap<String, Value>,
+    /// Every field RFC 6749 does not name.
+    pub extra: Map<String, Value>,
+    /// What was odd about the answer but clear, in words for the status.
+    pub oddities: Vec<String>,
+}
+
+impl fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("scope", &self.scope)
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .field("oddities", &self.oddities)
+            .finish_non_exhaustive()
+    }
 }
 
 impl IssuedToken {
-    /// `refresh_token_expires_in`, sent by some providers (GitHub, for one).
-    pub fn refresh_token_expires_in(&self) -> Option<Duration> {
-        self.extra
-            .get("refresh_token_expires_in")
-            .and_then(Value::as_u64)
-            .map(Duration::from_secs)
-    }
-
     /// When the refresh token expires, for a token issued at `issued_at`.
-    pub fn refresh_token_expires_at(&self, issued_at: jiff::Timestamp) -> Option<jiff::Timestamp> {
-        let lifetime = jiff::SignedDuration::try_from(self.refresh_token_expires_in()?).ok()?;
-        Some(issued_at + lifetime)
+    pub fn refresh_token_expires_at(&self, issued_at: Timestamp) -> Option<Timestamp> {
+        let lifetime = SignedDuration::try_from(self.refresh_token_expires_in?).ok()?;
+        issued_at.checked_add(lifetime).ok()
     }
 
     /// A response field as text, for the target Secret.
@@ -98,8 +115,36 @@ pub enum TokenFailure {
     },
     /// No answer: connection refused, DNS, TLS, timeout.
     Transport { detail: String },
-    /// A 2xx JSON body that is not a token response.
-    Malformed,
+    /// A 2xx answer that is not a usable token response (`what` says why,
+    /// never quoting it). It may carry a refresh token all the same, which
+    /// the provider may have rotated already: it must not be lost.
+    Malformed {
+        what: String,
+        refresh_token: Option<RotatedRefreshToken>,
+    },
+}
+
+impl TokenFailure {
+    /// The refresh token a failed answer carried, if any.
+    pub fn rotated_refresh_token(&self) -> Option<&str> {
+        match self {
+            TokenFailure::Malformed {
+                refresh_token: Some(token),
+                ..
+            } => Some(&token.0),
+            _ => None,
+        }
+    }
+}
+
+/// A refresh token from an answer that was otherwise unusable.
+#[derive(Clone, PartialEq)]
+pub struct RotatedRefreshToken(pub String);
+
+impl fmt::Debug for RotatedRefreshToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One access token as the provider issued it.
@@ -122,6 +167,9 @@ pub struct TokenRecord {
     /// What the verification request said when it refused this token
     /// (403), for example `GET https://api/me answered 403 (insufficient_scope)`.
     pub verification_denied: Option<String>,
+    /// What was odd but clear in the answer that issued the token, for
+    /// the status ("expires_in was a string").
+    pub oddities: Option<String>,
 }
 
 impl fmt::Debug for TokenRecord {
@@ -191,6 +239,9 @@ impl TokenRecord {
         if let Some(denied) = &self.verification_denied {
             annotations.insert(ANNOTATION_VERIFICATION_DENIED.to_owned(), denied.clone());
         }
+        if let Some(oddities) = &self.oddities {
+            annotations.insert(ANNOTATION_ODDITIES.to_owned(), oddities.clone());
+        }
         annotations
     }
 
@@ -217,6 +268,7 @@ impl TokenRecord {
                 .collect(),
             request_hash: annotations.get(ANNOTATION_REQUEST_HASH)?.clone(),
             verification_denied: annotations.get(ANNOTATION_VERIFICATION_DENIED).cloned(),
+            oddities: annotations.get(ANNOTATION_ODDITIES).cloned(),
         })
     }
 }
@@ -242,7 +294,7 @@ impl TokenRecord {
             access_token: issued.access_token.clone(),
             token_type: issued.token_type.clone(),
             issued_at,
-            expires_at: issued_at + lifetime,
+            expires_at: issued_at.checked_add(lifetime).unwrap_or(Timestamp::MAX),
             lifetime_assumed: issued.expires_in.is_none(),
             scope: issued
                 .scope
@@ -255,6 +307,7 @@ impl TokenRecord {
                 .collect(),
             request_hash: request_hash.to_owned(),
             verification_denied: None,
+            oddities: (!issued.oddities.is_empty()).then(|| issued.oddities.join("; ")),
         }
     }
 }
@@ -317,6 +370,7 @@ mod tests {
             fields: BTreeMap::from([("instance_url".into(), "https://eu.crm.test".into())]),
             request_hash: "abc".into(),
             verification_denied: None,
+            oddities: None,
         }
     }
 
@@ -403,13 +457,15 @@ mod tests {
             expires_in: None,
             refresh_token: None,
             scope: None,
-            extra: BTreeMap::from([
+            extra: serde_json::Map::from_iter([
                 (
                     "instance_url".to_owned(),
                     serde_json::json!("https://eu.crm.test"),
                 ),
                 ("id_token".to_owned(), serde_json::json!("not-copied")),
             ]),
+            refresh_token_expires_in: None,
+            oddities: Vec::new(),
         };
         let now = Timestamp::from_millisecond(5_500).unwrap();
         let record = TokenRecord::issued(

@@ -5,16 +5,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{OAuth2Auth, SourceConnection};
 use crate::metrics::Metrics;
 use crate::oauth::seal::SealingKey;
+use crate::oauth::state_secret::GrantState;
 use crate::runtime::secret_cache::SecretCache;
 use crate::runtime::throttle::HostThrottle;
 use crate::runtime::wakeups::SecretTriggers;
-use crate::runtime::wire::CachedConnection;
+use crate::runtime::wire::{CachedConnection, ReadSecret};
 use crate::time::Clock;
 use crate::write::events::EventPublisher;
 use crate::write::status::StatusWriter;
@@ -30,7 +32,7 @@ pub struct Context {
     /// Base URL under which people reach the authorization endpoints.
     pub external_url: Option<String>,
     /// Consecutive transient failures per connection, for backoff.
-    transient_failures: Mutex<HashMap<ObjectRef<CachedConnection>, u32>>,
+    pub transient_failures: TransientFailures,
     /// Token requests per provider host.
     pub throttle: HostThrottle,
     /// Which connections a Secret event wakes.
@@ -44,38 +46,7 @@ pub struct Context {
     pub clock: Clock,
 }
 
-/// What `Context::new` is made of.
-pub struct ContextParts {
-    pub client: Client,
-    pub http: reqwest::Client,
-    pub metrics: Arc<Metrics>,
-    pub revocation_timeout: Duration,
-    pub external_url: Option<String>,
-    pub throttle: HostThrottle,
-    pub sealing_key: SealingKey,
-    pub events: EventPublisher,
-    pub clock: Clock,
-}
-
 impl Context {
-    pub fn new(parts: ContextParts) -> Self {
-        Context {
-            status: Arc::new(StatusWriter::new(parts.client.clone())),
-            client: parts.client,
-            http: parts.http,
-            metrics: parts.metrics,
-            revocation_timeout: parts.revocation_timeout,
-            external_url: parts.external_url,
-            transient_failures: Mutex::default(),
-            throttle: parts.throttle,
-            triggers: Arc::default(),
-            secrets: Arc::default(),
-            sealing_key: parts.sealing_key,
-            events: parts.events,
-            clock: parts.clock,
-        }
-    }
-
     /// The link a person opens to authorize `conn`, when it can be served.
     pub fn authorization_link(
         &self,
@@ -92,7 +63,7 @@ impl Context {
     }
 
     pub fn record_transient_failure(&self, conn: &impl Resource) -> u32 {
-        let mut failures = self.transient_failures.lock().expect("not poisoned");
+        let mut failures = self.transient_failures.0.lock().expect("not poisoned");
         let count = failures.entry(connection_ref(conn)).or_default();
         *count = count.saturating_add(1);
         *count
@@ -100,10 +71,53 @@ impl Context {
 
     pub fn clear_transient_failures(&self, conn: &impl Resource) {
         self.transient_failures
+            .0
             .lock()
             .expect("not poisoned")
             .remove(&connection_ref(conn));
     }
+
+    /// The refresh tokens stored for `conn` now, read from the API: the one
+    /// sealed in its target Secret and a consented one waiting in its state
+    /// Secret; with the target Secret as read.
+    pub async fn read_stored_grant(
+        &self,
+        secrets: &Api<Secret>,
+        conn: &SourceConnection,
+    ) -> Result<StoredGrant, kube::Error> {
+        let namespace = conn.namespace().unwrap_or_default();
+        let target = self
+            .secrets
+            .get_fresh(secrets, &namespace, &conn.target_secret_name())
+            .await?;
+        let uid = conn.uid().unwrap_or_default();
+        let sealed = target
+            .as_deref()
+            .and_then(|t| self.sealing_key.open_grant(t, &uid).ok().flatten())
+            .map(|g| g.refresh_token);
+        let consented = self
+            .secrets
+            .get_fresh(secrets, &namespace, &conn.state_secret_name())
+            .await?
+            .and_then(|s| s.data.clone())
+            .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
+        Ok(StoredGrant {
+            target,
+            sealed,
+            consented,
+        })
+    }
+}
+
+/// Consecutive transient failures per connection, for backoff.
+#[derive(Default)]
+pub struct TransientFailures(Mutex<HashMap<ObjectRef<CachedConnection>, u32>>);
+
+/// What `Context::read_stored_grant` found.
+pub struct StoredGrant {
+    pub target: Option<Arc<ReadSecret>>,
+    pub sealed: Option<String>,
+    pub consented: Option<String>,
 }
 
 fn connection_ref(conn: &impl Resource) -> ObjectRef<CachedConnection> {

@@ -23,7 +23,7 @@ use crate::error::{Error, Retry};
 use crate::runtime::wire::CachedConnection;
 
 pub use crate::decide::outcome::{Next, Synced};
-pub use context::{Context, ContextParts};
+pub use context::{Context, StoredGrant, TransientFailures};
 
 /// The work queue's worker: reconciles `cached` and says when to do so
 /// again (`None`: on the next watch event).

@@ -91,14 +91,14 @@ pub async fn sync(
         // and grant: a consent may have just been given.
         Action::RetryAt(until) => {
             if let Some(current) = &inputs.current {
-                sync.write_token(&inputs, current, inputs.grant.as_ref(), until)
+                sync.write_token(&inputs, Some(current), inputs.grant.as_ref(), Some(until))
                     .await?;
             }
             sync.clear_inbox(&inputs).await;
             Ok(Synced::unchanged(Next::At(until)))
         }
         Action::Wait { token, due } => {
-            sync.write_token(&inputs, &token, inputs.grant.as_ref(), due)
+            sync.write_token(&inputs, Some(&token), inputs.grant.as_ref(), Some(due))
                 .await?;
             sync.clear_inbox(&inputs).await;
             let default_lifetime = settings.default_lifetime;
@@ -147,12 +147,25 @@ impl OAuthSync<'_> {
         let answer = self.request_token(inputs, &ask).await;
         let result = match &answer {
             Ok(_) => "success",
-            Err(error) => error.reason().as_str(),
+            Err((error, _)) => error.reason().as_str(),
         };
         self.ctx.metrics.token_request(&oauth.token_url, result);
         let issued = match answer {
             Ok(issued) => issued,
-            Err(error) => return self.after_failure(inputs, decision, &ask, error).await,
+            Err((error, rotated)) => {
+                if let Some(rotated) = rotated {
+                    // The provider may have rotated the refresh token
+                    // already: it is kept before anything else is decided.
+                    let grant = SealedGrant {
+                        refresh_token: rotated,
+                        refresh_token_expires_at: None,
+                        imported_hash: ask.import_hash.clone(),
+                    };
+                    let (current, due) = self.current_and_due(inputs, decision);
+                    self.write_token(inputs, current, Some(&grant), due).await?;
+                }
+                return self.after_failure(inputs, decision, &ask, error).await;
+            }
         };
         let mut record = self.record_of(inputs, &issued, &decision.request_hash);
         let grant = ask.refresh_token.map(|used| {
@@ -162,7 +175,7 @@ impl OAuthSync<'_> {
         let rejected = self.verify(&mut record).await;
         let due = refresh_due_at(&record, self.settings.refresh_before, &decision.jitter_key);
         // The new refresh token and access token go out in one write.
-        self.write_token(inputs, &record, grant.as_ref(), due)
+        self.write_token(inputs, Some(&record), grant.as_ref(), Some(due))
             .await?;
         self.clear_inbox(inputs).await;
         if let Some(error) = &rejected {
@@ -185,12 +198,26 @@ impl OAuthSync<'_> {
         ))
     }
 
-    /// Sends the token request through the provider host's throttle.
+    /// The token the target Secret holds and when it is due, for a write
+    /// that changes only the grant.
+    fn current_and_due<'i>(
+        &self,
+        inputs: &'i OAuthInputs,
+        decision: &RefreshDecision,
+    ) -> (Option<&'i TokenRecord>, Option<Timestamp>) {
+        let current = inputs.current.as_ref();
+        let refresh_before = self.settings.refresh_before;
+        let due = current.map(|c| refresh_due_at(c, refresh_before, &decision.jitter_key));
+        (current, due)
+    }
+
+    /// Sends the token request through the provider host's throttle. A
+    /// failed answer comes with the refresh token it carried, if any.
     async fn request_token(
         &self,
         inputs: &OAuthInputs,
         ask: &TokenAsk,
-    ) -> Result<IssuedToken, Error> {
+    ) -> Result<IssuedToken, (Error, Option<String>)> {
         let oauth = self.oauth;
         let request = TokenRequest {
             token_url: &oauth.token_url,
@@ -208,6 +235,7 @@ impl OAuthSync<'_> {
         let answer = client::request_token(&self.ctx.http, request).await;
         drop(slot);
         answer.map_err(|failure| {
+            let rotated = failure.rotated_refresh_token().map(str::to_owned);
             let namespace = self.namespace();
             let context = FailureContext {
                 now: self.now,
@@ -217,7 +245,7 @@ impl OAuthSync<'_> {
                 client_secret_namespace: &namespace,
                 client_secret_name: &oauth.client.secret_ref.name,
             };
-            classify::classify(&failure, &context)
+            (classify::classify(&failure, &context), rotated)
         })
     }
 
@@ -303,24 +331,8 @@ impl OAuthSync<'_> {
 
     /// Whether the grant now stored differs from the refresh token `used`.
     async fn rotated_meanwhile(&self, used: &str) -> Result<bool, Error> {
-        let (conn, ctx) = (self.conn, self.ctx);
-        let namespace = self.namespace();
-        let target = ctx
-            .secrets
-            .get_fresh(self.secrets, &namespace, &conn.target_secret_name())
-            .await?;
-        let uid = conn.uid().unwrap_or_default();
-        let stored = target
-            .as_deref()
-            .and_then(|t| ctx.sealing_key.open_grant(t, &uid).ok().flatten())
-            .map(|g| g.refresh_token);
-        let consented = ctx
-            .secrets
-            .get_fresh(self.secrets, &namespace, &conn.state_secret_name())
-            .await?
-            .and_then(|s| s.data.clone())
-            .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
-        Ok([stored, consented]
+        let stored = self.ctx.read_stored_grant(self.secrets, self.conn).await?;
+        Ok([stored.sealed, stored.consented]
             .into_iter()
             .flatten()
             .any(|token| token != used))
@@ -445,12 +457,14 @@ impl OAuthSync<'_> {
     fn desired_target(
         &self,
         inputs: &OAuthInputs,
-        record: &TokenRecord,
+        record: Option<&TokenRecord>,
         grant: Option<&SealedGrant>,
-        next_refresh_at: Timestamp,
+        next_refresh_at: Option<Timestamp>,
     ) -> Secret {
         let conn = self.conn;
-        let mut annotations = record.target_annotations(Some(next_refresh_at));
+        let mut annotations = record
+            .map(|r| r.target_annotations(next_refresh_at))
+            .unwrap_or_default();
         if let Some(grant) = grant {
             let kept_seal = inputs
                 .target
@@ -464,18 +478,20 @@ impl OAuthSync<'_> {
             });
             annotations.insert(ANNOTATION_SEALED_GRANT.to_owned(), sealed);
         }
-        target_secret(conn, record.target_data(), annotations)
+        let data = record.map(TokenRecord::target_data).unwrap_or_default();
+        target_secret(conn, data, annotations)
     }
 
     /// Writes the target Secret when it differs from what `record` and
-    /// `grant` make. A freshly rotated refresh token exists nowhere else,
-    /// so that write is retried before giving up.
+    /// `grant` make (a grant without a token: an empty Secret that keeps
+    /// the grant). A freshly rotated refresh token exists nowhere else, so
+    /// that write is retried before giving up.
     async fn write_token(
         &self,
         inputs: &OAuthInputs,
-        record: &TokenRecord,
+        record: Option<&TokenRecord>,
         grant: Option<&SealedGrant>,
-        next_refresh_at: Timestamp,
+        next_refresh_at: Option<Timestamp>,
     ) -> Result<(), Error> {
         let desired = self.desired_target(inputs, record, grant, next_refresh_at);
         let existing = inputs.target.as_deref();

@@ -20,7 +20,6 @@ use crate::decide::secrets::client_credentials;
 use crate::decide::status::{Note, display_name};
 use crate::error::{Error, Reason};
 use crate::oauth::client::{self, Revocable};
-use crate::oauth::state_secret::GrantState;
 use crate::oauth::token::KEY_ACCESS_TOKEN;
 use crate::reconcile::{Context, Next};
 
@@ -189,25 +188,16 @@ async fn revoke_all(
     let (client_id, client_secret) = client_credentials(oauth, &namespace, client.as_ref())?;
     // The grant is the sealed one in the target Secret, or a consent that
     // was not adopted yet.
-    let target = secrets.get_opt(&conn.target_secret_name()).await?;
-    let uid = conn.uid().unwrap_or_default();
-    let sealed_refresh_token = target
-        .as_ref()
-        .and_then(|t| ctx.sealing_key.open_grant(t, &uid).ok().flatten())
-        .map(|g| g.refresh_token);
-    let consented_refresh_token = secrets
-        .get_opt(&conn.state_secret_name())
-        .await?
-        .and_then(|s| s.data)
-        .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
-    let access_token = target.and_then(|s| s.data).and_then(|d| {
-        d.get(KEY_ACCESS_TOKEN)
-            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    let stored = ctx.read_stored_grant(&secrets, conn).await?;
+    let access_token = stored.target.as_ref().and_then(|t| {
+        let value = t.data.as_ref()?.get(KEY_ACCESS_TOKEN)?;
+        Some(String::from_utf8_lossy(&value.0).into_owned())
     });
     let revocation_url = oauth.revocation_url.as_deref().unwrap_or_default();
-    let tokens = sealed_refresh_token
+    let tokens = stored
+        .sealed
         .iter()
-        .chain(consented_refresh_token.iter())
+        .chain(stored.consented.iter())
         .map(|t| Revocable::RefreshToken(t))
         .chain(access_token.as_deref().map(Revocable::AccessToken));
     for token in tokens {

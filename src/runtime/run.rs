@@ -22,7 +22,7 @@ use crate::api::SourceConnection;
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::oauth::{authorize, client as token_client};
-use crate::reconcile::{self, Context, ContextParts};
+use crate::reconcile::{self, Context, TransientFailures};
 use crate::runtime::object_key::{self, key_of};
 use crate::runtime::queue::{self, Trigger};
 use crate::runtime::sealing_key;
@@ -32,6 +32,7 @@ use crate::runtime::wire::{CachedConnection, SecretMeta};
 use crate::server::{self, Health};
 use crate::time::Clock;
 use crate::write::events::EventPublisher;
+use crate::write::status::StatusWriter;
 
 pub struct Settings {
     /// Watch only these namespaces; empty watches all.
@@ -116,21 +117,25 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .as_ref()
         .map(|a| a.external_url.trim_end_matches('/').to_owned());
     let http = token_client::http_client();
-    let context = Arc::new(Context::new(ContextParts {
+    let context = Arc::new(Context {
         client: client.clone(),
         http: http.clone(),
         metrics: metrics.clone(),
         revocation_timeout: settings.revocation_timeout,
         external_url: external_url.clone(),
+        transient_failures: TransientFailures::default(),
         throttle: HostThrottle::new(settings.token_limits),
+        triggers: Arc::default(),
+        secrets: Arc::default(),
         sealing_key,
         events: EventPublisher::new(
             client.clone(),
             settings.event_budget,
             metrics.events_dropped.clone(),
         ),
+        status: Arc::new(StatusWriter::new(client.clone())),
         clock: Clock::system(),
-    }));
+    });
     if let Some(authorization) = &settings.authorization {
         let flow = authorize::Flow {
             client: client.clone(),

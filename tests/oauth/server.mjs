@@ -135,6 +135,26 @@ provider.on('revocation.success', () => { stats.revocations += 1; });
 
 let failure = { mode: 'off' };
 let apiMode = 'normal';
+// How successful token answers are reshaped, as providers documented to
+// deviate from RFC 6749 answer: {"shape": ..., "times": N} (N answers, then
+// normal again; without times, until changed).
+let answerShape = { shape: 'normal' };
+const SHAPES = {
+  normal: () => {},
+  // Azure AD v1: numbers as strings.
+  'azure-v1': (body) => {
+    body.expires_in = String(body.expires_in);
+    if (body.refresh_token_expires_in !== undefined) {
+      body.refresh_token_expires_in = String(body.refresh_token_expires_in);
+    }
+  },
+  // LinkedIn: no token_type.
+  linkedin: (body) => { delete body.token_type; },
+  // An answer the operator cannot use, after the refresh token was rotated.
+  'no-access-token': (body) => { delete body.access_token; },
+  'huge-lifetime': (body) => { body.expires_in = 1000000000000; },
+  'zero-lifetime': (body) => { body.expires_in = 0; },
+};
 
 provider.use(async (ctx, next) => {
   if (ctx.path.startsWith('/test/')) {
@@ -167,6 +187,11 @@ provider.use(async (ctx, next) => {
     const refreshToken = ctx.oidc?.entities?.RefreshToken;
     if (options.reportRefreshTokenExpiresIn && ctx.body.refresh_token && refreshToken) {
       ctx.body.refresh_token_expires_in = refreshToken.remainingTTL;
+    }
+    if (answerShape.shape !== 'normal') {
+      SHAPES[answerShape.shape](ctx.body);
+      stats.shapedAnswers = (stats.shapedAnswers ?? 0) + 1;
+      if (answerShape.times !== undefined && --answerShape.times <= 0) answerShape = { shape: 'normal' };
     }
   }
 });
@@ -263,6 +288,11 @@ async function testControl(ctx) {
       ctx.body = { ok: true, scope: found.scope };
       return;
     }
+    case '/test/answer-shape':
+      if (!SHAPES[body.shape]) { ctx.status = 400; ctx.body = { error: 'unknown shape' }; return; }
+      answerShape = body;
+      ctx.body = answerShape;
+      return;
     case '/test/api-mode':
       // {"mode": "normal" | "401"}: "401" refuses every token.
       apiMode = body.mode;

@@ -1,0 +1,340 @@
+//! Token endpoint answers as real providers send them (RFC 6749 section 5.1
+//! and the ways providers deviate from it): numbers as strings, no
+//! `token_type` or one in any case, `scope` as a list or comma-separated,
+//! form-encoded bodies, errors in a 2xx body. Whatever was odd but clear is
+//! read and said; an answer that cannot be used still gives up the refresh
+//! token it carries, since the provider may have rotated it already. Pure.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::oauth::token::{IssuedToken, RotatedRefreshToken, TokenFailure};
+
+/// The longest access-token lifetime taken from an answer; a longer one is
+/// clamped to it (and said).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The fields RFC 6749 names; every other field is kept as an extra.
+const STANDARD_FIELDS: [&str; 6] = [
+    "access_token",
+    "token_type",
+    "expires_in",
+    "refresh_token",
+    "scope",
+    "refresh_token_expires_in",
+];
+
+/// Reads a 2xx answer of the token endpoint.
+pub fn parse_success(
+    status: u16,
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<IssuedToken, TokenFailure> {
+    // A page in place of an answer (a proxy's or a maintenance page) is an
+    // HTTP failure, said with its content type.
+    let Some(fields) = fields_of(body, content_type) else {
+        return Err(TokenFailure::Http {
+            status,
+            retry_after: None,
+            content_type: content_type.map(str::to_owned),
+        });
+    };
+    let refresh_token = text(fields.get("refresh_token"));
+    let access_token = text(fields.get("access_token"));
+    let Some(access_token) = access_token else {
+        if let Some(code) = text(fields.get("error")) {
+            return Err(TokenFailure::OAuth {
+                status,
+                code,
+                description: text(fields.get("error_description"))
+                    .or_else(|| text(fields.get("message"))),
+            });
+        }
+        return Err(TokenFailure::Malformed {
+            what: "an answer without an access_token".to_owned(),
+            refresh_token: refresh_token.map(RotatedRefreshToken),
+        });
+    };
+    let mut oddities = Vec::new();
+    let token_type = match fields.get("token_type") {
+        Some(Value::String(kind)) if kind.eq_ignore_ascii_case("bearer") => "Bearer".to_owned(),
+        Some(Value::String(kind)) if !kind.is_empty() => kind.clone(),
+        Some(_) => {
+            oddities.push("token_type was not a word; Bearer assumed".to_owned());
+            "Bearer".to_owned()
+        }
+        None => {
+            oddities.push("token_type was absent; Bearer assumed".to_owned());
+            "Bearer".to_owned()
+        }
+    };
+    let expires_in = lifetime("expires_in", fields.get("expires_in"), &mut oddities);
+    let refresh_token_expires_in = lifetime(
+        "refresh_token_expires_in",
+        fields.get("refresh_token_expires_in"),
+        &mut oddities,
+    );
+    let scope = scope(fields.get("scope"), &mut oddities);
+    let extra = fields
+        .into_iter()
+        .filter(|(name, _)| !STANDARD_FIELDS.contains(&name.as_str()))
+        .collect();
+    Ok(IssuedToken {
+        access_token,
+        token_type,
+        expires_in,
+        refresh_token,
+        refresh_token_expires_in,
+        scope,
+        extra,
+        oddities,
+    })
+}
+
+/// Reads a 4xx answer: an OAuth error (RFC 6749 section 5.2) when the body
+/// says which, `None` otherwise.
+pub fn parse_error(status: u16, body: &[u8], content_type: Option<&str>) -> Option<TokenFailure> {
+    let fields = fields_of(body, content_type)?;
+    let code = text(fields.get("error"))?;
+    Some(TokenFailure::OAuth {
+        status,
+        code,
+        description: text(fields.get("error_description")),
+    })
+}
+
+/// The members of a JSON object, or of a form-encoded body.
+fn fields_of(body: &[u8], content_type: Option<&str>) -> Option<Map<String, Value>> {
+    if let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) {
+        return Some(fields);
+    }
+    let form = content_type.is_some_and(|t| t.contains("x-www-form-urlencoded"));
+    form.then(|| {
+        url::form_urlencoded::parse(body)
+            .map(|(name, value)| (name.into_owned(), Value::String(value.into_owned())))
+            .collect()
+    })
+}
+
+/// A non-empty string field.
+fn text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// A lifetime in seconds, read leniently: a number or a numeric string;
+/// zero or less is no lifetime; more than `MAX_TOKEN_LIFETIME` is clamped.
+fn lifetime(name: &str, value: Option<&Value>, oddities: &mut Vec<String>) -> Option<Duration> {
+    let seconds = match value? {
+        Value::Number(number) => number.as_f64(),
+        Value::String(text) => {
+            let parsed = text.trim().parse::<f64>().ok();
+            if parsed.is_some() {
+                oddities.push(format!("{name} was a string"));
+            }
+            parsed
+        }
+        Value::Null => return None,
+        _ => None,
+    };
+    let Some(seconds) = seconds.filter(|s| s.is_finite()) else {
+        oddities.push(format!("{name} was not a number; ignored"));
+        return None;
+    };
+    if seconds <= 0.0 {
+        oddities.push(format!(
+            "{name} was {seconds}; read as not given (some providers mean \"does not expire\")"
+        ));
+        return None;
+    }
+    if seconds > MAX_TOKEN_LIFETIME.as_secs_f64() {
+        oddities.push(format!("{name} of {seconds} s was clamped to one year"));
+        return Some(MAX_TOKEN_LIFETIME);
+    }
+    Some(Duration::from_secs_f64(seconds.ceil()))
+}
+
+/// The granted scopes, space-separated: from a string (commas taken as
+/// separators) or a list of strings.
+fn scope(value: Option<&Value>, oddities: &mut Vec<String>) -> Option<String> {
+    let words: Vec<String> = match value? {
+        Value::String(text) => {
+            if text.contains(',') {
+                oddities.push("scope was comma-separated".to_owned());
+            }
+            text.split([' ', ','])
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }
+        Value::Array(items) => {
+            oddities.push("scope was a list".to_owned());
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect()
+        }
+        Value::Null => return None,
+        _ => {
+            oddities.push("scope was neither a string nor a list; ignored".to_owned());
+            return None;
+        }
+    };
+    Some(words.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(body: serde_json::Value) -> Result<IssuedToken, TokenFailure> {
+        parse_success(200, body.to_string().as_bytes(), Some("application/json"))
+    }
+
+    #[test]
+    fn a_standard_answer_reads_as_it_is() {
+        let issued = json(serde_json::json!({
+            "access_token": "at", "token_type": "bearer", "expires_in": 3600,
+            "refresh_token": "rt", "scope": "read write", "instance_url": "https://x"
+        }))
+        .unwrap();
+        assert_eq!(issued.token_type, "Bearer");
+        assert_eq!(issued.expires_in, Some(Duration::from_secs(3600)));
+        assert_eq!(issued.refresh_token.as_deref(), Some("rt"));
+        assert_eq!(issued.scope.as_deref(), Some("read write"));
+        assert_eq!(issued.extra.keys().collect::<Vec<_>>(), ["instance_url"]);
+        assert!(issued.oddities.is_empty(), "{:?}", issued.oddities);
+    }
+
+    #[test]
+    fn numbers_as_strings_and_missing_token_types_are_read_and_said() {
+        // Azure AD v1 and LinkedIn.
+        let issued = json(serde_json::json!({
+            "access_token": "at", "expires_in": "3599", "refresh_token_expires_in": "86400",
+            "refresh_token": "rt"
+        }))
+        .unwrap();
+        assert_eq!(issued.expires_in, Some(Duration::from_secs(3599)));
+        assert_eq!(
+            issued.refresh_token_expires_in,
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(issued.token_type, "Bearer");
+        assert_eq!(
+            issued.oddities,
+            [
+                "token_type was absent; Bearer assumed",
+                "expires_in was a string",
+                "refresh_token_expires_in was a string"
+            ]
+        );
+    }
+
+    #[test]
+    fn other_token_types_and_scope_shapes_are_kept() {
+        let issued = json(serde_json::json!({
+            "access_token": "at", "token_type": "bot", "scope": ["a", "b"]
+        }))
+        .unwrap();
+        assert_eq!(issued.token_type, "bot");
+        assert_eq!(issued.scope.as_deref(), Some("a b"));
+        let issued = json(serde_json::json!({
+            "access_token": "at", "token_type": "Bearer", "scope": "a,b"
+        }))
+        .unwrap();
+        assert_eq!(issued.scope.as_deref(), Some("a b"));
+        assert_eq!(issued.oddities, ["scope was comma-separated"]);
+    }
+
+    #[test]
+    fn lifetimes_out_of_range_are_not_taken_as_they_are() {
+        for zero in [serde_json::json!(0), serde_json::json!(-5)] {
+            let issued = json(serde_json::json!({"access_token": "at", "expires_in": zero}));
+            let issued = issued.unwrap();
+            assert_eq!(issued.expires_in, None);
+            assert!(
+                issued.oddities[1].contains("read as not given"),
+                "{:?}",
+                issued.oddities
+            );
+        }
+        let huge = json(serde_json::json!({"access_token": "at", "expires_in": 1e12})).unwrap();
+        assert_eq!(huge.expires_in, Some(MAX_TOKEN_LIFETIME));
+        let odd = json(serde_json::json!({"access_token": "at", "expires_in": "soon"})).unwrap();
+        assert_eq!(odd.expires_in, None);
+    }
+
+    #[test]
+    fn an_error_in_a_2xx_body_is_an_error() {
+        // GitHub and Slack answer errors with HTTP 200.
+        let failure = json(serde_json::json!({"ok": false, "error": "invalid_refresh_token"}));
+        assert_eq!(
+            failure.unwrap_err(),
+            TokenFailure::OAuth {
+                status: 200,
+                code: "invalid_refresh_token".into(),
+                description: None
+            }
+        );
+        let form = parse_success(
+            200,
+            b"error=bad_refresh_token&error_description=expired",
+            Some("application/x-www-form-urlencoded"),
+        );
+        assert!(
+            matches!(form, Err(TokenFailure::OAuth { code, .. }) if code == "bad_refresh_token")
+        );
+    }
+
+    #[test]
+    fn an_unusable_answer_still_gives_up_its_refresh_token() {
+        let failure = json(serde_json::json!({"refresh_token": "rotated", "expires_in": 60}));
+        let Err(TokenFailure::Malformed {
+            refresh_token,
+            what,
+        }) = failure
+        else {
+            panic!("malformed");
+        };
+        assert_eq!(refresh_token, Some(RotatedRefreshToken("rotated".into())));
+        assert!(what.contains("access_token"), "{what}");
+        assert!(
+            !format!("{refresh_token:?}").contains("rotated"),
+            "redacted"
+        );
+        let not_json = parse_success(200, b"<html>", Some("text/html"));
+        assert!(matches!(
+            not_json,
+            Err(TokenFailure::Http { status: 200, .. })
+        ));
+    }
+
+    #[test]
+    fn a_form_encoded_answer_reads_like_json() {
+        let issued = parse_success(
+            200,
+            b"access_token=at&token_type=bearer&expires_in=28800&refresh_token=rt&scope=repo%2Cuser",
+            Some("application/x-www-form-urlencoded; charset=utf-8"),
+        )
+        .unwrap();
+        assert_eq!(issued.expires_in, Some(Duration::from_secs(28_800)));
+        assert_eq!(issued.scope.as_deref(), Some("repo user"));
+    }
+
+    #[test]
+    fn error_bodies_of_4xx_answers() {
+        let body = br#"{"error":"invalid_grant","error_description":"revoked"}"#;
+        assert_eq!(
+            parse_error(400, body, Some("application/json")),
+            Some(TokenFailure::OAuth {
+                status: 400,
+                code: "invalid_grant".into(),
+                description: Some("revoked".into())
+            })
+        );
+        assert_eq!(parse_error(401, b"nope", Some("text/plain")), None);
+    }
+}
