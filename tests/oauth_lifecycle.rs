@@ -866,7 +866,9 @@ fn odd_but_clear_answers_are_read_and_said() {
 
 #[test]
 fn a_rotated_refresh_token_in_an_unusable_answer_is_kept() {
-    let server = OAuthServer::start(json!({ "accessTokenTtl": 3, "rotateRefreshToken": true }));
+    // Tokens of 8 s: refreshed every few seconds, so that the test can
+    // read the stored refresh token while it is the live one.
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 8, "rotateRefreshToken": true }));
     let ns = TestNamespace::new("oauth-unusable");
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
