@@ -27,6 +27,9 @@ pub enum Reason {
     /// Only in the `tokenkeeper_reconcile_errors_total` metric and logs:
     /// API trouble is retried, never a condition.
     KubernetesApiError,
+    /// Only in the metric and logs: a replica whose lease lapsed sends no
+    /// token request and steps down.
+    NotLeading,
     /// Event: a new access token (or a consent) reached the target Secret.
     TokenIssued,
     /// Event: the deleted connection's tokens were revoked at the provider.
@@ -80,6 +83,7 @@ impl Reason {
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::AccessTokenExpired => "AccessTokenExpired",
             Reason::KubernetesApiError => "KubernetesApiError",
+            Reason::NotLeading => "NotLeading",
             Reason::TokenIssued => "TokenIssued",
             Reason::TokensRevoked => "TokensRevoked",
             Reason::RevocationFailed => "RevocationFailed",
@@ -212,13 +216,25 @@ pub enum Error {
     AccessTokenRejected { url: String, detail: String },
 
     /// Talking to the Kubernetes API failed; retried with backoff.
-    #[error("Kubernetes API request failed: {0}")]
-    Kube(String),
+    #[error("Kubernetes API request failed: {detail}")]
+    Kube {
+        detail: String,
+        /// No answer came (as opposed to the API refusing the request).
+        unreachable: bool,
+    },
+
+    /// This replica cannot prove it still holds the leader lease, so it
+    /// sends no token request; it steps down.
+    #[error("the leader lease was not renewed in time; no token request is sent")]
+    NotLeading,
 }
 
 impl From<kube::Error> for Error {
     fn from(error: kube::Error) -> Self {
-        Error::Kube(error.to_string())
+        Error::Kube {
+            unreachable: !matches!(error, kube::Error::Api(_)),
+            detail: error.to_string(),
+        }
     }
 }
 
@@ -254,13 +270,25 @@ impl Error {
             // A token the provider refuses right after issuing it is, to
             // the user, a connection without a usable token.
             Error::AccessTokenRejected { .. } => Reason::AccessTokenExpired,
-            Error::Kube(_) => Reason::KubernetesApiError,
+            Error::Kube { .. } => Reason::KubernetesApiError,
+            Error::NotLeading => Reason::NotLeading,
         }
+    }
+
+    /// Whether the Kubernetes API gave no answer at all.
+    pub fn is_api_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::Kube {
+                unreachable: true,
+                ..
+            }
+        )
     }
 
     pub fn retry(&self) -> Retry {
         match self {
-            Error::Kube(_) => Retry::Infrastructure,
+            Error::Kube { .. } | Error::NotLeading => Retry::Infrastructure,
             Error::ProviderUnavailable { .. } | Error::AccessTokenRejected { .. } => Retry::Backoff,
             Error::SecretNotFound { .. }
             | Error::MissingKey { .. }
@@ -296,7 +324,8 @@ impl Error {
             | Error::AuthorizationRequired { .. }
             | Error::ProviderUnavailable { .. }
             | Error::AccessTokenRejected { .. }
-            | Error::Kube(_) => false,
+            | Error::Kube { .. }
+            | Error::NotLeading => false,
         }
     }
 }

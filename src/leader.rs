@@ -3,6 +3,8 @@
 //! would use the same refresh token twice and the provider would revoke
 //! the grant. Followers wait, ready to take over when the lease expires.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
@@ -10,8 +12,109 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
+
+use crate::error::Error;
+
+/// The least time a token request is given; a replica with less left of
+/// its lease sends none.
+const MIN_REQUEST_TIME: Duration = Duration::from_secs(1);
+
+/// Proof, checked right before each token request, that this replica still
+/// holds the lease: it renewed it less than `renew_deadline` ago on the
+/// boot-time clock, which runs on while the process is frozen (SIGSTOP, a
+/// paused VM, a frozen cgroup). A replica that thawed after its lease
+/// lapsed finds it has no time left, sends nothing, and steps down: the
+/// timers that fired on thawing cannot reach the provider with refresh
+/// tokens the new leader has rotated since.
+#[derive(Clone, Default)]
+pub struct Fence {
+    /// `None`: no leader election, this replica is the only one.
+    lease: Option<Arc<FenceState>>,
+}
+
+struct FenceState {
+    /// Boot-time nanoseconds when the last successful renewal was sent;
+    /// 0 while not leading.
+    renewed_at: AtomicU64,
+    /// How long a renewal is good for: the renew deadline, which leaves the
+    /// rest of the lease duration for clock skew and requests in flight.
+    valid_for: Duration,
+    lapsed: Notify,
+}
+
+impl Fence {
+    /// The fence of a replica that leads through a lease of `settings`.
+    pub fn for_lease(settings: &LeaseSettings) -> Self {
+        Fence {
+            lease: Some(Arc::new(FenceState {
+                renewed_at: AtomicU64::new(0),
+                valid_for: settings.renew_deadline,
+                lapsed: Notify::new(),
+            })),
+        }
+    }
+
+    /// The lease was renewed by a request sent at `sent_at` (boot time).
+    fn renewed(&self, sent_at: Duration) {
+        if let Some(state) = &self.lease {
+            let nanos = u64::try_from(sent_at.as_nanos()).unwrap_or(u64::MAX).max(1);
+            state.renewed_at.store(nanos, Ordering::SeqCst);
+        }
+    }
+
+    fn lost(&self) {
+        if let Some(state) = &self.lease {
+            state.renewed_at.store(0, Ordering::SeqCst);
+            state.lapsed.notify_waiters();
+        }
+    }
+
+    /// How long a token request sent now may take, or `NotLeading` when the
+    /// lease is not proven (then the replica steps down).
+    pub fn time_left(&self) -> Result<Duration, Error> {
+        let Some(state) = &self.lease else {
+            return Ok(Duration::MAX);
+        };
+        let renewed_at = state.renewed_at.load(Ordering::SeqCst);
+        let elapsed = boot_time().saturating_sub(Duration::from_nanos(renewed_at));
+        match state.valid_for.checked_sub(elapsed) {
+            Some(left) if renewed_at != 0 && left >= MIN_REQUEST_TIME => Ok(left),
+            _ => {
+                self.lost();
+                Err(Error::NotLeading)
+            }
+        }
+    }
+
+    /// Resolves when a check found the lease lapsed.
+    pub async fn lapsed(&self) {
+        match &self.lease {
+            Some(state) => state.lapsed.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The time since boot, suspended and frozen time included.
+fn boot_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the valid pointer
+    // it is given.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    if status != 0 {
+        // Without the clock no renewal can be proven recent.
+        return Duration::MAX;
+    }
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or_default(),
+        u32::try_from(now.tv_nsec).unwrap_or_default(),
+    )
+}
 
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
@@ -94,19 +197,26 @@ pub fn claimed(
 }
 
 /// Campaigns for the lease until the process ends. `leading` turns true
-/// when this replica leads and false when it loses or gives up the lease.
-pub async fn campaign(client: Client, settings: LeaseSettings, leading: watch::Sender<bool>) {
+/// when this replica leads and false when it loses or gives up the lease;
+/// `fence` learns of every renewal.
+pub async fn campaign(
+    client: Client,
+    settings: LeaseSettings,
+    leading: watch::Sender<bool>,
+    fence: Fence,
+) {
     let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
-    let mut last_renewal: Option<std::time::Instant> = None;
+    let mut last_renewal: Option<Duration> = None;
     loop {
-        let now = Timestamp::now();
-        let outcome = try_claim(&leases, &settings, now).await;
+        let sent_at = boot_time();
+        let outcome = try_claim(&leases, &settings, Timestamp::now()).await;
         match outcome {
             Ok(true) => {
                 if !*leading.borrow() {
                     info!(lease = %settings.name, identity = %settings.identity, "became the leader");
                 }
-                last_renewal = Some(std::time::Instant::now());
+                last_renewal = Some(sent_at);
+                fence.renewed(sent_at);
                 leading.send_replace(true);
             }
             Ok(false) => {
@@ -114,13 +224,17 @@ pub async fn campaign(client: Client, settings: LeaseSettings, leading: watch::S
                     warn!(lease = %settings.name, "another replica holds the lease; stepping down");
                 }
                 last_renewal = None;
+                fence.lost();
                 leading.send_replace(false);
             }
             Err(error) => {
                 warn!(lease = %settings.name, %error, "could not read or write the lease");
-                if last_renewal.is_some_and(|at| at.elapsed() > settings.renew_deadline) {
+                let lapsed = last_renewal
+                    .is_some_and(|at| boot_time().saturating_sub(at) > settings.renew_deadline);
+                if lapsed {
                     warn!(lease = %settings.name, "could not renew the lease in time; stepping down");
                     last_renewal = None;
+                    fence.lost();
                     leading.send_replace(false);
                 }
             }
@@ -194,6 +308,36 @@ pub async fn release(client: Client, settings: &LeaseSettings) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deadline_settings(renew_deadline: u64) -> LeaseSettings {
+        LeaseSettings {
+            namespace: "ns".into(),
+            name: "lease".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(renew_deadline + 5),
+            renew_deadline: Duration::from_secs(renew_deadline),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn a_fence_lets_requests_through_only_within_the_renew_deadline() {
+        assert_eq!(Fence::default().time_left().unwrap(), Duration::MAX);
+        let fence = Fence::for_lease(&deadline_settings(10));
+        assert!(fence.time_left().is_err(), "never renewed");
+        fence.renewed(boot_time());
+        let left = fence.time_left().unwrap();
+        assert!(
+            left > Duration::from_secs(9) && left <= Duration::from_secs(10),
+            "{left:?}"
+        );
+        // A renewal as long ago as a freeze past the deadline.
+        fence.renewed(boot_time().saturating_sub(Duration::from_secs(10)));
+        assert!(matches!(fence.time_left(), Err(Error::NotLeading)));
+        assert!(fence.time_left().is_err(), "it stays lapsed until renewed");
+        fence.renewed(boot_time());
+        assert!(fence.time_left().is_ok());
+    }
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).unwrap()

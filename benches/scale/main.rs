@@ -1048,6 +1048,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
                             scopes: &[],
                             extra_params: &no_params,
                             grant: tokenkeeper::oauth::client::Grant::RefreshToken(&refresh_token),
+                            timeout: tokenkeeper::oauth::client::REQUEST_TIMEOUT,
                         },
                     )
                     .await

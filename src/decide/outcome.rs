@@ -257,6 +257,19 @@ fn retried_verdict(
     }
 }
 
+/// Says in the Ready message that the refresh that led to `synced` waited
+/// for the Kubernetes API from `since` until `now`.
+pub fn say_deferred(synced: &mut Synced, since: Timestamp, now: Timestamp) {
+    if let Some(verdict) = synced.report.verdict.as_mut() {
+        verdict.message.push_str(&format!(
+            " A refresh waited from {} to {} for the Kubernetes API to answer, so that a \
+             rotated refresh token could be stored.",
+            rfc3339(since),
+            rfc3339(now)
+        ));
+    }
+}
+
 /// A token just issued, verified and written.
 pub struct Refreshed {
     pub record: TokenRecord,

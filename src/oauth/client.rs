@@ -35,6 +35,8 @@ pub struct TokenRequest<'a> {
     pub scopes: &'a [String],
     pub extra_params: &'a BTreeMap<String, String>,
     pub grant: Grant<'a>,
+    /// How long the request may take (at most `REQUEST_TIMEOUT`).
+    pub timeout: Duration,
 }
 
 /// Requests a token. Never logs or returns token values in errors.
@@ -69,7 +71,10 @@ pub async fn request_token(
         secret: request.client_secret,
         method: request.auth_method,
     };
-    post_for_token(http, request.token_url, &client, form).await
+    let post = client
+        .post(http, request.token_url, form)
+        .timeout(request.timeout);
+    answer_token(send(post).await?)
 }
 
 /// What starts an authorization-code flow: the provider's consent URL and
@@ -141,7 +146,7 @@ pub async fn exchange_code(
         secret: exchange.client_secret,
         method: exchange.auth_method,
     };
-    post_for_token(http, exchange.token_url, &client, form).await
+    answer_token(send(client.post(http, exchange.token_url, form)).await?)
 }
 
 /// The client's credentials and how the endpoint wants them.
@@ -180,15 +185,9 @@ impl ClientAuth<'_> {
     }
 }
 
-/// Sends a token request and reads the answer: a token, an OAuth error, or
-/// an HTTP failure that keeps the status and `Retry-After`.
-async fn post_for_token(
-    http: &reqwest::Client,
-    token_url: &str,
-    client: &ClientAuth<'_>,
-    form: Vec<(&str, &str)>,
-) -> Result<IssuedToken, TokenFailure> {
-    let answer = send(client.post(http, token_url, form)).await?;
+/// What a token request's answer says: a token, an OAuth error, or an HTTP
+/// failure that keeps the status and `Retry-After`.
+fn answer_token(answer: Answer) -> Result<IssuedToken, TokenFailure> {
     let content_type = answer.content_type.as_deref();
     match answer.status {
         200..=299 => parse_success(answer.status, &answer.body, content_type),

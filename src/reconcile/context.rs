@@ -10,9 +10,12 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{OAuth2Auth, SourceConnection};
+use crate::leader::Fence;
 use crate::metrics::Metrics;
 use crate::oauth::seal::SealingKey;
 use crate::oauth::state_secret::GrantState;
+use crate::reconcile::pending::PendingGrants;
+use crate::runtime::api_health::ApiHealth;
 use crate::runtime::secret_cache::SecretCache;
 use crate::runtime::throttle::HostThrottle;
 use crate::runtime::wakeups::SecretTriggers;
@@ -44,6 +47,12 @@ pub struct Context {
     pub events: EventPublisher,
     pub status: Arc<StatusWriter>,
     pub clock: Clock,
+    /// Proof of the leader lease, checked before each token request.
+    pub fence: Fence,
+    /// Grants no write has stored yet.
+    pub pending: PendingGrants,
+    /// Whether the Kubernetes API answers.
+    pub api: ApiHealth,
 }
 
 impl Context {

@@ -5,6 +5,7 @@
 
 mod context;
 pub mod oauth;
+mod pending;
 pub mod revocation;
 mod static_creds;
 
@@ -24,6 +25,7 @@ use crate::runtime::wire::CachedConnection;
 
 pub use crate::decide::outcome::{Next, Synced};
 pub use context::{Context, StoredGrant, TransientFailures};
+pub use pending::{PendingGrant, PendingGrants};
 
 /// The work queue's worker: reconciles `cached` and says when to do so
 /// again (`None`: on the next watch event).
@@ -40,6 +42,9 @@ pub async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Opti
     match result {
         Ok(next) => next.delay(ctx.clock.now()),
         Err(error) => {
+            if error.is_api_unreachable() {
+                ctx.api.failed();
+            }
             ctx.metrics.reconcile_error(error.reason());
             let failures = ctx.record_transient_failure(&*cached);
             let delay = backoff(failures);
@@ -75,6 +80,7 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, 
     let desired = status::desired_status(conn, &synced.report, now);
     if !status::is_current(conn, &desired) {
         ctx.status.write(conn, &desired).await?;
+        ctx.api.answered();
     }
     ctx.events.publish_all(conn, &synced.notes).await;
     Ok(synced.next)

@@ -38,7 +38,8 @@ use crate::oauth::client::{self, Grant, TokenRequest};
 use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, SealedGrant};
 use crate::oauth::state_secret::{GrantState, only_pending};
 use crate::oauth::token::{IssuedToken, TokenRecord};
-use crate::reconcile::Context;
+use crate::reconcile::{Context, PendingGrant};
+use crate::runtime::object_key::key_of;
 use crate::runtime::wire::ReadSecret;
 use crate::write::secret::{apply_if_changed, store_state_secret};
 
@@ -63,6 +64,7 @@ pub async fn sync(
         settings: &settings,
         now,
     };
+    sync.store_pending_grant().await?;
     let mut inputs = sync.read_inputs().await?;
     if let Some(problem) = &inputs.grant_problem {
         warn!(connection = %display_name(conn), %problem, "the sealed refresh token in the target Secret cannot be used");
@@ -115,9 +117,12 @@ pub async fn sync(
             }
             Ok(synced)
         }
-        Action::Request(ask) => sync.refresh(&inputs, &decision, ask).await,
+        Action::Request(ask) => sync.refresh_when_api_answers(&inputs, &decision, ask).await,
     }
 }
+
+/// How often a refresh that waits for the Kubernetes API looks again.
+const API_WAIT: Duration = Duration::from_secs(2);
 
 /// What every phase of one OAuth 2.0 reconcile works on.
 struct OAuthSync<'a> {
@@ -132,6 +137,30 @@ struct OAuthSync<'a> {
 impl OAuthSync<'_> {
     fn namespace(&self) -> String {
         self.conn.namespace().unwrap_or_default()
+    }
+
+    /// Refreshes, unless the Kubernetes API does not answer and the grant
+    /// has a refresh token the provider may rotate: then the current token
+    /// stays and the refresh waits for the API, which the status says later.
+    async fn refresh_when_api_answers(
+        &self,
+        inputs: &OAuthInputs,
+        decision: &RefreshDecision,
+        ask: TokenAsk,
+    ) -> Result<Synced, Error> {
+        let (conn, ctx) = (self.conn, self.ctx);
+        let key = key_of(conn);
+        if ask.refresh_token.is_some() && !ctx.api.answers(&ctx.client).await {
+            info!(connection = %display_name(conn), "the Kubernetes API does not answer; refreshing when it does");
+            ctx.api.defer(key, self.now);
+            return Ok(Synced::unchanged(Next::In(API_WAIT)));
+        }
+        let deferred_since = ctx.api.take_deferral(&key);
+        let mut synced = self.refresh(inputs, decision, ask).await?;
+        if let Some(since) = deferred_since {
+            outcome::say_deferred(&mut synced, since, self.now);
+        }
+        Ok(synced)
     }
 
     /// Requests a token, verifies it, writes it with the grant, and says
@@ -219,6 +248,10 @@ impl OAuthSync<'_> {
         ask: &TokenAsk,
     ) -> Result<IssuedToken, (Error, Option<String>)> {
         let oauth = self.oauth;
+        let slot = self.ctx.throttle.acquire(&oauth.token_url).await;
+        // Right before the request leaves: only a replica that holds the
+        // lease may send a refresh token, and only for as long as it holds it.
+        let time_left = self.ctx.fence.time_left().map_err(|e| (e, None))?;
         let request = TokenRequest {
             token_url: &oauth.token_url,
             client_id: &inputs.client_id,
@@ -230,8 +263,8 @@ impl OAuthSync<'_> {
                 Some(token) => Grant::RefreshToken(token),
                 None => Grant::ClientCredentials,
             },
+            timeout: time_left.min(client::REQUEST_TIMEOUT),
         };
-        let slot = self.ctx.throttle.acquire(&oauth.token_url).await;
         let answer = client::request_token(&self.ctx.http, request).await;
         drop(slot);
         answer.map_err(|failure| {
@@ -482,6 +515,21 @@ impl OAuthSync<'_> {
         target_secret(conn, data, annotations)
     }
 
+    /// Stores the grant an earlier reconcile could not write, before
+    /// anything else: until it is stored, no token request is sent.
+    async fn store_pending_grant(&self) -> Result<(), Error> {
+        let (conn, ctx) = (self.conn, self.ctx);
+        let uid = conn.uid().unwrap_or_default();
+        let Some(pending) = ctx.pending.get(&key_of(conn), &uid) else {
+            return Ok(());
+        };
+        let inputs = self.read_inputs().await?;
+        info!(connection = %display_name(conn), "storing a grant an earlier write could not store");
+        let record = pending.record.as_ref().or(inputs.current.as_ref());
+        self.write_token(&inputs, record, Some(&pending.grant), pending.due)
+            .await
+    }
+
     /// Writes the target Secret when it differs from what `record` and
     /// `grant` make (a grant without a token: an empty Secret that keeps
     /// the grant). A freshly rotated refresh token exists nowhere else, so
@@ -495,22 +543,50 @@ impl OAuthSync<'_> {
     ) -> Result<(), Error> {
         let desired = self.desired_target(inputs, record, grant, next_refresh_at);
         let existing = inputs.target.as_deref();
+        let (ctx, key) = (self.ctx, key_of(self.conn));
         let mut attempt = 1;
         loop {
             match apply_if_changed(self.conn, self.secrets, existing, &desired).await {
-                Ok(Some(written)) => {
-                    self.ctx.secrets.wrote(written.secret);
+                Ok(written) => {
+                    if let Some(written) = written {
+                        ctx.secrets.wrote(written.secret);
+                        ctx.api.answered();
+                    }
+                    ctx.pending.stored(&key);
                     return Ok(());
                 }
-                Ok(None) => return Ok(()),
                 Err(error)
                     if error.retry() == Retry::Infrastructure && attempt < GRANT_WRITE_ATTEMPTS =>
                 {
+                    // Other refreshes wait for the API from now on.
+                    if error.is_api_unreachable() {
+                        ctx.api.failed();
+                    }
                     warn!(connection = %display_name(self.conn), attempt, %error, "could not write the target Secret; retrying");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                     attempt += 1;
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    if error.is_api_unreachable() {
+                        ctx.api.failed();
+                    }
+                    let new_grant = grant.filter(|g| inputs.stored_grant.as_ref() != Some(*g));
+                    if let Some(grant) =
+                        new_grant.filter(|_| error.retry() == Retry::Infrastructure)
+                    {
+                        warn!(connection = %display_name(self.conn), %error, "the target Secret could not be written; the new grant is kept in memory and written when the API answers");
+                        ctx.pending.keep(
+                            key,
+                            PendingGrant {
+                                uid: self.conn.uid().unwrap_or_default(),
+                                grant: grant.clone(),
+                                record: record.cloned(),
+                                due: next_refresh_at,
+                            },
+                        );
+                    }
+                    return Err(error);
+                }
             }
         }
     }

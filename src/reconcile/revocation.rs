@@ -124,6 +124,8 @@ pub async fn finalize(
         .deletion_timestamp
         .as_ref()
         .map_or(now, |t| t.0);
+    // Only a replica that holds the lease revokes.
+    ctx.fence.time_left()?;
     let outcome = revoke_all(conn, oauth, ctx, now).await;
     let attempts = match &outcome {
         Ok(()) => 0,

@@ -2,6 +2,7 @@
 //! what wakes which connection, the caches, and the limits on outgoing
 //! requests.
 
+pub mod api_health;
 pub mod object_key;
 pub mod queue;
 pub mod relist;

@@ -19,10 +19,11 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::api::SourceConnection;
-use crate::leader::{self, LeaseSettings};
+use crate::leader::{self, Fence, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::oauth::{authorize, client as token_client};
-use crate::reconcile::{self, Context, TransientFailures};
+use crate::reconcile::{self, Context, PendingGrants, TransientFailures};
+use crate::runtime::api_health::ApiHealth;
 use crate::runtime::object_key::{self, key_of};
 use crate::runtime::queue::{self, Trigger};
 use crate::runtime::sealing_key;
@@ -117,6 +118,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .as_ref()
         .map(|a| a.external_url.trim_end_matches('/').to_owned());
     let http = token_client::http_client();
+    let fence = settings
+        .leader_election
+        .as_ref()
+        .map(Fence::for_lease)
+        .unwrap_or_default();
     let context = Arc::new(Context {
         client: client.clone(),
         http: http.clone(),
@@ -135,6 +141,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         ),
         status: Arc::new(StatusWriter::new(client.clone())),
         clock: Clock::system(),
+        fence: fence.clone(),
+        pending: PendingGrants::default(),
+        api: ApiHealth::default(),
     });
     if let Some(authorization) = &settings.authorization {
         let flow = authorize::Flow {
@@ -173,7 +182,12 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     };
 
     let (leading_tx, mut leading) = watch::channel(false);
-    tokio::spawn(leader::campaign(client.clone(), lease.clone(), leading_tx));
+    tokio::spawn(leader::campaign(
+        client.clone(),
+        lease.clone(),
+        leading_tx,
+        fence.clone(),
+    ));
     // A follower is ready: it is up and can take over at any moment.
     ready.store(true, Ordering::Relaxed);
     info!(lease = %lease.name, identity = %lease.identity, "waiting to lead");
@@ -197,8 +211,17 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             metrics.leader.set(0);
             let _ = stop_tx.send(());
             // Exit rather than linger: a fresh start follows the new leader
-            // from a clean slate.
+            // from a clean slate, and reads every grant from the API again.
             anyhow::bail!("lost the leader lease {}; exiting so that only the new leader writes", lease.name)
+        }
+        _ = fence.lapsed() => {
+            metrics.leader.set(0);
+            let _ = stop_tx.send(());
+            anyhow::bail!(
+                "the leader lease {} was not renewed within the renew deadline (was this process \
+                 frozen?); exiting without sending token requests so that only the new leader writes",
+                lease.name
+            )
         }
     }
 }

@@ -218,21 +218,30 @@ impl Operator {
     }
 
     pub fn start_with(namespace: &TestNamespace, extra_args: &[&str]) -> Self {
+        Self::start_on(
+            Path::new(&operator_kubeconfig()),
+            &namespace.name,
+            extra_args,
+        )
+    }
+
+    /// The operator on the control plane of `kubeconfig`, watching
+    /// `namespace`.
+    pub fn start_on(kubeconfig: &Path, namespace: &str, extra_args: &[&str]) -> Self {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let log_path = artifacts_dir().join(format!(
-            "operator-{}-{}.log",
-            namespace.name,
+            "operator-{namespace}-{}.log",
             STARTS.fetch_add(1, Ordering::Relaxed)
         ));
         let log = File::create(&log_path).expect("create operator log");
-        let mut args = vec!["run", "--namespace", namespace.name.as_str()];
+        let mut args = vec!["run", "--namespace", namespace];
         if !extra_args.contains(&"--metrics-bind-address") {
             args.extend(["--metrics-bind-address", "127.0.0.1:0"]);
         }
         let child = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
             .args(args)
             .args(extra_args)
-            .env("KUBECONFIG", operator_kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,tokenkeeper=debug")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -529,6 +538,89 @@ impl OwnControlPlane {
 
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         succeeded(args, self.kubectl(args))
+    }
+
+    /// `kubectl apply -f -` of `manifest` on this control plane.
+    pub fn apply_ok(&self, manifest: &str) {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().expect("kubectl apply");
+        assert!(out.status.success(), "kubectl apply: {}", stderr(&out));
+    }
+
+    /// The pid of the kube-apiserver up.sh (or `start_apiserver`) started
+    /// last, and its command line.
+    fn apiserver(&self) -> (u32, Vec<String>) {
+        let pids = std::fs::read_to_string(self.dir.join("pids")).expect("the pids file");
+        let pid: u32 = pids
+            .lines()
+            .filter_map(|line| line.strip_prefix("kube-apiserver "))
+            .next_back()
+            .and_then(|pid| pid.trim().parse().ok())
+            .expect("a kube-apiserver pid");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args = cmdline
+            .split(|b| *b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        (pid, args)
+    }
+
+    /// Stops the kube-apiserver as a control-plane upgrade does (SIGTERM);
+    /// returns its command line for `start_apiserver`.
+    pub fn stop_apiserver(&self) -> Vec<String> {
+        let (pid, args) = self.apiserver();
+        assert!(!args.is_empty(), "kube-apiserver {pid} is running");
+        signal(pid, "TERM");
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        signal(pid, "KILL");
+        args
+    }
+
+    /// Starts the kube-apiserver again with the command line it had, on the
+    /// same port and etcd; recorded in the pids file so that drop stops it.
+    pub fn start_apiserver(&self, args: &[String]) {
+        // In its own session and in the background, as up.sh starts it.
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(r#"log="$1"; shift; setsid "$@" >>"$log" 2>&1 </dev/null & echo $!"#)
+            .arg("bash")
+            .arg(self.dir.join("logs/kube-apiserver.log"))
+            .args(args)
+            .output()
+            .expect("start kube-apiserver");
+        let mut pids = File::options()
+            .append(true)
+            .open(self.dir.join("pids"))
+            .expect("the pids file");
+        writeln!(pids, "kube-apiserver {}", stdout(&out).trim()).unwrap();
+        wait_for(
+            "the API server to answer again",
+            Duration::from_secs(60),
+            || {
+                let out = self.kubectl(&["get", "--raw", "/readyz"]);
+                out.status.success().then_some(()).ok_or(stderr(&out))
+            },
+        );
     }
 }
 
