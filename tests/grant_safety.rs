@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{OAuthServer, Operator, OwnControlPlane, REPO, wait_for};
+use common::{OAuthServer, Operator, OwnControlPlane, REPO, TestNamespace, wait_for};
 use serde_json::json;
 
 const NAMESPACE: &str = "outage";
@@ -121,4 +121,142 @@ fn an_api_server_outage_loses_no_rotated_refresh_token() {
     let logs = operator.logs();
     assert!(logs.contains("kept in memory"), "a grant was kept");
     assert!(logs.contains("refreshing when it does"), "a refresh waited");
+}
+
+fn leader_args(lease: &str) -> Vec<String> {
+    [
+        "--leader-elect",
+        "--leader-election-namespace",
+        "tokenkeeper-system",
+        "--leader-election-lease",
+        lease,
+        "--lease-duration-seconds",
+        "6",
+        "--renew-deadline-seconds",
+        "4",
+        "--retry-period-seconds",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn a_leader_that_thaws_after_its_lease_sends_no_token_request() {
+    const CONNECTIONS: usize = 50;
+    const ROUNDS: usize = 5;
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 6, "rotateRefreshToken": true }));
+    let ns = TestNamespace::new("fence");
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    let mut manifests = Vec::new();
+    for index in 0..CONNECTIONS {
+        let name = format!("crm{index}");
+        let token = server.mint_refresh_token("crm.read");
+        manifests.push(format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-grant\nstringData:\n  \
+             refresh_token: {token}\n"
+        ));
+        manifests
+            .push(connection(&name, &server).replace(&format!("  namespace: {NAMESPACE}\n"), ""));
+    }
+    ns.apply_ok(&manifests.join("---\n"));
+    let lease = ns.name.clone();
+    let args = leader_args(&lease);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut replicas = vec![
+        Operator::start_with(&ns, &args),
+        Operator::start_with(&ns, &args),
+    ];
+    let all_synced = |ns: &TestNamespace| {
+        let out = ns.kubectl_ok(&[
+            "get",
+            "srcconn",
+            "-o",
+            r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].reason}{"\n"}{end}"#,
+        ]);
+        let synced = out.lines().filter(|r| *r == "SecretSynced").count();
+        (synced == CONNECTIONS).then_some(()).ok_or(out)
+    };
+    wait_for(
+        "every connection SecretSynced",
+        Duration::from_secs(90),
+        || all_synced(&ns),
+    );
+    let holder = || {
+        common::kubectl_ok(&[
+            "get",
+            "lease",
+            &lease,
+            "-n",
+            "tokenkeeper-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    };
+
+    for round in 0..ROUNDS {
+        let identity = holder();
+        let leader = replicas
+            .iter()
+            .position(|r| identity.ends_with(&format!("-{}", r.pid())))
+            .unwrap_or_else(|| panic!("round {round}: {identity:?} is one of the replicas"));
+        // The provider holds token requests unanswered while the leader is
+        // stopped, so that none is answered into a frozen process: that
+        // window (the provider rotated, the answer never arrived) is the
+        // crash window no replica can close, and not what this tests.
+        server.fail("hang");
+        std::thread::sleep(Duration::from_millis(300));
+        replicas[leader].freeze();
+        server.fail("off");
+        let new_holder = wait_for(
+            "the other replica to take the lease",
+            Duration::from_secs(30),
+            || {
+                let now = holder();
+                (now != identity && !now.is_empty())
+                    .then_some(now.clone())
+                    .ok_or(now)
+            },
+        );
+        // Past the lease, and long enough for refreshes to come due in the
+        // frozen replica and be done by the new leader.
+        std::thread::sleep(Duration::from_secs(6));
+        let requests = server.stats()["tokenRequests"].as_u64().unwrap();
+        replicas[leader].thaw();
+        let status = wait_for(
+            "the thawed replica to step down",
+            Duration::from_secs(30),
+            || replicas[leader].exited().ok_or("still running".to_owned()),
+        );
+        assert!(!status.success(), "it exits to follow from a clean slate");
+        let logs = replicas[leader].logs();
+        assert!(
+            logs.contains("was not renewed within the renew deadline")
+                || logs.contains("another replica holds the lease"),
+            "round {round}: {logs}"
+        );
+        assert!(
+            server.stats()["tokenRequests"].as_u64().unwrap() >= requests,
+            "{new_holder} went on refreshing"
+        );
+        replicas[leader] = Operator::start_with(&ns, &args);
+        let stats = server.stats();
+        assert_eq!(
+            stats["refreshTokenReuse"], 0,
+            "round {round}: a thawed leader used a refresh token the new leader had rotated: {stats}"
+        );
+    }
+    wait_for(
+        "every connection SecretSynced",
+        Duration::from_secs(60),
+        || all_synced(&ns),
+    );
+    let stats = server.stats();
+    assert_eq!(stats["refreshTokenReuse"], 0, "{stats}");
+    assert_eq!(
+        stats["errors"].get("invalid_grant"),
+        None,
+        "no grant was revoked: {stats}"
+    );
 }

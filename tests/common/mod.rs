@@ -257,6 +257,21 @@ impl Operator {
         self.child.as_ref().expect("operator running").id()
     }
 
+    /// SIGSTOP: the process keeps its state and timers but runs no more,
+    /// as in a paused VM or a frozen cgroup.
+    pub fn freeze(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    pub fn thaw(&self) {
+        signal(self.pid(), "CONT");
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// SIGKILL, as a node failure or the OOM killer would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
