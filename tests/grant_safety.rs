@@ -164,7 +164,7 @@ fn a_leader_that_thaws_after_its_lease_sends_no_token_request() {
     let lease = ns.name.clone();
     let args = leader_args(&lease);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut replicas = vec![
+    let mut replicas = [
         Operator::start_with(&ns, &args),
         Operator::start_with(&ns, &args),
     ];
