@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::error::Error;
@@ -25,9 +25,10 @@ const MIN_REQUEST_TIME: Duration = Duration::from_secs(1);
 /// holds the lease: it renewed it less than `renew_deadline` ago on the
 /// boot-time clock, which runs on while the process is frozen (SIGSTOP, a
 /// paused VM, a frozen cgroup). A replica that thawed after its lease
-/// lapsed finds it has no time left, sends nothing, and steps down: the
-/// timers that fired on thawing cannot reach the provider with refresh
-/// tokens the new leader has rotated since.
+/// lapsed finds it has no time left and sends nothing until its lease loop
+/// renews (then no other replica took over) or finds another holder (then
+/// it exits): the timers that fired on thawing cannot reach the provider
+/// with refresh tokens a new leader has rotated since.
 #[derive(Clone, Default)]
 pub struct Fence {
     /// `None`: no leader election, this replica is the only one.
@@ -39,9 +40,9 @@ struct FenceState {
     /// 0 while not leading.
     renewed_at: AtomicU64,
     /// How long a renewal is good for: the renew deadline, which leaves the
-    /// rest of the lease duration for clock skew and requests in flight.
+    /// rest of the lease duration for clock-rate skew and requests in
+    /// flight.
     valid_for: Duration,
-    lapsed: Notify,
 }
 
 impl Fence {
@@ -51,7 +52,6 @@ impl Fence {
             lease: Some(Arc::new(FenceState {
                 renewed_at: AtomicU64::new(0),
                 valid_for: settings.renew_deadline,
-                lapsed: Notify::new(),
             })),
         }
     }
@@ -67,7 +67,6 @@ impl Fence {
     fn lost(&self) {
         if let Some(state) = &self.lease {
             state.renewed_at.store(0, Ordering::SeqCst);
-            state.lapsed.notify_waiters();
         }
     }
 
@@ -81,18 +80,7 @@ impl Fence {
         let elapsed = boot_time().saturating_sub(Duration::from_nanos(renewed_at));
         match state.valid_for.checked_sub(elapsed) {
             Some(left) if renewed_at != 0 && left >= MIN_REQUEST_TIME => Ok(left),
-            _ => {
-                self.lost();
-                Err(Error::NotLeading)
-            }
-        }
-    }
-
-    /// Resolves when a check found the lease lapsed.
-    pub async fn lapsed(&self) {
-        match &self.lease {
-            Some(state) => state.lapsed.notified().await,
-            None => std::future::pending().await,
+            _ => Err(Error::NotLeading),
         }
     }
 }
@@ -136,13 +124,20 @@ pub struct LeaseSettings {
 pub enum LeaseDecision {
     /// We hold it: renew.
     Renew,
-    /// Free or expired: take it.
+    /// Free, or its holder stopped renewing: take it.
     Acquire,
-    /// Another replica holds it until `until`.
-    Wait { until: Timestamp },
+    /// Another replica holds it and renews it.
+    Wait,
 }
 
-pub fn decide(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> LeaseDecision {
+/// Decides from the lease and how long this replica has seen it unchanged
+/// (on its own clock, as client-go does): a holder that stopped renewing
+/// loses the lease once its duration has passed since this replica last
+/// saw it change. Not from the holder's renew time, so that clocks that
+/// differ between nodes cannot hand the lease over early, and a lease no
+/// one could renew while the API was down is not taken the moment the API
+/// answers again: its holder renews it first if it is alive.
+pub fn decide(spec: Option<&LeaseSpec>, identity: &str, unchanged_for: Duration) -> LeaseDecision {
     let Some(spec) = spec else {
         return LeaseDecision::Acquire;
     };
@@ -150,20 +145,38 @@ pub fn decide(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Lease
         None | Some("") => LeaseDecision::Acquire,
         Some(holder) if holder == identity => LeaseDecision::Renew,
         Some(_) => {
-            let renewed = spec
-                .renew_time
-                .as_ref()
-                .or(spec.acquire_time.as_ref())
-                .map(|t| t.0);
-            let duration =
-                SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
-            match renewed {
-                Some(renewed) if renewed + duration > now => LeaseDecision::Wait {
-                    until: renewed + duration,
-                },
-                _ => LeaseDecision::Acquire,
+            let seconds = u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0);
+            if unchanged_for >= Duration::from_secs(seconds) {
+                LeaseDecision::Acquire
+            } else {
+                LeaseDecision::Wait
             }
         }
+    }
+}
+
+/// How long a lease has been seen unchanged: its holder and times as last
+/// read, and when (boot time) they were first read so.
+#[derive(Default)]
+struct Observation {
+    record: Option<(Option<String>, Option<MicroTime>, Option<MicroTime>)>,
+    since: Duration,
+}
+
+impl Observation {
+    fn unchanged_for(&mut self, spec: Option<&LeaseSpec>, now: Duration) -> Duration {
+        let record = spec.map(|s| {
+            (
+                s.holder_identity.clone(),
+                s.renew_time.clone(),
+                s.acquire_time.clone(),
+            )
+        });
+        if self.record != record {
+            self.record = record;
+            self.since = now;
+        }
+        now.saturating_sub(self.since)
     }
 }
 
@@ -197,8 +210,11 @@ pub fn claimed(
 }
 
 /// Campaigns for the lease until the process ends. `leading` turns true
-/// when this replica leads and false when it loses or gives up the lease;
-/// `fence` learns of every renewal.
+/// when this replica leads and false when another replica holds the lease;
+/// `fence` learns of every renewal. A leader that cannot renew (the API does
+/// not answer) keeps its place but sends no token request once the renew
+/// deadline has passed; it renews as soon as it can, before any other
+/// replica may take over, so that grants only it holds are not lost.
 pub async fn campaign(
     client: Client,
     settings: LeaseSettings,
@@ -206,16 +222,19 @@ pub async fn campaign(
     fence: Fence,
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
-    let mut last_renewal: Option<Duration> = None;
+    let mut observation = Observation::default();
+    let mut warned = false;
     loop {
         let sent_at = boot_time();
-        let outcome = try_claim(&leases, &settings, Timestamp::now()).await;
+        let outcome = try_claim(&leases, &settings, &mut observation, sent_at).await;
         match outcome {
             Ok(true) => {
                 if !*leading.borrow() {
                     info!(lease = %settings.name, identity = %settings.identity, "became the leader");
+                } else if warned {
+                    info!(lease = %settings.name, "renewed the lease again");
                 }
-                last_renewal = Some(sent_at);
+                warned = false;
                 fence.renewed(sent_at);
                 leading.send_replace(true);
             }
@@ -223,19 +242,14 @@ pub async fn campaign(
                 if *leading.borrow() {
                     warn!(lease = %settings.name, "another replica holds the lease; stepping down");
                 }
-                last_renewal = None;
                 fence.lost();
                 leading.send_replace(false);
             }
             Err(error) => {
                 warn!(lease = %settings.name, %error, "could not read or write the lease");
-                let lapsed = last_renewal
-                    .is_some_and(|at| boot_time().saturating_sub(at) > settings.renew_deadline);
-                if lapsed {
-                    warn!(lease = %settings.name, "could not renew the lease in time; stepping down");
-                    last_renewal = None;
-                    fence.lost();
-                    leading.send_replace(false);
+                if *leading.borrow() && fence.time_left().is_err() && !warned {
+                    warn!(lease = %settings.name, "could not renew the lease in time; no token request is sent until it is renewed");
+                    warned = true;
                 }
             }
         }
@@ -247,12 +261,15 @@ pub async fn campaign(
 async fn try_claim(
     leases: &Api<Lease>,
     settings: &LeaseSettings,
-    now: Timestamp,
+    observation: &mut Observation,
+    sent_at: Duration,
 ) -> Result<bool, kube::Error> {
     let existing = leases.get_opt(&settings.name).await?;
     let spec = existing.as_ref().and_then(|l| l.spec.as_ref());
-    match decide(spec, &settings.identity, now) {
-        LeaseDecision::Wait { .. } => Ok(false),
+    let unchanged_for = observation.unchanged_for(spec, sent_at);
+    let now = Timestamp::now();
+    match decide(spec, &settings.identity, unchanged_for) {
+        LeaseDecision::Wait => Ok(false),
         LeaseDecision::Acquire | LeaseDecision::Renew => {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -334,7 +351,6 @@ mod tests {
         // A renewal as long ago as a freeze past the deadline.
         fence.renewed(boot_time().saturating_sub(Duration::from_secs(10)));
         assert!(matches!(fence.time_left(), Err(Error::NotLeading)));
-        assert!(fence.time_left().is_err(), "it stays lapsed until renewed");
         fence.renewed(boot_time());
         assert!(fence.time_left().is_ok());
     }
@@ -366,23 +382,36 @@ mod tests {
     }
 
     #[test]
-    fn a_free_or_expired_lease_is_taken_a_live_one_is_not() {
-        assert_eq!(decide(None, "a", at(100)), LeaseDecision::Acquire);
+    fn a_lease_is_taken_when_free_or_seen_unchanged_for_its_duration() {
+        let secs = Duration::from_secs;
+        assert_eq!(decide(None, "a", secs(0)), LeaseDecision::Acquire);
         let lease = held_by("b", 100, 15);
-        assert_eq!(
-            decide(Some(&lease), "a", at(110)),
-            LeaseDecision::Wait { until: at(115) }
-        );
-        assert_eq!(decide(Some(&lease), "a", at(115)), LeaseDecision::Acquire);
-        assert_eq!(decide(Some(&lease), "b", at(110)), LeaseDecision::Renew);
+        assert_eq!(decide(Some(&lease), "a", secs(14)), LeaseDecision::Wait);
+        assert_eq!(decide(Some(&lease), "a", secs(15)), LeaseDecision::Acquire);
+        assert_eq!(decide(Some(&lease), "b", secs(0)), LeaseDecision::Renew);
         let released = LeaseSpec {
             holder_identity: None,
             ..lease
         };
         assert_eq!(
-            decide(Some(&released), "a", at(101)),
+            decide(Some(&released), "a", secs(0)),
             LeaseDecision::Acquire
         );
+    }
+
+    #[test]
+    fn unchanged_is_counted_from_the_last_change_seen_not_the_renew_time() {
+        let secs = Duration::from_secs;
+        let mut seen = Observation::default();
+        // Renewed long ago by the holder's clock: first seen now, so not
+        // taken at once (an API server that was down comes back to a lease
+        // nobody could renew).
+        let stale = held_by("b", 100, 15);
+        assert_eq!(seen.unchanged_for(Some(&stale), secs(1_000)), secs(0));
+        assert_eq!(seen.unchanged_for(Some(&stale), secs(1_010)), secs(10));
+        let renewed = held_by("b", 101, 15);
+        assert_eq!(seen.unchanged_for(Some(&renewed), secs(1_012)), secs(0));
+        assert_eq!(seen.unchanged_for(Some(&renewed), secs(1_027)), secs(15));
     }
 
     #[test]

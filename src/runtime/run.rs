@@ -214,15 +214,6 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             // from a clean slate, and reads every grant from the API again.
             anyhow::bail!("lost the leader lease {}; exiting so that only the new leader writes", lease.name)
         }
-        _ = fence.lapsed() => {
-            metrics.leader.set(0);
-            let _ = stop_tx.send(());
-            anyhow::bail!(
-                "the leader lease {} was not renewed within the renew deadline (was this process \
-                 frozen?); exiting without sending token requests so that only the new leader writes",
-                lease.name
-            )
-        }
     }
 }
 

@@ -28,7 +28,7 @@ const ACCOUNT = 'alice';
 // An in-memory store that never evicts (oidc-provider's default one evicts
 // after a few thousand writes, which long runs exceed).
 const store = new Map();
-const stats = { tokenRequests: 0, tokenSuccesses: 0, refreshTokenReuse: 0, revocations: 0, errors: {} };
+const stats = { tokenRequests: 0, tokenSuccesses: 0, refreshTokenReuse: 0, revocations: 0, errors: {}, reuseTimes: [] };
 class TestAdapter {
   constructor(model) { this.model = model; }
   key(id) { return `${this.model}:${id}`; }
@@ -128,7 +128,10 @@ provider.proxy = false;
 
 provider.on('grant.error', (_ctx, error) => {
   stats.errors[error.error] = (stats.errors[error.error] ?? 0) + 1;
-  if (error.error_detail === 'refresh token already used') stats.refreshTokenReuse += 1;
+  if (error.error_detail === 'refresh token already used') {
+    stats.refreshTokenReuse += 1;
+    stats.reuseTimes.push(Date.now());
+  }
 });
 provider.on('grant.success', () => { stats.tokenSuccesses += 1; });
 provider.on('revocation.success', () => { stats.revocations += 1; });
