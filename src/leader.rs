@@ -155,8 +155,10 @@ pub fn decide(spec: Option<&LeaseSpec>, identity: &str, unchanged_for: Duration)
     }
 }
 
-/// How long a lease has been seen unchanged: its holder and times as last
-/// read, and when (boot time) they were first read so.
+/// How long a lease has been seen unchanged, continuously: its holder and
+/// times as last read, and when (boot time) they were first read so. A read
+/// that fails starts the count again, since a holder cannot renew while
+/// nobody can reach the API either.
 #[derive(Default)]
 struct Observation {
     record: Option<(Option<String>, Option<MicroTime>, Option<MicroTime>)>,
@@ -177,6 +179,11 @@ impl Observation {
             self.since = now;
         }
         now.saturating_sub(self.since)
+    }
+
+    /// The lease could not be read.
+    fn lost_sight(&mut self) {
+        self.record = None;
     }
 }
 
@@ -246,6 +253,7 @@ pub async fn campaign(
                 leading.send_replace(false);
             }
             Err(error) => {
+                observation.lost_sight();
                 warn!(lease = %settings.name, %error, "could not read or write the lease");
                 if *leading.borrow() && fence.time_left().is_err() && !warned {
                     warn!(lease = %settings.name, "could not renew the lease in time; no token request is sent until it is renewed");
@@ -412,6 +420,11 @@ mod tests {
         let renewed = held_by("b", 101, 15);
         assert_eq!(seen.unchanged_for(Some(&renewed), secs(1_012)), secs(0));
         assert_eq!(seen.unchanged_for(Some(&renewed), secs(1_027)), secs(15));
+        // The API did not answer for a while: nothing was seen, so the
+        // count starts again when it answers.
+        seen.lost_sight();
+        assert_eq!(seen.unchanged_for(Some(&renewed), secs(1_060)), secs(0));
+        assert_eq!(seen.unchanged_for(Some(&renewed), secs(1_070)), secs(10));
     }
 
     #[test]

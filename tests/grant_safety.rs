@@ -1,7 +1,8 @@
 //! A rotated refresh token exists only in tokenkeeper's write: infrastructure
-//! faults must not lose one. On a control plane of the test's own (its API
-//! server is stopped and started again) with `oidc-provider` rotating
-//! refresh tokens and revoking a grant whose refresh token is used twice.
+//! faults must not lose one. With `oidc-provider` rotating refresh tokens and
+//! revoking a grant whose refresh token is used twice: an API server stopped
+//! and started again (on a control plane of the test's own), and a leader
+//! frozen past its lease.
 
 mod common;
 
@@ -73,7 +74,23 @@ fn an_api_server_outage_loses_no_rotated_refresh_token() {
         "--from-literal=client_id=crm-client",
         "--from-literal=client_secret=crm-client-secret",
     ]);
-    let operator = Operator::start_on(&plane.kubeconfig(), NAMESPACE, &[]);
+    // Two replicas: the outage is longer than the lease, and only the
+    // leader holds the grants its failed writes could not store.
+    let lease_args = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        "default",
+        "--lease-duration-seconds",
+        "6",
+        "--renew-deadline-seconds",
+        "4",
+        "--retry-period-seconds",
+        "1",
+    ];
+    let replicas = [
+        Operator::start_on(&plane.kubeconfig(), NAMESPACE, &lease_args),
+        Operator::start_on(&plane.kubeconfig(), NAMESPACE, &lease_args),
+    ];
     for index in 0..CONNECTIONS {
         if index == CONNECTIONS / 2 {
             // Two groups a token's half-life apart, so that when the API
@@ -118,7 +135,7 @@ fn an_api_server_outage_loses_no_rotated_refresh_token() {
     assert_eq!(stats["errors"], json!({}), "{stats}");
     // Both paths were taken: grants issued while the API was going down
     // were kept in memory, refreshes that came due later waited.
-    let logs = operator.logs();
+    let logs = replicas[0].logs() + &replicas[1].logs();
     assert!(logs.contains("kept in memory"), "a grant was kept");
     assert!(logs.contains("refreshing when it does"), "a refresh waited");
 }

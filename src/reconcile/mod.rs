@@ -21,9 +21,13 @@ use crate::decide::refresh::backoff;
 use crate::decide::status::{self, display_name};
 use crate::decide::validate::{self, Method};
 use crate::error::{Error, Retry};
+use crate::runtime::object_key::key_of;
 use crate::runtime::wire::CachedConnection;
 
 pub use crate::decide::outcome::{Next, Synced};
+
+/// How often a connection whose new grant could not be written tries again.
+const PENDING_RETRY: Duration = Duration::from_secs(2);
 pub use context::{Context, StoredGrant, TransientFailures};
 pub use pending::{PendingGrant, PendingGrants};
 
@@ -47,7 +51,13 @@ pub async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Opti
             }
             ctx.metrics.reconcile_error(error.reason());
             let failures = ctx.record_transient_failure(&*cached);
-            let delay = backoff(failures);
+            // A grant only this process holds is written as soon as the API
+            // answers again, however long it was gone.
+            let delay = if ctx.pending.has(&key_of(&*cached)) {
+                backoff(failures).min(PENDING_RETRY)
+            } else {
+                backoff(failures)
+            };
             warn!(connection = %display_name(&*cached), %error, failures, retry_in = ?delay, "reconcile failed");
             Some(delay)
         }

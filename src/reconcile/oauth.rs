@@ -174,6 +174,11 @@ impl OAuthSync<'_> {
         let (conn, oauth) = (self.conn, self.oauth);
         debug!(connection = %display_name(conn), reason = ?ask.reason, "requesting a token");
         let answer = self.request_token(inputs, &ask).await;
+        // Not sent (this replica cannot prove it leads): nothing to report
+        // on the connection; retried like any Kubernetes trouble.
+        if let Err((error @ Error::NotLeading, _)) = answer {
+            return Err(error);
+        }
         let result = match &answer {
             Ok(_) => "success",
             Err((error, _)) => error.reason().as_str(),

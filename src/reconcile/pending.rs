@@ -41,6 +41,10 @@ impl PendingGrants {
         self.lock().get(key).filter(|p| p.uid == uid).cloned()
     }
 
+    pub fn has(&self, key: &Key) -> bool {
+        self.lock().contains_key(key)
+    }
+
     /// A write stored `key`'s grant.
     pub fn stored(&self, key: &Key) {
         self.lock().remove(key);
