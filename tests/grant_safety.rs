@@ -76,17 +76,8 @@ fn an_api_server_outage_loses_no_rotated_refresh_token() {
     ]);
     // Two replicas: the outage is longer than the lease, and only the
     // leader holds the grants its failed writes could not store.
-    let lease_args = [
-        "--leader-elect",
-        "--leader-election-namespace",
-        "default",
-        "--lease-duration-seconds",
-        "6",
-        "--renew-deadline-seconds",
-        "4",
-        "--retry-period-seconds",
-        "1",
-    ];
+    let lease_args = common::leader_args("default", "tokenkeeper-leader");
+    let lease_args: Vec<&str> = lease_args.iter().map(String::as_str).collect();
     let replicas = [
         Operator::start_on(&plane.kubeconfig(), NAMESPACE, &lease_args),
         Operator::start_on(&plane.kubeconfig(), NAMESPACE, &lease_args),
@@ -140,25 +131,6 @@ fn an_api_server_outage_loses_no_rotated_refresh_token() {
     assert!(logs.contains("refreshing when it does"), "a refresh waited");
 }
 
-fn leader_args(lease: &str) -> Vec<String> {
-    [
-        "--leader-elect",
-        "--leader-election-namespace",
-        "tokenkeeper-system",
-        "--leader-election-lease",
-        lease,
-        "--lease-duration-seconds",
-        "6",
-        "--renew-deadline-seconds",
-        "4",
-        "--retry-period-seconds",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 #[test]
 fn a_leader_that_thaws_after_its_lease_sends_no_token_request() {
     const CONNECTIONS: usize = 50;
@@ -179,7 +151,7 @@ fn a_leader_that_thaws_after_its_lease_sends_no_token_request() {
     }
     ns.apply_ok(&manifests.join("---\n"));
     let lease = ns.name.clone();
-    let args = leader_args(&lease);
+    let args = common::leader_args("tokenkeeper-system", &lease);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut replicas = [
         Operator::start_with(&ns, &args),

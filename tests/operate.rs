@@ -25,24 +25,12 @@ fn helm() -> String {
 }
 
 fn leader_args(lease: &str, port: u16) -> Vec<String> {
-    [
-        "--leader-elect",
-        "--leader-election-namespace",
-        "tokenkeeper-system",
-        "--leader-election-lease",
-        lease,
-        "--lease-duration-seconds",
-        "6",
-        "--renew-deadline-seconds",
-        "4",
-        "--retry-period-seconds",
-        "1",
-        "--metrics-bind-address",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("127.0.0.1:{port}")])
-    .collect()
+    let mut args = common::leader_args("tokenkeeper-system", lease);
+    args.extend([
+        "--metrics-bind-address".to_owned(),
+        format!("127.0.0.1:{port}"),
+    ]);
+    args
 }
 
 fn as_str(args: &[String]) -> Vec<&str> {

@@ -32,6 +32,27 @@ pub fn operator_kubeconfig() -> String {
     )
 }
 
+/// The flags of a replica with leader election on the Lease `lease` in
+/// `lease_namespace`: a 6 s lease, so that tests see takeovers quickly.
+pub fn leader_args(lease_namespace: &str, lease: &str) -> Vec<String> {
+    [
+        "--leader-elect",
+        "--leader-election-namespace",
+        lease_namespace,
+        "--leader-election-lease",
+        lease,
+        "--lease-duration-seconds",
+        "6",
+        "--renew-deadline-seconds",
+        "4",
+        "--retry-period-seconds",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -331,9 +352,15 @@ pub fn kubectl_ok(args: &[&str]) -> String {
 }
 
 pub fn kubectl_stdin(args: &[&str], input: &str) -> Output {
+    kubectl_stdin_on(Path::new(&kubeconfig()), args, input)
+}
+
+/// `kubectl ARGS` on the control plane of `kubeconfig`, with `input` on its
+/// standard input.
+fn kubectl_stdin_on(kubeconfig: &Path, args: &[&str], input: &str) -> Output {
     let mut child = Command::new("kubectl")
         .arg("--kubeconfig")
-        .arg(kubeconfig())
+        .arg(kubeconfig)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -557,22 +584,7 @@ impl OwnControlPlane {
 
     /// `kubectl apply -f -` of `manifest` on this control plane.
     pub fn apply_ok(&self, manifest: &str) {
-        let mut child = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run kubectl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(manifest.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().expect("kubectl apply");
+        let out = kubectl_stdin_on(&self.kubeconfig(), &["apply", "-f", "-"], manifest);
         assert!(out.status.success(), "kubectl apply: {}", stderr(&out));
     }
 
