@@ -48,14 +48,21 @@ pub fn refresh_due_at(
         .expires_at
         .duration_since(token.issued_at)
         .max(SignedDuration::ZERO);
-    let by_rule = token.issued_at + lifetime * 2 / 3;
+    // Checked: the times come from a Secret that people may edit.
+    let by_rule = token
+        .issued_at
+        .checked_add(lifetime * 2 / 3)
+        .unwrap_or(token.expires_at);
     let planned = match refresh_before {
-        Some(margin) if margin < lifetime => token.expires_at - margin,
+        Some(margin) if margin < lifetime => {
+            token.expires_at.checked_sub(margin).unwrap_or(by_rule)
+        }
         _ => by_rule,
     };
     let jitter_span = (lifetime / 20).min(MAX_JITTER);
     let jitter = jitter_span.mul_f64(stable_fraction(&[jitter_key]));
-    floor_to_grid(planned - jitter).max(ceil_to_millisecond(token.issued_at))
+    let jittered = planned.checked_sub(jitter).unwrap_or(planned);
+    floor_to_grid(jittered).max(ceil_to_millisecond(token.issued_at))
 }
 
 /// How long to wait before `due` (a whole millisecond, the timers'
@@ -199,15 +206,15 @@ pub fn retry_at(
 /// slots, not in one burst at its start.
 fn floor_to_grid(t: Timestamp) -> Timestamp {
     let grid = DUE_TIME_GRID.as_millis() as i64;
-    Timestamp::from_millisecond(t.as_millisecond().div_euclid(grid) * grid).expect("valid")
+    Timestamp::from_millisecond(t.as_millisecond().div_euclid(grid) * grid).unwrap_or(t)
 }
 
 fn ceil_to_millisecond(t: Timestamp) -> Timestamp {
-    let floor = Timestamp::from_millisecond(t.as_millisecond()).expect("valid");
+    let floor = Timestamp::from_millisecond(t.as_millisecond()).unwrap_or(t);
     if floor == t {
         t
     } else {
-        floor + SignedDuration::from_millis(1)
+        floor.checked_add(SignedDuration::from_millis(1)).unwrap_or(t)
     }
 }
 
@@ -236,6 +243,25 @@ mod tests {
         }
         let honoured = retry_at(now, 1, Some(Duration::from_secs(60)), "data/crm");
         assert!(honoured.duration_since(now).as_secs() >= 60);
+    }
+
+    #[test]
+    fn tokens_at_the_ends_of_time_give_a_due_time_without_panicking() {
+        for (issued, expires) in [
+            (Timestamp::MIN, Timestamp::MAX),
+            (Timestamp::MAX, Timestamp::MAX),
+            (Timestamp::MIN, Timestamp::MIN),
+            (Timestamp::MAX, Timestamp::MIN),
+        ] {
+            let token = TokenRecord {
+                issued_at: issued,
+                expires_at: expires,
+                ..token(0, 60)
+            };
+            let margin = Some(SignedDuration::from_secs(30));
+            let _ = refresh_due_at(&token, margin, "k");
+            let _ = refresh_due_at(&token, None, "k");
+        }
     }
 
     #[test]
