@@ -214,7 +214,9 @@ fn ceil_to_millisecond(t: Timestamp) -> Timestamp {
     if floor == t {
         t
     } else {
-        floor.checked_add(SignedDuration::from_millis(1)).unwrap_or(t)
+        floor
+            .checked_add(SignedDuration::from_millis(1))
+            .unwrap_or(t)
     }
 }
 
