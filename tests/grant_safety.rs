@@ -8,7 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{OAuthServer, Operator, OwnControlPlane, REPO, TestNamespace, wait_for};
+use common::{
+    OAuthServer, Operator, OwnControlPlane, READY_REASONS, REPO, TestNamespace, all_synced,
+    wait_for,
+};
 use serde_json::json;
 
 const NAMESPACE: &str = "outage";
@@ -24,29 +27,10 @@ fn connection(name: &str, server: &OAuthServer) -> String {
     )
 }
 
-/// The Ready reasons of every connection, one per line.
-fn ready_reasons(plane: &OwnControlPlane) -> Vec<String> {
-    let out = plane.kubectl(&[
-        "get",
-        "srcconn",
-        "-n",
-        NAMESPACE,
-        "-o",
-        r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].reason}{"\n"}{end}"#,
-    ]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 fn wait_all_synced(plane: &OwnControlPlane, timeout: Duration) {
     wait_for("every connection SecretSynced", timeout, || {
-        let reasons = ready_reasons(plane);
-        let synced = reasons.iter().filter(|r| *r == "SecretSynced").count();
-        (synced == CONNECTIONS)
-            .then_some(())
-            .ok_or(format!("{reasons:?}"))
+        let out = plane.kubectl(&["get", "srcconn", "-n", NAMESPACE, "-o", READY_REASONS]);
+        all_synced(&String::from_utf8_lossy(&out.stdout), CONNECTIONS)
     });
 }
 
@@ -157,32 +141,18 @@ fn a_leader_that_thaws_after_its_lease_sends_no_token_request() {
         Operator::start_with(&ns, &args),
         Operator::start_with(&ns, &args),
     ];
-    let all_synced = |ns: &TestNamespace| {
-        let out = ns.kubectl_ok(&[
-            "get",
-            "srcconn",
-            "-o",
-            r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].reason}{"\n"}{end}"#,
-        ]);
-        let synced = out.lines().filter(|r| *r == "SecretSynced").count();
-        (synced == CONNECTIONS).then_some(()).ok_or(out)
+    let synced = |ns: &TestNamespace| {
+        all_synced(
+            &ns.kubectl_ok(&["get", "srcconn", "-o", READY_REASONS]),
+            CONNECTIONS,
+        )
     };
     wait_for(
         "every connection SecretSynced",
         Duration::from_secs(90),
-        || all_synced(&ns),
+        || synced(&ns),
     );
-    let holder = || {
-        common::kubectl_ok(&[
-            "get",
-            "lease",
-            &lease,
-            "-n",
-            "tokenkeeper-system",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])
-    };
+    let holder = || common::lease_field(&lease, "holderIdentity");
 
     for round in 0..ROUNDS {
         let identity = holder();
@@ -239,7 +209,7 @@ fn a_leader_that_thaws_after_its_lease_sends_no_token_request() {
     wait_for(
         "every connection SecretSynced",
         Duration::from_secs(60),
-        || all_synced(&ns),
+        || synced(&ns),
     );
     let stats = server.stats();
     assert_eq!(stats["refreshTokenReuse"], 0, "{stats}");

@@ -80,18 +80,8 @@ fn two_replicas_one_writer_and_the_follower_takes_over_a_killed_leader() {
         ns.wait_ready(name, "True", "SecretSynced", READY);
     }
 
-    let holder = || {
-        common::kubectl(&[
-            "get",
-            "lease",
-            &lease,
-            "-n",
-            "tokenkeeper-system",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])
-    };
-    let leader_identity = stdout(&holder());
+    let holder = || common::lease_field(&lease, "holderIdentity");
+    let leader_identity = holder();
     let leader = replicas
         .iter()
         .position(|r| leader_identity.ends_with(&format!("-{}", r.pid())))
@@ -134,17 +124,9 @@ fn two_replicas_one_writer_and_the_follower_takes_over_a_killed_leader() {
         all_rewritten.then_some(()).ok_or(now)
     });
     let lease_time = |field: &str| -> Timestamp {
-        stdout(&common::kubectl(&[
-            "get",
-            "lease",
-            &lease,
-            "-n",
-            "tokenkeeper-system",
-            "-o",
-            &format!("jsonpath={{.spec.{field}}}"),
-        ]))
-        .parse()
-        .unwrap_or_else(|e| panic!("lease {field}: {e}"))
+        common::lease_field(&lease, field)
+            .parse()
+            .unwrap_or_else(|e| panic!("lease {field}: {e}"))
     };
     let killed_at = Instant::now();
     replicas[leader].kill();
@@ -172,7 +154,7 @@ fn two_replicas_one_writer_and_the_follower_takes_over_a_killed_leader() {
         Duration::from_secs(15),
         || {
             assert_unexpired();
-            let now = stdout(&holder());
+            let now = holder();
             (now != leader_identity && !now.is_empty())
                 .then_some(now.clone())
                 .ok_or(now)

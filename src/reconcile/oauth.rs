@@ -39,7 +39,7 @@ use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, SealedGrant};
 use crate::oauth::state_secret::{GrantState, only_pending};
 use crate::oauth::token::{IssuedToken, TokenRecord};
 use crate::reconcile::{Context, PendingGrant};
-use crate::runtime::object_key::key_of;
+use crate::runtime::object_key::{Key, key_of};
 use crate::runtime::wire::ReadSecret;
 use crate::write::secret::{apply_if_changed, store_state_secret};
 
@@ -58,6 +58,7 @@ pub async fn sync(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let sync = OAuthSync {
         conn,
+        key: key_of(conn),
         oauth,
         ctx,
         secrets: &secrets,
@@ -127,6 +128,8 @@ const API_WAIT: Duration = Duration::from_secs(2);
 /// What every phase of one OAuth 2.0 reconcile works on.
 struct OAuthSync<'a> {
     conn: &'a SourceConnection,
+    /// `conn`'s key in the per-connection maps (pending grants, deferrals).
+    key: Key,
     oauth: &'a OAuth2Auth,
     ctx: &'a Context,
     secrets: &'a Api<Secret>,
@@ -149,13 +152,12 @@ impl OAuthSync<'_> {
         ask: TokenAsk,
     ) -> Result<Synced, Error> {
         let (conn, ctx) = (self.conn, self.ctx);
-        let key = key_of(conn);
         if ask.refresh_token.is_some() && !ctx.api.answers(&ctx.client).await {
             info!(connection = %display_name(conn), "the Kubernetes API does not answer; refreshing when it does");
-            ctx.api.defer(key, self.now);
+            ctx.api.defer(self.key.clone(), self.now);
             return Ok(Synced::unchanged(Next::In(API_WAIT)));
         }
-        let deferred_since = ctx.api.take_deferral(&key);
+        let deferred_since = ctx.api.take_deferral(&self.key);
         let mut synced = self.refresh(inputs, decision, ask).await?;
         if let Some(since) = deferred_since {
             outcome::say_deferred(&mut synced, since, self.now);
@@ -525,7 +527,7 @@ impl OAuthSync<'_> {
     async fn store_pending_grant(&self) -> Result<(), Error> {
         let (conn, ctx) = (self.conn, self.ctx);
         let uid = conn.uid().unwrap_or_default();
-        let Some(pending) = ctx.pending.get(&key_of(conn), &uid) else {
+        let Some(pending) = ctx.pending.get(&self.key, &uid) else {
             return Ok(());
         };
         let inputs = self.read_inputs().await?;
@@ -548,7 +550,7 @@ impl OAuthSync<'_> {
     ) -> Result<(), Error> {
         let desired = self.desired_target(inputs, record, grant, next_refresh_at);
         let existing = inputs.target.as_deref();
-        let (ctx, key) = (self.ctx, key_of(self.conn));
+        let ctx = self.ctx;
         let mut attempt = 1;
         loop {
             match apply_if_changed(self.conn, self.secrets, existing, &desired).await {
@@ -557,7 +559,7 @@ impl OAuthSync<'_> {
                         ctx.secrets.wrote(written.secret);
                         ctx.api.answered();
                     }
-                    ctx.pending.stored(&key);
+                    ctx.pending.stored(&self.key);
                     return Ok(());
                 }
                 Err(error)
@@ -581,7 +583,7 @@ impl OAuthSync<'_> {
                     {
                         warn!(connection = %display_name(self.conn), %error, "the target Secret could not be written; the new grant is kept in memory and written when the API answers");
                         ctx.pending.keep(
-                            key,
+                            self.key.clone(),
                             PendingGrant {
                                 uid: self.conn.uid().unwrap_or_default(),
                                 grant: grant.clone(),

@@ -53,6 +53,34 @@ pub fn leader_args(lease_namespace: &str, lease: &str) -> Vec<String> {
     .collect()
 }
 
+/// A field of the Lease's spec (`holderIdentity`, `renewTime`, ...) in
+/// `tokenkeeper-system`, as kubectl prints it; empty when there is none.
+pub fn lease_field(lease: &str, field: &str) -> String {
+    stdout(&kubectl(&[
+        "get",
+        "lease",
+        lease,
+        "-n",
+        "tokenkeeper-system",
+        "-o",
+        &format!("jsonpath={{.spec.{field}}}"),
+    ]))
+}
+
+/// The kubectl output format that prints each SourceConnection's Ready
+/// reason on a line of its own.
+pub const READY_REASONS: &str =
+    r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].reason}{"\n"}{end}"#;
+
+/// `Ok` when `reasons` (as `READY_REASONS` prints them) are `count` times
+/// SecretSynced; the reasons otherwise.
+pub fn all_synced(reasons: &str, count: usize) -> Result<(), String> {
+    let synced = reasons.lines().filter(|r| *r == "SecretSynced").count();
+    (synced == count)
+        .then_some(())
+        .ok_or_else(|| reasons.to_owned())
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
