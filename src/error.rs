@@ -24,6 +24,11 @@ pub enum Reason {
     InvalidClient,
     ProviderUnavailable,
     AccessTokenExpired,
+    /// The API server refused the target Secret, or it would exceed the
+    /// API's size limits.
+    SecretWriteFailed,
+    /// A bug in tokenkeeper (a panic) stopped this connection's reconcile.
+    InternalError,
     /// Only in the `tokenkeeper_reconcile_errors_total` metric and logs:
     /// API trouble is retried, never a condition.
     KubernetesApiError,
@@ -42,7 +47,7 @@ pub enum Reason {
 
 impl Reason {
     /// The reasons a `Ready` or `AuthFailed` condition can carry.
-    pub const CONDITIONS: [Reason; 13] = [
+    pub const CONDITIONS: [Reason; 15] = [
         Reason::SecretSynced,
         Reason::NotRejected,
         Reason::SecretNotFound,
@@ -56,6 +61,8 @@ impl Reason {
         Reason::InvalidClient,
         Reason::ProviderUnavailable,
         Reason::AccessTokenExpired,
+        Reason::SecretWriteFailed,
+        Reason::InternalError,
     ];
 
     /// The reasons only events carry.
@@ -82,6 +89,8 @@ impl Reason {
             Reason::InvalidClient => "InvalidClient",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::AccessTokenExpired => "AccessTokenExpired",
+            Reason::SecretWriteFailed => "SecretWriteFailed",
+            Reason::InternalError => "InternalError",
             Reason::KubernetesApiError => "KubernetesApiError",
             Reason::NotLeading => "NotLeading",
             Reason::TokenIssued => "TokenIssued",
@@ -142,8 +151,36 @@ pub enum Error {
     )]
     RequestRefused { endpoint: String, detail: String },
 
-    #[error("the API server refused the target Secret {name}: {message}. Fix spec.target.")]
-    TargetSecretRefused { name: String, message: String },
+    #[error(
+        "The API server refused to write Secret {namespace}/{name} (HTTP {code}: {message}). {fix}"
+    )]
+    SecretWriteFailed {
+        namespace: String,
+        name: String,
+        code: u16,
+        message: String,
+        fix: String,
+    },
+
+    #[error(
+        "Secret {namespace}/{name} would hold {size} bytes of {part}, more than the API server \
+         accepts ({limit}), so tokenkeeper does not write it. {fix}"
+    )]
+    SecretTooLarge {
+        namespace: String,
+        name: String,
+        part: &'static str,
+        size: usize,
+        limit: usize,
+        fix: &'static str,
+    },
+
+    #[error(
+        "tokenkeeper hit a bug while reconciling this connection ({detail}); other connections \
+         are not affected and this one is retried with backoff. Please report it with the \
+         operator's log: kubectl logs -n <operator namespace> deploy/tokenkeeper"
+    )]
+    Internal { detail: String },
 
     #[error(
         "Secret {name} exists and is not managed by this SourceConnection, but tokenkeeper \
@@ -258,8 +295,11 @@ impl Error {
             // What the user wrote in the spec is what must change.
             Error::InvalidSpec(_)
             | Error::RequestRefused { .. }
-            | Error::TargetSecretRefused { .. }
             | Error::StateSecretConflict { .. } => Reason::InvalidSpec,
+            Error::SecretWriteFailed { .. } | Error::SecretTooLarge { .. } => {
+                Reason::SecretWriteFailed
+            }
+            Error::Internal { .. } => Reason::InternalError,
             Error::TargetSecretConflict { .. } => Reason::TargetSecretConflict,
             Error::AuthorizationRequired { .. } => Reason::AuthorizationRequired,
             Error::InvalidGrant { .. } => Reason::InvalidGrant,
@@ -289,12 +329,15 @@ impl Error {
     pub fn retry(&self) -> Retry {
         match self {
             Error::Kube { .. } | Error::NotLeading => Retry::Infrastructure,
-            Error::ProviderUnavailable { .. } | Error::AccessTokenRejected { .. } => Retry::Backoff,
+            Error::ProviderUnavailable { .. }
+            | Error::AccessTokenRejected { .. }
+            | Error::SecretWriteFailed { .. }
+            | Error::SecretTooLarge { .. }
+            | Error::Internal { .. } => Retry::Backoff,
             Error::SecretNotFound { .. }
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
             | Error::RequestRefused { .. }
-            | Error::TargetSecretRefused { .. }
             | Error::StateSecretConflict { .. }
             | Error::TargetSecretConflict { .. }
             | Error::AuthorizationRequired { .. }
@@ -318,7 +361,9 @@ impl Error {
             | Error::MissingKey { .. }
             | Error::InvalidSpec(_)
             | Error::RequestRefused { .. }
-            | Error::TargetSecretRefused { .. }
+            | Error::SecretWriteFailed { .. }
+            | Error::SecretTooLarge { .. }
+            | Error::Internal { .. }
             | Error::StateSecretConflict { .. }
             | Error::TargetSecretConflict { .. }
             | Error::AuthorizationRequired { .. }

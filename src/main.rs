@@ -2,6 +2,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use jiff::SignedDuration;
+use tokenkeeper::decide::refresh::Limits;
 use tokenkeeper::leader::LeaseSettings;
 
 // mimalloc: glibc's allocator keeps in its arenas what a cold start
@@ -86,7 +88,9 @@ struct RunArgs {
     /// together on 100 ms ticks).
     #[arg(long, default_value_t = 200.0)]
     token_requests_per_second: f64,
-    /// Token requests in flight at once, per provider host.
+    /// Token requests in flight at once, per provider host (at most half of
+    /// --concurrent-reconciles, so that one slow provider cannot hold every
+    /// reconcile slot).
     #[arg(long, default_value_t = 32)]
     max_concurrent_token_requests: usize,
     /// Normal events published per second across all connections, after
@@ -99,6 +103,19 @@ struct RunArgs {
     /// Connections reconciled at once.
     #[arg(long, default_value_t = 64)]
     concurrent_reconciles: u16,
+    /// Seconds a connection waits after a token was issued before it
+    /// refreshes again, whatever lifetime the provider answered or the
+    /// spec asks for.
+    #[arg(long, default_value_t = 30)]
+    min_refresh_interval_seconds: u32,
+    /// The longest token lifetime taken from a provider's answer (longer
+    /// ones are clamped and said on the target Secret); also the longest
+    /// refreshBefore and defaultTokenLifetime a spec may set.
+    #[arg(long, default_value_t = 365 * 24 * 3600, value_parser = clap::value_parser!(u32).range(60..))]
+    max_token_lifetime_seconds: u32,
+    /// The longest Retry-After of a provider that is honoured.
+    #[arg(long, default_value_t = 3600)]
+    max_retry_after_seconds: u32,
     /// The Secret, in the operator's namespace (--leader-election-namespace,
     /// POD_NAMESPACE), holding the key that seals refresh tokens; created on
     /// first start. Back it up: without it every OAuth connection must be
@@ -182,11 +199,23 @@ async fn main() -> anyhow::Result<()> {
                 authorization,
                 token_limits: throttle::Limits {
                     per_second: args.token_requests_per_second,
-                    concurrency: args.max_concurrent_token_requests,
+                    concurrency: throttle::per_host_concurrency(
+                        args.max_concurrent_token_requests,
+                        args.concurrent_reconciles,
+                    ),
                     ..throttle::Limits::default()
                 },
                 event_budget: throttle::EventBudget::new(args.event_qps, args.event_burst),
                 concurrency: args.concurrent_reconciles,
+                limits: Limits {
+                    min_refresh_interval: SignedDuration::from_secs(
+                        args.min_refresh_interval_seconds.into(),
+                    ),
+                    max_token_lifetime: SignedDuration::from_secs(
+                        args.max_token_lifetime_seconds.into(),
+                    ),
+                    max_retry_after: Duration::from_secs(args.max_retry_after_seconds.into()),
+                },
                 operator_namespace: args.leader_election_namespace.clone(),
                 sealing_key_secret: args.sealing_key_secret,
             };

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub leader: Gauge,
     pub events_dropped: Counter,
+    pub reconcile_panics: Counter,
     connections: Arc<ConnectionCollector>,
 }
 
@@ -96,6 +97,12 @@ impl Default for Metrics {
             "Normal events dropped for coming faster than --event-qps after a burst of --event-burst",
             events_dropped.clone(),
         );
+        let reconcile_panics = Counter::default();
+        registry.register(
+            "reconcile_panics",
+            "Reconciles stopped by a bug in tokenkeeper (a panic); the connection shows InternalError",
+            reconcile_panics.clone(),
+        );
         let connections = Arc::new(ConnectionCollector::default());
         registry.register_collector(Box::new(connections.clone()));
         Metrics {
@@ -105,6 +112,7 @@ impl Default for Metrics {
             reconcile_duration,
             leader,
             events_dropped,
+            reconcile_panics,
             connections,
         }
     }

@@ -360,6 +360,9 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
         "--concurrent-reconciles=8",
         "--event-qps=2.5",
         "--event-burst=100",
+        "--min-refresh-interval-seconds=30",
+        "--max-token-lifetime-seconds=31536000",
+        "--max-retry-after-seconds=3600",
     ] {
         assert!(rendered.contains(arg), "{arg} missing");
     }

@@ -15,6 +15,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
+use tokenkeeper::decide::refresh::Limits;
 use tokenkeeper::decide::secrets::{check_state_ownership, client_credentials};
 use tokenkeeper::oauth::client::{self as token_client, CodeExchange};
 use tokenkeeper::oauth::state_secret::{GrantState, consented_grant};
@@ -309,6 +310,7 @@ async fn authorize(
         .unwrap_or_default();
     let state_after = consented_grant(
         oauth,
+        &Limits::default(),
         &issued,
         refresh_token,
         &client_id,

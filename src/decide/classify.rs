@@ -19,13 +19,16 @@ pub struct FailureContext<'a> {
     pub reauthorize_fix: &'a str,
     pub client_secret_namespace: &'a str,
     pub client_secret_name: &'a str,
+    /// A longer `Retry-After` is clamped to this, so that no provider
+    /// parks a connection for days.
+    pub max_retry_after: Duration,
 }
 
 pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
     let unavailable = |detail: String, retry_after: Option<Duration>| Error::ProviderUnavailable {
         endpoint: context.token_endpoint.to_owned(),
         detail,
-        retry_after,
+        retry_after: retry_after.map(|wait| wait.min(context.max_retry_after)),
     };
     match failure {
         TokenFailure::OAuth {
@@ -98,6 +101,12 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
             }
             if let Some(wait) = retry_after {
                 detail.push_str(&format!(", Retry-After {} s", wait.as_secs()));
+                if *wait > context.max_retry_after {
+                    detail.push_str(&format!(
+                        " (waiting {} s at most, --max-retry-after-seconds)",
+                        context.max_retry_after.as_secs()
+                    ));
+                }
             }
             if let Some(kind) = content_type.as_deref().filter(|t| !t.contains("json")) {
                 detail.push_str(&format!(", answered with a non-JSON body ({kind})"));
@@ -189,6 +198,7 @@ mod tests {
             reauthorize_fix: "kubectl create secret ...",
             client_secret_namespace: "extract",
             client_secret_name: "crm-client",
+            max_retry_after: Duration::from_secs(3600),
         }
     }
 
@@ -276,6 +286,24 @@ mod tests {
         assert_eq!(
             classify(&failure, &context(100, Some(200))).reason(),
             "InvalidGrant"
+        );
+    }
+
+    #[test]
+    fn a_retry_after_beyond_the_limit_is_clamped_and_said() {
+        let failure = TokenFailure::Http {
+            status: 503,
+            retry_after: Some(Duration::from_secs(u64::MAX)),
+            content_type: None,
+        };
+        let error = classify(&failure, &context(0, None));
+        assert!(matches!(
+            error,
+            Error::ProviderUnavailable { retry_after: Some(d), .. } if d == Duration::from_secs(3600)
+        ));
+        assert!(
+            error.to_string().contains("waiting 3600 s at most"),
+            "{error}"
         );
     }
 

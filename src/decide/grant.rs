@@ -102,6 +102,12 @@ pub struct TokenAsk {
     pub refresh_token_expires_at: Option<Timestamp>,
 }
 
+/// Spreads one connection's refreshes and retries: its uid, stable for its
+/// life.
+pub fn jitter_key(conn: &SourceConnection) -> String {
+    conn.uid().unwrap_or_else(|| display_name(conn))
+}
+
 /// Decides whether to request a token now, and with which refresh token: a
 /// new one from the user wins over the grant tokenkeeper keeps.
 pub fn decide_refresh(
@@ -123,7 +129,7 @@ pub fn decide_refresh(
         authorization_url: authorization_link.clone(),
         ..TokenStatus::current(conn)
     };
-    let jitter_key = conn.uid().unwrap_or_else(|| display_name(conn));
+    let jitter_key = jitter_key(conn);
     let refresh_token = match oauth.grant {
         OAuth2Grant::ClientCredentials => None,
         _ if new_user_refresh_token => inputs.user_refresh_token.clone(),
@@ -161,7 +167,7 @@ pub fn decide_refresh(
         force_requested: force_value.is_some() && force_value != token_status.force_refresh_handled,
         failed_attempts: token_status.failed_refresh_attempts,
         retry_at: token_status.next_refresh_time,
-        refresh_before: settings.refresh_before,
+        schedule: settings.schedule,
         jitter_key: &jitter_key,
     });
     let reason = match (plan, &inputs.current) {
@@ -221,6 +227,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
+    use crate::decide::refresh::Limits;
     use crate::decide::validate::oauth_settings;
 
     fn token(issued: i64) -> TokenRecord {
@@ -296,9 +303,33 @@ mod tests {
         now: i64,
     ) -> (RefreshDecision, Action) {
         let oauth = conn.spec.oauth2.as_ref().unwrap();
-        let settings = oauth_settings(oauth).unwrap();
+        let settings = oauth_settings(oauth, &Default::default()).unwrap();
         let now = Timestamp::from_second(now).unwrap();
         decide_refresh(conn, oauth, &settings, inputs, None, now)
+    }
+
+    #[test]
+    fn durations_beyond_the_longest_lifetime_are_refused_and_the_floor_is_kept() {
+        let mut conn = connection("clientCredentials");
+        let limits = Limits {
+            max_token_lifetime: jiff::SignedDuration::from_hours(24),
+            ..Limits::default()
+        };
+        let oauth = conn.spec.oauth2.as_mut().unwrap();
+        oauth.refresh_before = Some("25h".into());
+        let refused = oauth_settings(oauth, &limits).err().unwrap().to_string();
+        assert!(
+            refused.contains("spec.oauth2.refreshBefore is 25h") && refused.contains("24h"),
+            "{refused}"
+        );
+        oauth.refresh_before = Some("1h".into());
+        oauth.default_token_lifetime = Some("1000000h".into());
+        let refused = oauth_settings(oauth, &limits).err().unwrap().to_string();
+        assert!(refused.contains("defaultTokenLifetime"), "{refused}");
+        oauth.default_token_lifetime = Some("24h".into());
+        let settings = oauth_settings(oauth, &limits).unwrap();
+        assert_eq!(settings.schedule.min_interval, limits.min_refresh_interval);
+        assert_eq!(settings.max_lifetime, limits.max_token_lifetime);
     }
 
     /// `current` with the fingerprint of `conn`'s token request, as a token

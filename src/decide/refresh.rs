@@ -35,15 +35,45 @@ pub fn parse_duration(field: &str, text: &str) -> Result<SignedDuration, String>
     }
 }
 
+/// How a connection's refreshes are spaced: its `refreshBefore`, and the
+/// operator's floor between two refreshes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub refresh_before: Option<SignedDuration>,
+    /// No lifetime a provider answers and no setting makes a connection
+    /// refresh sooner than this after its last token.
+    pub min_interval: SignedDuration,
+}
+
+/// The operator's bounds on what providers and specs may ask for
+/// (`--min-refresh-interval-seconds`, `--max-token-lifetime-seconds`,
+/// `--max-retry-after-seconds`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub min_refresh_interval: SignedDuration,
+    /// Longer token lifetimes are clamped to this, and `refreshBefore` and
+    /// `defaultTokenLifetime` may not exceed it.
+    pub max_token_lifetime: SignedDuration,
+    /// A provider's `Retry-After` is honoured up to this.
+    pub max_retry_after: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            min_refresh_interval: SignedDuration::from_secs(30),
+            max_token_lifetime: SignedDuration::from_hours(365 * 24),
+            max_retry_after: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// When `token` is due for refresh: at two thirds of its lifetime
 /// (cert-manager's rule), or `refresh_before` its expiry when that leaves
 /// some lifetime, less a jitter that is stable for one connection, and
-/// down to the `DUE_TIME_GRID`.
-pub fn refresh_due_at(
-    token: &TokenRecord,
-    refresh_before: Option<SignedDuration>,
-    jitter_key: &str,
-) -> Timestamp {
+/// down to the `DUE_TIME_GRID`; never sooner than `min_interval` after it
+/// was issued.
+pub fn refresh_due_at(token: &TokenRecord, schedule: &Schedule, jitter_key: &str) -> Timestamp {
     let lifetime = token
         .expires_at
         .duration_since(token.issued_at)
@@ -53,7 +83,7 @@ pub fn refresh_due_at(
         .issued_at
         .checked_add(lifetime * 2 / 3)
         .unwrap_or(token.expires_at);
-    let planned = match refresh_before {
+    let planned = match schedule.refresh_before {
         Some(margin) if margin < lifetime => {
             token.expires_at.checked_sub(margin).unwrap_or(by_rule)
         }
@@ -62,7 +92,13 @@ pub fn refresh_due_at(
     let jitter_span = (lifetime / 20).min(MAX_JITTER);
     let jitter = jitter_span.mul_f64(stable_fraction(&[jitter_key]));
     let jittered = planned.checked_sub(jitter).unwrap_or(planned);
-    floor_to_grid(jittered).max(ceil_to_millisecond(token.issued_at))
+    let earliest = token
+        .issued_at
+        .checked_add(schedule.min_interval.max(SignedDuration::ZERO))
+        .unwrap_or(Timestamp::MAX);
+    floor_to_grid(jittered)
+        .max(ceil_to_millisecond(token.issued_at))
+        .max(earliest)
 }
 
 /// How long to wait before `due` (a whole millisecond, the timers'
@@ -120,7 +156,7 @@ pub struct PlanInput<'a> {
     /// last failure waits for a change).
     pub failed_attempts: u32,
     pub retry_at: Option<Timestamp>,
-    pub refresh_before: Option<SignedDuration>,
+    pub schedule: Schedule,
     pub jitter_key: &'a str,
 }
 
@@ -152,7 +188,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             None => Plan::Refresh(RefreshReason::AfterFailure),
         };
     }
-    let due = refresh_due_at(current, input.refresh_before, input.jitter_key);
+    let due = refresh_due_at(current, &input.schedule, input.jitter_key);
     if input.now >= due {
         Plan::Refresh(RefreshReason::Due)
     } else {
@@ -177,13 +213,9 @@ pub fn backoff(consecutive_failures: u32) -> Duration {
     Duration::from_secs(5 * (1u64 << exponent)).min(Duration::from_secs(300))
 }
 
-/// The longest `Retry-After` honoured: a provider's answer must not park a
-/// connection for days.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
 /// When to retry the `attempt`th failed token request in a row: after the
-/// backoff or the provider's `Retry-After` (at most `MAX_RETRY_AFTER`),
-/// whichever is longer, plus up to a tenth more so that connections failing
+/// backoff or the provider's `Retry-After` (clamped by the classifier to
+/// `Limits::max_retry_after`), whichever is longer, plus up to a tenth more so that connections failing
 /// together do not retry together; on a whole second after that.
 pub fn retry_at(
     now: Timestamp,
@@ -191,10 +223,12 @@ pub fn retry_at(
     retry_after: Option<Duration>,
     jitter_key: &str,
 ) -> Timestamp {
-    let retry_after = retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
-    let base = backoff(attempt).max(retry_after);
+    let base = backoff(attempt).max(retry_after.unwrap_or_default());
     let jitter = base.mul_f64(0.1 * stable_fraction(&[jitter_key, &attempt.to_string()]));
-    let wait = SignedDuration::try_from(base + jitter).unwrap_or(SignedDuration::MAX);
+    let wait = base
+        .checked_add(jitter)
+        .and_then(|wait| SignedDuration::try_from(wait).ok())
+        .unwrap_or(SignedDuration::MAX);
     let at = now.checked_add(wait).unwrap_or(Timestamp::MAX);
     truncate_to_seconds(at)
         .checked_add(SignedDuration::from_secs(1))
@@ -261,19 +295,48 @@ mod tests {
                 ..token(0, 60)
             };
             let margin = Some(SignedDuration::from_secs(30));
-            let _ = refresh_due_at(&token, margin, "k");
-            let _ = refresh_due_at(&token, None, "k");
+            for min_interval in [SignedDuration::ZERO, SignedDuration::MAX] {
+                for refresh_before in [margin, None] {
+                    let schedule = Schedule {
+                        refresh_before,
+                        min_interval,
+                    };
+                    let _ = refresh_due_at(&token, &schedule, "k");
+                }
+            }
         }
     }
 
     #[test]
-    fn an_absurd_retry_after_is_clamped() {
+    fn an_absurd_retry_after_does_not_overflow() {
         let now = Timestamp::from_second(1_000).unwrap();
         let at = retry_at(now, 1, Some(Duration::from_secs(u64::MAX)), "k");
-        let wait = at.duration_since(now).as_secs();
-        let most = MAX_RETRY_AFTER.as_secs() as i64;
-        assert!(wait >= most && wait <= most + most / 10 + 1, "{wait}");
+        assert_eq!(at, Timestamp::MAX);
         assert_eq!(retry_at(Timestamp::MAX, 1, None, "k"), Timestamp::MAX);
+    }
+
+    #[test]
+    fn no_token_is_due_sooner_than_the_floor_after_it_was_issued() {
+        let floor = Schedule {
+            refresh_before: Some(SignedDuration::from_hours(1)),
+            min_interval: SignedDuration::from_secs(30),
+        };
+        for lifetime in [0, 1, 2, 10, 44] {
+            let due = refresh_due_at(&token(100, 100 + lifetime), &floor, "ns/a");
+            assert_eq!(secs(due), 130, "lifetime {lifetime}");
+        }
+        let long = refresh_due_at(&token(100, 100 + 3600), &floor, "ns/a");
+        assert!(secs(long) > 130);
+        let plan = plan(&PlanInput {
+            schedule: floor,
+            ..input(110, Some(&token(100, 101)))
+        });
+        assert_eq!(
+            plan,
+            Plan::Wait {
+                until: Timestamp::from_second(130).unwrap()
+            }
+        );
     }
     use std::collections::BTreeMap;
 
@@ -292,6 +355,14 @@ mod tests {
         }
     }
 
+    /// A schedule without the floor, to see the rule alone.
+    fn before(refresh_before: Option<SignedDuration>) -> Schedule {
+        Schedule {
+            refresh_before,
+            min_interval: SignedDuration::ZERO,
+        }
+    }
+
     fn secs(t: Timestamp) -> i64 {
         t.as_second()
     }
@@ -305,7 +376,7 @@ mod tests {
             force_requested: false,
             failed_attempts: 0,
             retry_at: None,
-            refresh_before: None,
+            schedule: before(None),
             jitter_key: "ns/a",
         }
     }
@@ -382,10 +453,10 @@ mod tests {
     #[test]
     fn two_thirds_of_the_lifetime_less_a_small_jitter() {
         // One hour token issued at t=0: due at 40 min, jitter at most 30 s.
-        let due = secs(refresh_due_at(&token(0, 3600), None, "ns/a"));
+        let due = secs(refresh_due_at(&token(0, 3600), &before(None), "ns/a"));
         assert!((2370..=2400).contains(&due), "{due}");
         // A 90 s token: jitter at most 5 % (4.5 s).
-        let due = secs(refresh_due_at(&token(0, 90), None, "ns/a"));
+        let due = secs(refresh_due_at(&token(0, 90), &before(None), "ns/a"));
         assert!((55..=60).contains(&due), "{due}");
     }
 
@@ -393,11 +464,11 @@ mod tests {
     fn jitter_is_stable_per_connection_and_spreads_connections() {
         let t = token(0, 3600);
         assert_eq!(
-            refresh_due_at(&t, None, "ns/a"),
-            refresh_due_at(&t, None, "ns/a")
+            refresh_due_at(&t, &before(None), "ns/a"),
+            refresh_due_at(&t, &before(None), "ns/a")
         );
         let distinct: std::collections::BTreeSet<i64> = (0..200)
-            .map(|i| secs(refresh_due_at(&t, None, &format!("ns/conn-{i}"))))
+            .map(|i| secs(refresh_due_at(&t, &before(None), &format!("ns/conn-{i}"))))
             .collect();
         assert!(
             distinct.len() > 20,
@@ -409,10 +480,10 @@ mod tests {
     #[test]
     fn refresh_before_overrides_the_rule_when_it_fits() {
         let margin = SignedDuration::from_mins(5);
-        let due = secs(refresh_due_at(&token(0, 3600), Some(margin), "k"));
+        let due = secs(refresh_due_at(&token(0, 3600), &before(Some(margin)), "k"));
         assert!((3270..=3300).contains(&due), "{due}");
         // A margin longer than the lifetime would refresh in a loop: the rule applies.
-        let due = secs(refresh_due_at(&token(0, 120), Some(margin), "k"));
+        let due = secs(refresh_due_at(&token(0, 120), &before(Some(margin)), "k"));
         assert!((74..=80).contains(&due), "{due}");
     }
 
@@ -421,25 +492,30 @@ mod tests {
         let mut t = token(0, 1);
         t.issued_at = Timestamp::from_millisecond(10_500).unwrap();
         t.expires_at = Timestamp::from_millisecond(10_800).unwrap();
-        let due = refresh_due_at(&t, None, "k");
+        let due = refresh_due_at(&t, &before(None), "k");
         assert_eq!(due.subsec_nanosecond() % 1_000_000, 0);
         // Two thirds in, less at most 5 % of the lifetime of jitter, down
         // to the grid.
         assert!((10_600..=10_700).contains(&due.as_millisecond()), "{due}");
 
         t.expires_at = t.issued_at;
-        assert_eq!(refresh_due_at(&t, None, "k"), t.issued_at);
+        assert_eq!(refresh_due_at(&t, &before(None), "k"), t.issued_at);
         // A token issued between two slots is not due before it was issued.
         t.issued_at = Timestamp::from_microsecond(10_530_400).unwrap();
         t.expires_at = Timestamp::from_millisecond(10_560).unwrap();
-        assert_eq!(refresh_due_at(&t, None, "k").as_millisecond(), 10_531);
+        assert_eq!(
+            refresh_due_at(&t, &before(None), "k").as_millisecond(),
+            10_531
+        );
     }
 
     #[test]
     fn connections_due_in_the_same_second_are_spread_over_its_slots() {
         let t = token(0, 3_600);
         let offsets: std::collections::BTreeSet<i64> = (0..50)
-            .map(|i| refresh_due_at(&t, None, &format!("conn-{i}")).as_millisecond() % 1_000)
+            .map(|i| {
+                refresh_due_at(&t, &before(None), &format!("conn-{i}")).as_millisecond() % 1_000
+            })
             .collect();
         let grid = DUE_TIME_GRID.as_millis() as i64;
         assert!(offsets.iter().all(|ms| ms % grid == 0), "{offsets:?}");

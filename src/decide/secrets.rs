@@ -212,6 +212,50 @@ fn managed_secret(
     }
 }
 
+/// The most bytes of values a Secret's data may hold (the API server's
+/// `MaxSecretSize`).
+pub const MAX_SECRET_DATA_BYTES: usize = 1024 * 1024;
+/// The most bytes of keys and values an object's annotations may hold.
+pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
+
+/// Refuses a Secret the API server would refuse for its size, before it is
+/// sent: the connection then says which part is too large and why.
+pub fn check_size(desired: &Secret) -> Result<(), Error> {
+    let data: usize = desired.data.iter().flatten().map(|(_, v)| v.0.len()).sum();
+    let annotations: usize = desired
+        .annotations()
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    let too_large = |part, size, limit, fix| Error::SecretTooLarge {
+        namespace: desired.namespace().unwrap_or_default(),
+        name: desired.name_any(),
+        part,
+        size,
+        limit,
+        fix,
+    };
+    if data > MAX_SECRET_DATA_BYTES {
+        return Err(too_large(
+            "data",
+            data,
+            MAX_SECRET_DATA_BYTES,
+            "The provider's answer is that large: list fewer spec.oauth2.responseFields, or \
+             ask the provider for smaller tokens.",
+        ));
+    }
+    if annotations > MAX_ANNOTATION_BYTES {
+        return Err(too_large(
+            "annotations",
+            annotations,
+            MAX_ANNOTATION_BYTES,
+            "Shorten spec.target.annotations; the sealed refresh token is kept there too, so a \
+             provider whose refresh tokens are that large cannot be served.",
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses to take over a Secret that this SourceConnection does not own.
 pub fn check_ownership(conn: &SourceConnection, existing: Option<&Secret>) -> Result<(), Error> {
     match existing {
@@ -815,5 +859,36 @@ mod tests {
         let (label_flags, rest) = ownership.split_at(labels);
         assert!(label_flags.iter().filter(|f| **f == 0).count() == 1);
         assert_eq!(rest, [APPLIED, APPLIED | CREATED, 0, CREATED]);
+    }
+
+    #[test]
+    fn secrets_over_the_api_limits_are_refused_before_sending() {
+        let conn = basic_conn();
+        let data = |bytes: usize| BTreeMap::from([("k".to_owned(), ByteString(vec![b'x'; bytes]))]);
+        let notes = |bytes: usize| BTreeMap::from([("n".to_owned(), "y".repeat(bytes))]);
+        assert!(check_size(&target_secret(&conn, data(MAX_SECRET_DATA_BYTES), notes(1))).is_ok());
+        let too_much_data = check_size(&target_secret(
+            &conn,
+            data(MAX_SECRET_DATA_BYTES + 1),
+            notes(1),
+        ))
+        .unwrap_err();
+        assert_eq!(
+            too_much_data.reason(),
+            crate::error::Reason::SecretWriteFailed
+        );
+        assert!(
+            too_much_data.to_string().contains("bytes of data"),
+            "{too_much_data}"
+        );
+        let too_many_notes =
+            check_size(&target_secret(&conn, data(1), notes(MAX_ANNOTATION_BYTES)))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            too_many_notes.contains("bytes of annotations"),
+            "{too_many_notes}"
+        );
+        assert!(too_many_notes.contains("262144"), "{too_many_notes}");
     }
 }

@@ -2,17 +2,19 @@
 //! which one method it names, whether its references and endpoints are
 //! usable. Pure: no I/O.
 
-use kube::ResourceExt;
+use std::time::Duration;
 
 use jiff::SignedDuration;
+use kube::ResourceExt;
 
 use crate::api::{
     ApiKeyAuth, BasicAuth, LABEL_CONNECTION, LABEL_MANAGED_BY, LABEL_SECRET_ROLE, OAuth2Auth,
     OAuth2Grant, SourceConnection,
 };
-use crate::decide::refresh::{FALLBACK_TOKEN_LIFETIME, parse_duration};
+use crate::decide::refresh::{FALLBACK_TOKEN_LIFETIME, Limits, Schedule, parse_duration};
 use crate::error::Error;
-use crate::oauth::token::{KEY_REFRESH_TOKEN, RESERVED_TARGET_KEYS};
+use crate::oauth::token::{KEY_REFRESH_TOKEN, Lifetimes, RESERVED_TARGET_KEYS};
+use crate::time::humanize;
 
 /// The one authentication method a valid spec names.
 #[derive(Debug, Clone, Copy)]
@@ -124,14 +126,27 @@ pub fn validate(conn: &SourceConnection) -> Result<Method<'_>, Error> {
     Ok(method)
 }
 
-/// OAuth 2.0 settings checked and parsed.
+/// OAuth 2.0 settings checked and parsed, within the operator's limits.
 pub struct OAuthSettings {
-    pub refresh_before: Option<SignedDuration>,
+    pub schedule: Schedule,
     pub default_lifetime: SignedDuration,
+    /// Longer lifetimes in the provider's answers are clamped to this.
+    pub max_lifetime: SignedDuration,
+    /// Longer `Retry-After`s are clamped to this.
+    pub max_retry_after: Duration,
+}
+
+impl OAuthSettings {
+    pub fn lifetimes(&self) -> Lifetimes {
+        Lifetimes {
+            default: self.default_lifetime,
+            max: self.max_lifetime,
+        }
+    }
 }
 
 /// Checks an `oauth2` spec beyond what the schema can.
-pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
+pub fn oauth_settings(oauth: &OAuth2Auth, limits: &Limits) -> Result<OAuthSettings, Error> {
     let invalid = |message: String| Error::InvalidSpec(message);
     check_endpoint("spec.oauth2.tokenUrl", &oauth.token_url).map_err(invalid)?;
     if let Some(authorization) = &oauth.authorization_url {
@@ -178,22 +193,38 @@ pub fn oauth_settings(oauth: &OAuth2Auth) -> Result<OAuthSettings, Error> {
             )));
         }
     }
+    let bounded = |field: &str, text: &str| {
+        let duration = parse_duration(field, text)?;
+        if duration > limits.max_token_lifetime {
+            return Err(format!(
+                "{field} is {text}, longer than the longest token lifetime this operator takes \
+                 ({}, --max-token-lifetime-seconds); write a shorter duration",
+                humanize(limits.max_token_lifetime)
+            ));
+        }
+        Ok(duration)
+    };
     let refresh_before = oauth
         .refresh_before
         .as_deref()
-        .map(|text| parse_duration("spec.oauth2.refreshBefore", text))
+        .map(|text| bounded("spec.oauth2.refreshBefore", text))
         .transpose()
         .map_err(invalid)?;
     let default_lifetime = oauth
         .default_token_lifetime
         .as_deref()
-        .map(|text| parse_duration("spec.oauth2.defaultTokenLifetime", text))
+        .map(|text| bounded("spec.oauth2.defaultTokenLifetime", text))
         .transpose()
         .map_err(invalid)?
-        .unwrap_or(FALLBACK_TOKEN_LIFETIME);
+        .unwrap_or(FALLBACK_TOKEN_LIFETIME.min(limits.max_token_lifetime));
     Ok(OAuthSettings {
-        refresh_before,
+        schedule: Schedule {
+            refresh_before,
+            min_interval: limits.min_refresh_interval,
+        },
         default_lifetime,
+        max_lifetime: limits.max_token_lifetime,
+        max_retry_after: limits.max_retry_after,
     })
 }
 

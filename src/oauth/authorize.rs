@@ -28,13 +28,14 @@ use tracing::{info, warn};
 
 use crate::api::{OAuth2Auth, SourceConnection};
 use crate::decide::classify::missing_scopes;
+use crate::decide::refresh::Limits;
 use crate::decide::secrets::{check_state_ownership, client_credentials};
 use crate::oauth::client::{self, CodeExchange};
 use crate::oauth::state_secret::{
     CallbackRefusal, GrantState, PendingAuthorization, check_callback, clear_pending,
     consented_grant,
 };
-use crate::oauth::token::TokenFailure;
+use crate::oauth::token::{IssuedToken, TokenFailure};
 use crate::time::Clock;
 use crate::write::secret::store_state_secret;
 
@@ -49,6 +50,8 @@ pub struct Flow {
     /// How long a started authorization may take.
     pub state_ttl: Duration,
     pub clock: Clock,
+    /// The operator's bounds on token lifetimes.
+    pub limits: Limits,
 }
 
 pub fn router(flow: Flow) -> Router {
@@ -214,31 +217,28 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
         .code
         .as_deref()
         .ok_or_else(|| refused("The provider's answer has no code."))?;
-    let (client_id, client_secret) = read_client_credentials(&secrets, oauth).await?;
-    let exchange = client::exchange_code(
-        &flow.http,
-        CodeExchange {
-            token_url: &oauth.token_url,
-            client_id: &client_id,
-            client_secret: &client_secret,
-            auth_method: oauth.client.auth_method,
-            redirect_url: &flow.callback_url,
-            code,
-            pkce_verifier: &pending.pkce_verifier,
-        },
-    );
-    let issued = exchange.await.map_err(|failure| {
-        warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
-        not_exchanged(&failure)
-    })?;
+    let (issued, client_id) = exchange(flow, &secrets, oauth, code, &pending.pkce_verifier)
+        .await?
+        .map_err(|failure| {
+            warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
+            not_exchanged(&failure)
+        })?;
     let Some(refresh_token) = issued.refresh_token.clone() else {
         write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
         return Err(no_refresh_token());
     };
     let previous = GrantState::from_data(&data, &oauth.response_fields);
     let now = flow.clock.now();
-    let consented = consented_grant(oauth, &issued, refresh_token, &client_id, previous, now)
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let consented = consented_grant(
+        oauth,
+        &flow.limits,
+        &issued,
+        refresh_token,
+        &client_id,
+        previous,
+        now,
+    )
+    .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     // Single use: this write fails if another callback or writer got there
     // first, because it carries the version read above. The leader takes
     // the grant from there into the target Secret, sealed, moments later:
@@ -246,6 +246,29 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
     write_state(&secrets, &conn, existing.as_ref(), consented.to_data()).await?;
     info!(connection = %format!("{namespace}/{name}"), "authorized through the consent page");
     Ok(connected_page(&conn, oauth, consented))
+}
+
+/// Exchanges the authorization code with the client's credentials; the
+/// tokens issued, and the client id they were issued to.
+async fn exchange(
+    flow: &Flow,
+    secrets: &Api<Secret>,
+    oauth: &OAuth2Auth,
+    code: &str,
+    pkce_verifier: &str,
+) -> Result<Result<(IssuedToken, String), TokenFailure>, PageError> {
+    let (client_id, client_secret) = read_client_credentials(secrets, oauth).await?;
+    let exchange = CodeExchange {
+        token_url: &oauth.token_url,
+        client_id: &client_id,
+        client_secret: &client_secret,
+        auth_method: oauth.client.auth_method,
+        redirect_url: &flow.callback_url,
+        code,
+        pkce_verifier,
+    };
+    let issued = client::exchange_code(&flow.http, exchange).await;
+    Ok(issued.map(|issued| (issued, client_id)))
 }
 
 /// A callback that cannot complete anything: nothing was changed.

@@ -197,6 +197,28 @@ fn answer_token(answer: Answer) -> Result<IssuedToken, TokenFailure> {
     }
 }
 
+/// What a token endpoint's answer says, from its parts as they came: the
+/// pure part of a token request (and what `tests/fuzz.rs` feeds).
+pub fn read_token_answer(
+    status: u16,
+    retry_after: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<IssuedToken, TokenFailure> {
+    answer_token(Answer {
+        status,
+        retry_after: retry_after.and_then(parse_retry_after),
+        content_type: content_type.map(str::to_owned),
+        body: body.to_vec(),
+    })
+}
+
+/// A `Retry-After` in seconds (the HTTP-date form is not used by token
+/// endpoints and is ignored).
+fn parse_retry_after(text: &str) -> Option<Duration> {
+    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
 /// What an endpoint answered, its body read up to `MAX_ANSWER_BYTES`.
 struct Answer {
     status: u16,
@@ -226,9 +248,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<Answer, TokenFailure> 
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let retry_after = header(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = header(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v));
     let content_type = header(reqwest::header::CONTENT_TYPE);
     let status = response.status().as_u16();
     let mut body = Vec::new();

@@ -11,10 +11,6 @@ use serde_json::{Map, Value};
 
 use crate::oauth::token::{IssuedToken, RotatedRefreshToken, TokenFailure};
 
-/// The longest access-token lifetime taken from an answer; a longer one is
-/// clamped to it (and said).
-pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-
 /// The fields RFC 6749 names; every other field is kept as an extra.
 const STANDARD_FIELDS: [&str; 6] = [
     "access_token",
@@ -126,7 +122,8 @@ fn text(value: Option<&Value>) -> Option<String> {
 }
 
 /// A lifetime in seconds, read leniently: a number or a numeric string;
-/// zero or less is no lifetime; more than `MAX_TOKEN_LIFETIME` is clamped.
+/// zero or less is no lifetime. Any length is read (saturating); the
+/// operator's maximum applies where the token is recorded.
 fn lifetime(name: &str, value: Option<&Value>, oddities: &mut Vec<String>) -> Option<Duration> {
     let seconds = match value? {
         Value::Number(number) => number.as_f64(),
@@ -145,16 +142,18 @@ fn lifetime(name: &str, value: Option<&Value>, oddities: &mut Vec<String>) -> Op
         return None;
     };
     if seconds <= 0.0 {
+        let reading = if name == "expires_in" {
+            ", so the default lifetime applies"
+        } else {
+            ""
+        };
         oddities.push(format!(
-            "{name} was {seconds}; read as not given (some providers mean \"does not expire\")"
+            "{name} was {seconds}; read as not given{reading} (some providers mean \"does not \
+             expire\")"
         ));
         return None;
     }
-    if seconds > MAX_TOKEN_LIFETIME.as_secs_f64() {
-        oddities.push(format!("{name} of {seconds} s was clamped to one year"));
-        return Some(MAX_TOKEN_LIFETIME);
-    }
-    Some(Duration::from_secs_f64(seconds.ceil()))
+    Some(Duration::try_from_secs_f64(seconds.ceil()).unwrap_or(Duration::MAX))
 }
 
 /// The granted scopes, space-separated: from a string (commas taken as
@@ -262,7 +261,12 @@ mod tests {
             );
         }
         let huge = json(serde_json::json!({"access_token": "at", "expires_in": 1e12})).unwrap();
-        assert_eq!(huge.expires_in, Some(MAX_TOKEN_LIFETIME));
+        assert_eq!(
+            huge.expires_in,
+            Some(Duration::from_secs(1_000_000_000_000))
+        );
+        let beyond = json(serde_json::json!({"access_token": "at", "expires_in": 1e300})).unwrap();
+        assert_eq!(beyond.expires_in, Some(Duration::MAX));
         let odd = json(serde_json::json!({"access_token": "at", "expires_in": "soon"})).unwrap();
         assert_eq!(odd.expires_in, None);
     }

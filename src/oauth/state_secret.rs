@@ -11,6 +11,7 @@ use jiff::Timestamp;
 use k8s_openapi::ByteString;
 
 use crate::api::OAuth2Auth;
+use crate::decide::refresh::Limits;
 use crate::decide::validate::oauth_settings;
 use crate::error::Error;
 use crate::oauth::token::{
@@ -127,17 +128,18 @@ impl GrantState {
 /// stored in the state Secret.
 pub fn consented_grant(
     oauth: &OAuth2Auth,
+    limits: &Limits,
     issued: &IssuedToken,
     refresh_token: String,
     client_id: &str,
     previous: GrantState,
     now: Timestamp,
 ) -> Result<GrantState, Error> {
-    let settings = oauth_settings(oauth)?;
+    let settings = oauth_settings(oauth, limits)?;
     let record = TokenRecord::issued(
         now,
         issued,
-        settings.default_lifetime,
+        settings.lifetimes(),
         (!oauth.scopes.is_empty()).then(|| oauth.scopes.join(" ")),
         &oauth.response_fields,
         &request_fingerprint(oauth, client_id),

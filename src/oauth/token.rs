@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use serde_json::{Map, Value};
 
 use crate::api::OAuth2Auth;
-use crate::time::rfc3339;
+use crate::time::{rfc3339, truncate_to_seconds};
 
 pub const KEY_ACCESS_TOKEN: &str = "access_token";
 pub const KEY_TOKEN_TYPE: &str = "token_type";
@@ -275,21 +275,34 @@ impl TokenRecord {
 
 impl TokenRecord {
     /// The record of a token the provider just issued. Without
-    /// `expires_in` the token is taken to live `default_lifetime`; without
-    /// `scope` it has the scopes of `scope_if_unsaid` (RFC 6749 section 5.1).
+    /// `expires_in` the token is taken to live `lifetimes.default`, and no
+    /// longer than `lifetimes.max` in any case; without `scope` it has the
+    /// scopes of `scope_if_unsaid` (RFC 6749 section 5.1).
     pub fn issued(
         now: Timestamp,
         issued: &IssuedToken,
-        default_lifetime: SignedDuration,
+        lifetimes: Lifetimes,
         scope_if_unsaid: Option<String>,
         field_names: &[String],
         request_hash: &str,
     ) -> Self {
-        let issued_at = Timestamp::from_second(now.as_second()).expect("valid");
-        let lifetime = issued
+        let issued_at = truncate_to_seconds(now);
+        let mut oddities = issued.oddities.clone();
+        let said = issued
             .expires_in
-            .and_then(|d| SignedDuration::try_from(d).ok())
-            .unwrap_or(default_lifetime);
+            .map(|d| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX));
+        let lifetime = match said {
+            Some(said) if said > lifetimes.max => {
+                oddities.push(format!(
+                    "a lifetime of {} s was clamped to {} s (--max-token-lifetime-seconds)",
+                    said.as_secs(),
+                    lifetimes.max.as_secs()
+                ));
+                lifetimes.max
+            }
+            Some(said) => said,
+            None => lifetimes.default,
+        };
         TokenRecord {
             access_token: issued.access_token.clone(),
             token_type: issued.token_type.clone(),
@@ -307,9 +320,18 @@ impl TokenRecord {
                 .collect(),
             request_hash: request_hash.to_owned(),
             verification_denied: None,
-            oddities: (!issued.oddities.is_empty()).then(|| issued.oddities.join("; ")),
+            oddities: (!oddities.is_empty()).then(|| oddities.join("; ")),
         }
     }
+}
+
+/// How long a token just issued is taken to live.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    /// When the provider does not say (`defaultTokenLifetime`).
+    pub default: SignedDuration,
+    /// The most taken from any answer (`--max-token-lifetime-seconds`).
+    pub max: SignedDuration,
 }
 
 /// Fingerprint of everything that shapes a token request: a change means
@@ -471,7 +493,7 @@ mod tests {
         let record = TokenRecord::issued(
             now,
             &issued,
-            SignedDuration::from_mins(10),
+            TEN_MINUTES_AT_MOST_A_DAY,
             Some("crm.read".into()),
             &["instance_url".into()],
             "h",
@@ -486,17 +508,28 @@ mod tests {
             expires_in: Some(std::time::Duration::from_secs(60)),
             ..issued
         };
-        let record = TokenRecord::issued(
-            now,
-            &with_expiry,
-            SignedDuration::from_mins(10),
-            None,
-            &[],
-            "h",
-        );
+        let record =
+            TokenRecord::issued(now, &with_expiry, TEN_MINUTES_AT_MOST_A_DAY, None, &[], "h");
         assert_eq!(record.expires_at, Timestamp::from_second(65).unwrap());
         assert!(!record.lifetime_assumed);
+
+        let for_ages = IssuedToken {
+            expires_in: Some(std::time::Duration::from_secs(u64::MAX)),
+            ..with_expiry
+        };
+        let record = TokenRecord::issued(now, &for_ages, TEN_MINUTES_AT_MOST_A_DAY, None, &[], "h");
+        assert_eq!(
+            record.expires_at,
+            Timestamp::from_second(5 + 86_400).unwrap()
+        );
+        let said = record.oddities.unwrap_or_default();
+        assert!(said.contains("clamped to 86400 s"), "{said}");
     }
+
+    const TEN_MINUTES_AT_MOST_A_DAY: Lifetimes = Lifetimes {
+        default: SignedDuration::from_mins(10),
+        max: SignedDuration::from_hours(24),
+    };
 
     #[test]
     fn fingerprints_separate_parts() {

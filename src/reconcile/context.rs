@@ -10,6 +10,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{OAuth2Auth, SourceConnection};
+use crate::decide::refresh::Limits;
 use crate::leader::Fence;
 use crate::metrics::Metrics;
 use crate::oauth::seal::SealingKey;
@@ -53,6 +54,8 @@ pub struct Context {
     pub pending: PendingGrants,
     /// Whether the Kubernetes API answers.
     pub api: ApiHealth,
+    /// Bounds on token lifetimes, refresh intervals and `Retry-After`.
+    pub limits: Limits,
 }
 
 impl Context {

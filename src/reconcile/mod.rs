@@ -9,18 +9,20 @@ mod pending;
 pub mod revocation;
 mod static_creds;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use jiff::Timestamp;
 use kube::ResourceExt;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::SourceConnection;
 use crate::decide::refresh::backoff;
 use crate::decide::status::{self, display_name};
 use crate::decide::validate::{self, Method};
-use crate::error::{Error, Retry};
+use crate::error::{Error, Reason, Retry};
 use crate::runtime::object_key::key_of;
 use crate::runtime::wire::CachedConnection;
 
@@ -32,11 +34,18 @@ pub use context::{Context, StoredGrant, TransientFailures};
 pub use pending::{PendingGrant, PendingGrants};
 
 /// The work queue's worker: reconciles `cached` and says when to do so
-/// again (`None`: on the next watch event).
+/// again (`None`: on the next watch event). A panic is a bug: it stops this
+/// reconcile only, and the connection says so.
 pub async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Option<Duration> {
     let started = Instant::now();
     let result = match cached.decode() {
-        Ok(conn) => reconcile_once(&conn, &ctx).await,
+        Ok(conn) => match AssertUnwindSafe(reconcile_once(&conn, &ctx))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => return Some(after_panic(&conn, &ctx).await),
+        },
         // The cache admits only connections that decode.
         Err(error) => Err(Error::InvalidSpec(format!(
             "the connection cannot be read: {error}"
@@ -64,8 +73,36 @@ pub async fn reconcile(cached: Arc<CachedConnection>, ctx: Arc<Context>) -> Opti
     }
 }
 
+/// After a panic in `conn`'s reconcile: counted, said on the connection
+/// (`InternalError`), and retried with backoff. The panic's message went to
+/// the log through the panic hook; the status does not repeat it, since it
+/// may quote whatever value was at hand.
+async fn after_panic(conn: &SourceConnection, ctx: &Context) -> Duration {
+    ctx.metrics.reconcile_panics.inc();
+    ctx.metrics.reconcile_error(Reason::InternalError);
+    let failures = ctx.record_transient_failure(conn);
+    let delay = backoff(failures);
+    error!(connection = %display_name(conn), failures, retry_in = ?delay, "reconcile panicked: a bug in tokenkeeper");
+    let error = Error::Internal {
+        detail: "a panic; the operator's log has its message".to_owned(),
+    };
+    let synced = Synced::failed(&error);
+    let desired = status::desired_status(conn, &synced.report, ctx.clock.now());
+    if !status::is_current(conn, &desired)
+        && let Err(error) = ctx.status.write(conn, &desired).await
+    {
+        warn!(connection = %display_name(conn), %error, "could not report the panic on the connection");
+    }
+    ctx.events.publish_all(conn, &synced.notes).await;
+    delay
+}
+
 async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, Error> {
     let now = ctx.clock.now();
+    #[cfg(feature = "fault-injection")]
+    if conn.annotations().contains_key(FAULT_PANIC_ANNOTATION) {
+        panic!("fault injected by the {FAULT_PANIC_ANNOTATION} annotation");
+    }
     if conn.metadata.deletion_timestamp.is_some() {
         let (next, notes) = revocation::finalize(conn, ctx, now).await?;
         ctx.events.publish_all(conn, &notes).await;
@@ -73,15 +110,25 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, 
     }
     revocation::ensure_finalizer(conn, ctx).await?;
     let synced = match sync(conn, ctx, now).await {
-        Ok(synced) => synced,
+        Ok(synced) => {
+            ctx.clear_transient_failures(conn);
+            synced
+        }
         Err(error) if error.retry() == Retry::Infrastructure => return Err(error),
         Err(error) => {
             info!(connection = %display_name(conn), reason = %error.reason(), %error, "connection not ready");
             ctx.metrics.reconcile_error(error.reason());
-            Synced::failed(&error)
+            let mut synced = Synced::failed(&error);
+            // A refused write or an unusable answer is tried again later;
+            // a spec problem waits for a change.
+            if error.retry() == Retry::Backoff {
+                synced.next = Next::In(backoff(ctx.record_transient_failure(conn)));
+            } else {
+                ctx.clear_transient_failures(conn);
+            }
+            synced
         }
     };
-    ctx.clear_transient_failures(conn);
     if let Some(times) = synced.token_times {
         let namespace = conn.namespace().unwrap_or_default();
         ctx.metrics
@@ -95,6 +142,12 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, 
     ctx.events.publish_all(conn, &synced.notes).await;
     Ok(synced.next)
 }
+
+/// Builds with the `fault-injection` feature (the test suite's) panic in
+/// the reconcile of a connection with this annotation, to show that a bug
+/// stops only that connection.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_PANIC_ANNOTATION: &str = "tokenkeeper.dev/test-inject-panic";
 
 async fn sync(conn: &SourceConnection, ctx: &Context, now: Timestamp) -> Result<Synced, Error> {
     match validate::validate(conn)? {

@@ -24,7 +24,7 @@ use crate::api::{OAuth2Auth, OAuth2Grant, SourceConnection};
 use crate::decide::classify::{self, FailureContext, VerificationAnswer};
 use crate::decide::grant::{
     Action, OAuthInputs, RefreshDecision, TokenAsk, adopt_consented_grant, decide_refresh,
-    next_grant,
+    jitter_key, next_grant,
 };
 use crate::decide::outcome::{self, Next, Refreshed, Synced, reauthorize_fix};
 use crate::decide::refresh::refresh_due_at;
@@ -40,6 +40,7 @@ use crate::oauth::state_secret::{GrantState, only_pending};
 use crate::oauth::token::{IssuedToken, TokenRecord};
 use crate::reconcile::{Context, PendingGrant};
 use crate::runtime::object_key::{Key, key_of};
+use crate::runtime::throttle::Slot;
 use crate::runtime::wire::ReadSecret;
 use crate::write::secret::{apply_if_changed, store_state_secret};
 
@@ -53,12 +54,13 @@ pub async fn sync(
     ctx: &Context,
     now: Timestamp,
 ) -> Result<Synced, Error> {
-    let settings = oauth_settings(oauth)?;
+    let settings = oauth_settings(oauth, &ctx.limits)?;
     let namespace = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let sync = OAuthSync {
         conn,
         key: key_of(conn),
+        jitter_key: jitter_key(conn),
         oauth,
         ctx,
         secrets: &secrets,
@@ -124,12 +126,17 @@ pub async fn sync(
 
 /// How often a refresh that waits for the Kubernetes API looks again.
 const API_WAIT: Duration = Duration::from_secs(2);
+/// How soon a refresh whose provider host has its most requests in flight
+/// tries again, with its reconcile slot free meanwhile.
+const HOST_BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// What every phase of one OAuth 2.0 reconcile works on.
 struct OAuthSync<'a> {
     conn: &'a SourceConnection,
     /// `conn`'s key in the per-connection maps (pending grants, deferrals).
     key: Key,
+    /// Spreads this connection's refreshes (`decide::grant::jitter_key`).
+    jitter_key: String,
     oauth: &'a OAuth2Auth,
     ctx: &'a Context,
     secrets: &'a Api<Secret>,
@@ -174,8 +181,17 @@ impl OAuthSync<'_> {
         ask: TokenAsk,
     ) -> Result<Synced, Error> {
         let (conn, oauth) = (self.conn, self.oauth);
+        let Some(slot) = self
+            .ctx
+            .throttle
+            .acquire_unless_busy(&oauth.token_url)
+            .await
+        else {
+            debug!(connection = %display_name(conn), "the provider host has its most token requests in flight; trying again shortly");
+            return Ok(Synced::unchanged(Next::In(HOST_BUSY_RETRY)));
+        };
         debug!(connection = %display_name(conn), reason = ?ask.reason, "requesting a token");
-        let answer = self.request_token(inputs, &ask).await;
+        let answer = self.request_token(inputs, &ask, slot).await;
         // Not sent (this replica cannot prove it leads): nothing to report
         // on the connection; retried like any Kubernetes trouble.
         if let Err((error @ Error::NotLeading, _)) = answer {
@@ -197,7 +213,7 @@ impl OAuthSync<'_> {
                         refresh_token_expires_at: None,
                         imported_hash: ask.import_hash.clone(),
                     };
-                    let (current, due) = self.current_and_due(inputs, decision);
+                    let (current, due) = self.current_and_due(inputs);
                     self.write_token(inputs, current, Some(&grant), due).await?;
                 }
                 return self.after_failure(inputs, decision, &ask, error).await;
@@ -209,7 +225,7 @@ impl OAuthSync<'_> {
             next_grant(previous, &issued, used, ask.import_hash, record.issued_at)
         });
         let rejected = self.verify(&mut record).await;
-        let due = refresh_due_at(&record, self.settings.refresh_before, &decision.jitter_key);
+        let due = self.due_of(&record);
         // The new refresh token and access token go out in one write.
         self.write_token(inputs, Some(&record), grant.as_ref(), Some(due))
             .await?;
@@ -239,23 +255,25 @@ impl OAuthSync<'_> {
     fn current_and_due<'i>(
         &self,
         inputs: &'i OAuthInputs,
-        decision: &RefreshDecision,
     ) -> (Option<&'i TokenRecord>, Option<Timestamp>) {
         let current = inputs.current.as_ref();
-        let refresh_before = self.settings.refresh_before;
-        let due = current.map(|c| refresh_due_at(c, refresh_before, &decision.jitter_key));
-        (current, due)
+        (current, current.map(|c| self.due_of(c)))
     }
 
-    /// Sends the token request through the provider host's throttle. A
-    /// failed answer comes with the refresh token it carried, if any.
+    /// When `record` is to be replaced.
+    fn due_of(&self, record: &TokenRecord) -> Timestamp {
+        refresh_due_at(record, &self.settings.schedule, &self.jitter_key)
+    }
+
+    /// Sends the token request while holding its slot of the provider
+    /// host's throttle. A failed answer comes with the refresh token it carried, if any.
     async fn request_token(
         &self,
         inputs: &OAuthInputs,
         ask: &TokenAsk,
+        slot: Slot,
     ) -> Result<IssuedToken, (Error, Option<String>)> {
         let oauth = self.oauth;
-        let slot = self.ctx.throttle.acquire(&oauth.token_url).await;
         // Right before the request leaves: only a replica that holds the
         // lease may send a refresh token, and only for as long as it holds it.
         let time_left = self.ctx.fence.time_left().map_err(|e| (e, None))?;
@@ -284,6 +302,7 @@ impl OAuthSync<'_> {
                 reauthorize_fix: &reauthorize_fix(self.conn, oauth),
                 client_secret_namespace: &namespace,
                 client_secret_name: &oauth.client.secret_ref.name,
+                max_retry_after: self.settings.max_retry_after,
             };
             (classify::classify(&failure, &context), rotated)
         })
@@ -306,7 +325,7 @@ impl OAuthSync<'_> {
         TokenRecord::issued(
             self.now,
             issued,
-            self.settings.default_lifetime,
+            self.settings.lifetimes(),
             scope_if_unsaid,
             &oauth.response_fields,
             request_hash,
@@ -318,6 +337,17 @@ impl OAuthSync<'_> {
     /// error to report.
     async fn verify(&self, record: &mut TokenRecord) -> Option<Error> {
         let verification = self.oauth.verification.as_ref()?;
+        // Through the host's gate like token requests, so that a hanging
+        // API cannot hold every reconcile slot either.
+        let Some(_slot) = self
+            .ctx
+            .throttle
+            .acquire_unless_busy(&verification.url)
+            .await
+        else {
+            debug!(connection = %display_name(self.conn), "the verification host has its most requests in flight; the token is kept unverified");
+            return None;
+        };
         let answer = client::verify(&self.ctx.http, &verification.url, &record.access_token).await;
         match answer {
             VerificationAnswer::Accepted => None,
@@ -578,23 +608,55 @@ impl OAuthSync<'_> {
                         ctx.api.failed();
                     }
                     let new_grant = grant.filter(|g| inputs.stored_grant.as_ref() != Some(*g));
-                    if let Some(grant) =
-                        new_grant.filter(|_| error.retry() == Retry::Infrastructure)
-                    {
-                        warn!(connection = %display_name(self.conn), %error, "the target Secret could not be written; the new grant is kept in memory and written when the API answers");
-                        ctx.pending.keep(
-                            self.key.clone(),
-                            PendingGrant {
-                                uid: self.conn.uid().unwrap_or_default(),
-                                grant: grant.clone(),
-                                record: record.cloned(),
-                                due: next_refresh_at,
-                            },
-                        );
+                    if let Some(grant) = new_grant {
+                        self.keep_grant(inputs, record, grant, next_refresh_at, &error)
+                            .await;
                     }
                     return Err(error);
                 }
             }
         }
+    }
+
+    /// Keeps a new grant whose write failed. The API refused the Secret
+    /// (its size, a quota, a policy): the grant alone, with the token the
+    /// Secret already holds, may still be accepted. Otherwise, and when
+    /// the API did not answer, the grant waits in memory and is written
+    /// before any other token request of this connection.
+    async fn keep_grant(
+        &self,
+        inputs: &OAuthInputs,
+        record: Option<&TokenRecord>,
+        grant: &SealedGrant,
+        next_refresh_at: Option<Timestamp>,
+        error: &Error,
+    ) {
+        let conn = self.conn;
+        let mut kept = PendingGrant {
+            uid: conn.uid().unwrap_or_default(),
+            grant: grant.clone(),
+            record: record.cloned(),
+            due: next_refresh_at,
+        };
+        if error.retry() != Retry::Infrastructure && record != inputs.current.as_ref() {
+            let (current, due) = self.current_and_due(inputs);
+            let desired = self.desired_target(inputs, current, Some(grant), due);
+            let existing = inputs.target.as_deref();
+            match apply_if_changed(conn, self.secrets, existing, &desired).await {
+                Ok(written) => {
+                    if let Some(written) = written {
+                        self.ctx.secrets.wrote(written.secret);
+                    }
+                    info!(connection = %display_name(conn), "the new refresh token is stored with the previous access token");
+                    return;
+                }
+                Err(_) => {
+                    kept.record = current.cloned();
+                    kept.due = due;
+                }
+            }
+        }
+        warn!(connection = %display_name(conn), %error, "the target Secret could not be written; the new grant is kept in memory and written when the API accepts it");
+        self.ctx.pending.keep(self.key.clone(), kept);
     }
 }

@@ -222,6 +222,7 @@ async fn revoke_all(
                     reauthorize_fix: "",
                     client_secret_namespace: &namespace,
                     client_secret_name: &client_ref.name,
+                    max_retry_after: ctx.limits.max_retry_after,
                 },
             );
             return Err(error);

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::api::SourceConnection;
+use crate::decide::refresh::Limits;
 use crate::leader::{self, Fence, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::oauth::{authorize, client as token_client};
@@ -49,6 +50,8 @@ pub struct Settings {
     pub authorization: Option<AuthorizationSettings>,
     /// Limits on token requests per provider host.
     pub token_limits: throttle::Limits,
+    /// Bounds on token lifetimes, refresh intervals and `Retry-After`.
+    pub limits: Limits,
     /// How many Normal events may be published.
     pub event_budget: EventBudget,
     /// Connections reconciled at the same time, per controller.
@@ -144,6 +147,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         fence: fence.clone(),
         pending: PendingGrants::default(),
         api: ApiHealth::default(),
+        limits: settings.limits,
     });
     if let Some(authorization) = &settings.authorization {
         let flow = authorize::Flow {
@@ -152,6 +156,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             callback_url: format!("{}/callback", external_url.as_deref().unwrap_or_default()),
             state_ttl: authorization.state_ttl,
             clock: Clock::system(),
+            limits: settings.limits,
         };
         let address = authorization.bind_address;
         tokio::spawn(async move {

@@ -116,12 +116,39 @@ impl HostThrottle {
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
+        self.wait_for_rate(&gate).await;
+        Slot { _permit: permit }
+    }
+
+    /// Like `acquire`, but `None` when, at its place in the rate schedule,
+    /// the host has its most requests in flight: a reconcile then gives its
+    /// reconcile slot back instead of holding it while a slow or dead
+    /// provider times out. The wait for the rate holds no slot of the host,
+    /// so that a wave of refreshes paced by the rate never finds it busy.
+    pub async fn acquire_unless_busy(&self, url: &str) -> Option<Slot> {
+        let gate = self.gate(url);
+        self.wait_for_rate(&gate).await;
+        let permit = gate.in_flight.clone().try_acquire_owned().ok()?;
+        Some(Slot { _permit: permit })
+    }
+
+    /// Waits for the next place in the host's rate schedule.
+    async fn wait_for_rate(&self, gate: &Gate) {
         let now = Instant::now();
         let start = release_at(&gate.next_start, gate.ticks_from, now, &self.limits);
         if start > now {
             tokio::time::sleep_until(start).await;
         }
-        Slot { _permit: permit }
+    }
+}
+
+/// Token requests in flight per host: as asked, but at most half the
+/// reconcile slots (`reconciles`, 0 for no limit), so that the connections
+/// of one slow provider can never hold every slot.
+pub fn per_host_concurrency(asked: usize, reconciles: u16) -> usize {
+    match reconciles {
+        0 => asked.max(1),
+        n => asked.clamp(1, usize::from(n / 2).max(1)),
     }
 }
 
@@ -334,6 +361,49 @@ mod tests {
         )
         .await
         .expect("a released slot lets the next request start");
+    }
+
+    #[tokio::test]
+    async fn a_busy_host_is_said_at_once_instead_of_waited_for() {
+        let throttle = HostThrottle::new(Limits {
+            per_second: 1000.0,
+            burst: 100,
+            concurrency: 1,
+        });
+        let first = throttle
+            .acquire_unless_busy("https://a.example/token")
+            .await;
+        assert!(first.is_some());
+        let busy = tokio::time::timeout(
+            Duration::from_millis(500),
+            throttle.acquire_unless_busy("https://a.example/token"),
+        )
+        .await
+        .expect("answers without waiting");
+        assert!(busy.is_none());
+        assert!(
+            throttle
+                .acquire_unless_busy("https://b.example/token")
+                .await
+                .is_some(),
+            "another host is not busy"
+        );
+        drop(first);
+        assert!(
+            throttle
+                .acquire_unless_busy("https://a.example/token")
+                .await
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn one_host_gets_at_most_half_the_reconcile_slots() {
+        assert_eq!(per_host_concurrency(32, 64), 32);
+        assert_eq!(per_host_concurrency(32, 8), 4);
+        assert_eq!(per_host_concurrency(32, 1), 1);
+        assert_eq!(per_host_concurrency(0, 64), 1);
+        assert_eq!(per_host_concurrency(500, 0), 500);
     }
 
     #[test]

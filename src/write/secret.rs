@@ -10,7 +10,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use tracing::debug;
 
 use crate::api::{FIELD_MANAGER, SourceConnection};
-use crate::decide::secrets::{needs_write, stale_fields, state_secret};
+use crate::decide::secrets::{check_size, needs_write, stale_fields, state_secret};
 use crate::decide::status::{Note, display_name};
 use crate::error::{Error, Reason};
 use crate::runtime::secret_cache::read_view;
@@ -35,14 +35,16 @@ pub async fn apply_if_changed(
     if !needs_write(existing, desired) {
         return Ok(None);
     }
+    check_size(desired)?;
     let name = desired.name_any();
     let secret = match write_secret(secrets, existing, desired).await {
         Ok(written) => written,
-        // The server refuses the Secret for what the user wrote into
-        // spec.target (an invalid label, say): a spec problem, not an outage.
-        Err(kube::Error::Api(status)) if status.code == 422 => {
-            return Err(Error::TargetSecretRefused {
+        Err(kube::Error::Api(status)) if is_refusal(status.code) => {
+            return Err(Error::SecretWriteFailed {
+                namespace: desired.namespace().unwrap_or_default(),
+                fix: refusal_fix(status.code, &conn.name_any(), &name),
                 name,
+                code: status.code,
                 message: status.message,
             });
         }
@@ -61,6 +63,30 @@ pub async fn apply_if_changed(
             format!("{verb} Secret {name} with the current credentials"),
         ),
     }))
+}
+
+/// An answer that says the write itself is refused, so that sending it
+/// again unchanged fails again: unlike a conflict (409, resolved by the
+/// next read), throttling (429) or a namespace being deleted (404).
+fn is_refusal(code: u16) -> bool {
+    (400..500).contains(&code) && !matches!(code, 404 | 409 | 429)
+}
+
+/// What to do about a refused write, by the API's answer.
+fn refusal_fix(code: u16, connection: &str, secret: &str) -> String {
+    match code {
+        403 => "A ResourceQuota or an admission policy forbids it, or tokenkeeper's \
+                ServiceAccount lacks RBAC for Secrets here: kubectl describe resourcequota; \
+                kubectl auth can-i create secrets \
+                --as=system:serviceaccount:<operator namespace>:tokenkeeper"
+            .to_owned(),
+        413 => format!("Secret {secret} is too large for the API server."),
+        422 => format!(
+            "Fix spec.target (labels, annotations, name) of SourceConnection {connection} so \
+             that it makes a valid Secret."
+        ),
+        _ => "tokenkeeper retries with backoff; kubectl get events shows each attempt.".to_owned(),
+    }
 }
 
 /// Creates the Secret when there is none (a plain create costs the control

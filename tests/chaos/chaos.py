@@ -113,7 +113,8 @@ class Replica:
         self.out = open(os.path.join(logs, f"operator-{number}.log"), "w")
         self.child = subprocess.Popen(
             [self.binary, "run", "--namespace", NAMESPACE, "--metrics-bind-address", "127.0.0.1:0",
-             *LEASE],
+             # Tokens of seconds: the floor between refreshes must not outlast them.
+             "--min-refresh-interval-seconds", "1", *LEASE],
             env={**os.environ, "KUBECONFIG": plane.kubeconfig, "POD_NAMESPACE": "default",
                  "RUST_LOG": "info"},
             stdout=self.out, stderr=self.out)

@@ -109,10 +109,11 @@ if ! kubectl --kubeconfig "$DIR/kubeconfig" get --raw /readyz >/dev/null 2>&1; t
 fi
 
 # The controller-manager brings owner-reference garbage collection and
-# namespace deletion, which the operator relies on.
+# namespace deletion, which the operator relies on, and ResourceQuota usage,
+# which the tests use to make the API server refuse a Secret.
 setsid "$BIN_DIR/kube-controller-manager" \
   --kubeconfig "$DIR/kubeconfig" \
-  --controllers garbagecollector,namespace,serviceaccount,serviceaccount-token \
+  --controllers garbagecollector,namespace,serviceaccount,serviceaccount-token,resourcequota \
   --service-account-private-key-file "$DIR/sa.key" \
   --root-ca-file "$DIR/certs/apiserver.crt" \
   --leader-elect=false \

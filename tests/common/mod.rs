@@ -97,6 +97,20 @@ pub fn artifacts_dir() -> PathBuf {
     dir
 }
 
+/// Adds measured figures to `figures.txt` among the artifacts, which
+/// `tests/run.sh` prints at the end: tests measure, but never assert on time.
+pub fn record_figures(text: &str) {
+    use std::io::Write;
+    let path = artifacts_dir().join("figures.txt");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = file.write_all(text.as_bytes());
+    }
+}
+
 /// A fresh namespace, deleted on drop.
 pub struct TestNamespace {
     pub name: String,
@@ -286,6 +300,11 @@ impl Operator {
         let mut args = vec!["run", "--namespace", namespace];
         if !extra_args.contains(&"--metrics-bind-address") {
             args.extend(["--metrics-bind-address", "127.0.0.1:0"]);
+        }
+        // Tokens of the tests live seconds; the floor of 30 s between two
+        // refreshes is tested on its own (never_fall_over.rs).
+        if !extra_args.contains(&"--min-refresh-interval-seconds") {
+            args.extend(["--min-refresh-interval-seconds", "1"]);
         }
         let child = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
             .args(args)

@@ -157,6 +157,10 @@ const SHAPES = {
   'no-access-token': (body) => { delete body.access_token; },
   'huge-lifetime': (body) => { body.expires_in = 1000000000000; },
   'zero-lifetime': (body) => { body.expires_in = 0; },
+  // A rotated refresh token too large to keep in an annotation (256 KiB).
+  'huge-refresh-token': (body) => { body.refresh_token = 'r'.repeat(300 * 1024); },
+  // An answer of 64 MiB, as the hostile provider of issue 22 sent.
+  oversized: (body) => { body.padding = 'p'.repeat(64 * 1024 * 1024); },
 };
 
 provider.use(async (ctx, next) => {
