@@ -176,15 +176,6 @@ fn a_person_authorizes_through_the_operator_and_the_connection_stays_fresh() {
     let (status, _, page) = Browser::new().get(&callback);
     assert_eq!(status, 400);
     assert!(page.contains("already completed"), "{page}");
-    let (status, _, page) = Browser::new().get(&format!(
-        "{}/callback?state={}:crm:forged&code=stolen",
-        setup.external, ns.name
-    ));
-    assert_eq!(status, 400);
-    assert!(
-        page.contains("does not match") || page.contains("already completed"),
-        "{page}"
-    );
     assert_eq!(
         ns.jsonpath(
             "secret",
@@ -192,6 +183,35 @@ fn a_person_authorizes_through_the_operator_and_the_connection_stays_fresh() {
             "{.metadata.resourceVersion}"
         ),
         state_version
+    );
+
+    // A forged answer while an authorization is pending: its state is
+    // compared with the pending one and refused; nothing is written.
+    let (status, url, _) = Browser::new().get(&link);
+    assert_eq!(status, 200, "the provider's login page at {url}");
+    let pending_version = wait_for("the pending authorization", READY, || {
+        let version = ns.jsonpath(
+            "secret",
+            "crm-tokenkeeper-state",
+            "{.metadata.resourceVersion}",
+        );
+        (version != state_version)
+            .then_some(version.clone())
+            .ok_or(version)
+    });
+    let (status, _, page) = Browser::new().get(&format!(
+        "{}/callback?state={}:crm:forged&code=stolen",
+        setup.external, ns.name
+    ));
+    assert_eq!(status, 400);
+    assert!(page.contains("does not match"), "{page}");
+    assert_eq!(
+        ns.jsonpath(
+            "secret",
+            "crm-tokenkeeper-state",
+            "{.metadata.resourceVersion}"
+        ),
+        pending_version
     );
 
     // Revoked at the provider (the user disconnects the app), then
@@ -207,6 +227,19 @@ fn a_person_authorizes_through_the_operator_and_the_connection_stays_fresh() {
     assert_eq!(status, 200, "{page}");
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
+    no_leaks(&setup);
+}
+
+/// No code, PKCE verifier, token or client secret of the flow shows in the
+/// operator's log, the events or the SourceConnection.
+fn no_leaks(setup: &Setup) {
+    let mut secrets = setup.server.secrets_seen();
+    assert!(
+        secrets.len() >= 4,
+        "a code, its verifier and tokens crossed the token endpoint"
+    );
+    secrets.push("crm-client-secret".into());
+    common::assert_no_secret_leaks(&setup.ns, &secrets);
 }
 
 #[test]
@@ -522,4 +555,5 @@ fn a_person_authorizes_in_a_real_browser() {
         "a real screenshot"
     );
     ns.wait_ready("crm", "True", "SecretSynced", READY);
+    no_leaks(&setup);
 }

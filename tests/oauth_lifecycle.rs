@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    OAuthServer, Operator, TestNamespace, assert_no_secret_leaks, describes_event, wait_for,
+    OAuthServer, Operator, TestNamespace, assert_no_secret_leaks, describes_event, free_port,
+    http_get, wait_for,
 };
 use jiff::Timestamp;
 use serde_json::json;
@@ -100,6 +101,43 @@ fn status_field(ns: &TestNamespace, name: &str, field: &str) -> String {
     ns.jsonpath("srcconn", name, &format!("{{.status.{field}}}"))
 }
 
+fn operator_with_metrics(ns: &TestNamespace) -> (Operator, u16) {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    (
+        Operator::start_with(ns, &["--metrics-bind-address", &address]),
+        port,
+    )
+}
+
+/// A connection that failed for good waits for a change: no retry time in
+/// its status or its metrics, and no token request after the first backoff
+/// a transient failure would wait (5 s and up to a tenth, to a whole second).
+fn waits_for_a_change(ns: &TestNamespace, server: &OAuthServer, name: &str, metrics_port: u16) {
+    assert_eq!(status_field(ns, name, "nextRefreshTime"), "");
+    let text = http_get(metrics_port, "/metrics").1;
+    let labels = format!("namespace=\"{}\",name=\"{name}\"", ns.name);
+    assert!(
+        text.contains(&format!(
+            "tokenkeeper_connection_failed_refresh_attempts{{{labels}}}"
+        )),
+        "the connection's series are served: {text}"
+    );
+    assert!(
+        !text.contains(&format!(
+            "tokenkeeper_connection_next_refresh_timestamp_seconds{{{labels}}}"
+        )),
+        "no next refresh planned: {text}"
+    );
+    let requests = token_requests(server);
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        token_requests(server),
+        requests,
+        "no retry while nothing changes"
+    );
+}
+
 fn token_requests(server: &OAuthServer) -> u64 {
     server.stats()["tokenRequests"].as_u64().unwrap()
 }
@@ -165,6 +203,7 @@ fn client_credentials_tokens_are_kept_fresh() {
         "{listing}"
     );
     let mut secrets = tokens;
+    secrets.extend(server.secrets_seen());
     secrets.push("crm-client-secret".into());
     assert_no_secret_leaks(&ns, &secrets);
 }
@@ -173,7 +212,7 @@ fn client_credentials_tokens_are_kept_fresh() {
 fn wrong_client_secret_is_invalid_client_and_heals_when_fixed() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 30 }));
     let ns = TestNamespace::new("oauth-client");
-    let _operator = Operator::start(&ns);
+    let (_operator, metrics_port) = operator_with_metrics(&ns);
     ns.create_client_secret("crm-post-client", "not-the-right-secret");
     ns.apply_ok(&client_credentials(
         "crm",
@@ -194,14 +233,7 @@ fn wrong_client_secret_is_invalid_client_and_heals_when_fixed() {
             .then_some(())
             .ok_or(text)
     });
-    // A permanent error does not retry on its own.
-    let requests = token_requests(&server);
-    std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(
-        token_requests(&server),
-        requests,
-        "no retries while nothing changes"
-    );
+    waits_for_a_change(&ns, &server, "crm", metrics_port);
 
     ns.kubectl_ok(&[
         "patch",
@@ -213,13 +245,12 @@ fn wrong_client_secret_is_invalid_client_and_heals_when_fixed() {
     ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(15));
     assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
     assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "");
-    assert_no_secret_leaks(
-        &ns,
-        &[
-            "not-the-right-secret".into(),
-            "crm-post-client-secret".into(),
-        ],
-    );
+    let mut secrets = server.secrets_seen();
+    secrets.extend([
+        "not-the-right-secret".into(),
+        "crm-post-client-secret".into(),
+    ]);
+    assert_no_secret_leaks(&ns, &secrets);
 }
 
 #[test]
@@ -270,7 +301,9 @@ fn rotating_refresh_tokens_over_many_cycles_never_leave_an_expired_token() {
         r#"["crm.read","crm.write"]"#
     );
 
+    // Every refresh token of the rotations, not only the first and last.
     let mut secrets = tokens;
+    secrets.extend(server.secrets_seen());
     secrets.extend([first, current, "crm-client-secret".into()]);
     assert_no_secret_leaks(&ns, &secrets);
 }
@@ -279,7 +312,7 @@ fn rotating_refresh_tokens_over_many_cycles_never_leave_an_expired_token() {
 fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
     let ns = TestNamespace::new("oauth-revoked");
-    let _operator = Operator::start(&ns);
+    let (_operator, metrics_port) = operator_with_metrics(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
     let first = server.mint_refresh_token("crm.read");
     user_refresh_token(&ns, &first);
@@ -306,20 +339,16 @@ fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
         )),
         "{describe}"
     );
-    let requests = token_requests(&server);
-    std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(
-        token_requests(&server),
-        requests,
-        "no hot retries after invalid_grant"
-    );
+    waits_for_a_change(&ns, &server, "crm", metrics_port);
 
     let second = server.mint_refresh_token("crm.read");
     user_refresh_token(&ns, &second);
     ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(15));
     assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
     sample_freshness(&ns, "crm-credentials", Duration::from_secs(5));
-    assert_no_secret_leaks(&ns, &[first, second, "crm-client-secret".into()]);
+    let mut secrets = server.secrets_seen();
+    secrets.extend([first, second, "crm-client-secret".into()]);
+    assert_no_secret_leaks(&ns, &secrets);
 }
 
 #[test]
@@ -423,28 +452,49 @@ fn an_unavailable_provider_backs_off_keeps_the_token_and_recovers() {
     });
     assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "2");
 
-    // The backoff lives in status: a restarted operator waits for it too.
+    // The backoff lives in status: a restarted operator waits for it too,
+    // and counts on from there.
+    let retry_at = timestamp(&status_field(&ns, "crm", "nextRefreshTime"));
     operator.stop();
-    let requests = token_requests(&server);
+    let requests = token_requests(&server) as usize;
     let _operator = Operator::start(&ns);
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        token_requests(&server),
-        requests,
-        "a restart does not retry early"
+    let first_after_restart = wait_for(
+        "the first token request after the restart",
+        Duration::from_secs(60),
+        || {
+            let stats = server.stats();
+            stats["tokenRequestTimes"][requests]
+                .as_i64()
+                .ok_or(stats.to_string())
+        },
     );
+    assert!(
+        first_after_restart >= retry_at.as_millisecond(),
+        "requested at {first_after_restart} ms, before the retry time {retry_at}"
+    );
+    wait_for("the third failure counted", READY, || {
+        let attempts = status_field(&ns, "crm", "failedRefreshAttempts");
+        (attempts == "3").then_some(()).ok_or(attempts)
+    });
 
-    server.fail("429");
+    // A Retry-After longer than the backoff is honoured.
+    server.control("failure", json!({ "mode": "429", "retryAfter": 60 }));
     wait_for(
         "an attempt told to slow down",
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         || {
             let message = ns.condition("crm", "Ready", "message");
             message
-                .contains("HTTP 429 Too Many Requests, Retry-After 3 s")
+                .contains("HTTP 429 Too Many Requests, Retry-After 60 s")
                 .then_some(())
                 .ok_or(message)
         },
+    );
+    let failed_at = timestamp(&status_field(&ns, "crm", "lastFailureTime"));
+    let retry_at = timestamp(&status_field(&ns, "crm", "nextRefreshTime"));
+    assert!(
+        retry_at.duration_since(failed_at).as_secs() >= 60,
+        "failed at {failed_at}, retry at {retry_at}"
     );
     assert_eq!(
         ns.secret_value("crm-credentials", "access_token")
@@ -452,15 +502,23 @@ fn an_unavailable_provider_backs_off_keeps_the_token_and_recovers() {
         Some(token.as_str())
     );
 
+    // A new force-refresh value does not wait for the retry time.
     server.fail("off");
-    ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(45));
+    ns.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "srcconn",
+        "crm",
+        "tokenkeeper.dev/force-refresh=2",
+    ]);
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
     assert_ne!(
         ns.secret_value("crm-credentials", "access_token")
             .as_deref(),
         Some(token.as_str())
     );
     assert_eq!(status_field(&ns, "crm", "failedRefreshAttempts"), "");
-    assert_eq!(status_field(&ns, "crm", "forceRefreshHandled"), "1");
+    assert_eq!(status_field(&ns, "crm", "forceRefreshHandled"), "2");
 }
 
 #[test]
@@ -726,32 +784,50 @@ fn deleting_a_connection_revokes_its_tokens_before_its_secrets_go() {
     ns.create_client_secret("crm-client", "crm-client-secret");
     user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant("crm", &server, &revoking(&server, "")));
+    // No grant: only its access token is revoked.
+    ns.apply_ok(&client_credentials("cc", &server, &revoking(&server, "")));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
-    wait_for("the revocation finalizer", READY, || {
-        let finalizers = ns.jsonpath("srcconn", "crm", "{.metadata.finalizers}");
-        finalizers
-            .contains("tokenkeeper.dev/revoke-tokens")
-            .then_some(())
-            .ok_or(finalizers)
-    });
+    ns.wait_ready("cc", "True", "SecretSynced", READY);
+    for name in ["crm", "cc"] {
+        wait_for("the revocation finalizer", READY, || {
+            let finalizers = ns.jsonpath("srcconn", name, "{.metadata.finalizers}");
+            finalizers
+                .contains("tokenkeeper.dev/revoke-tokens")
+                .then_some(())
+                .ok_or(finalizers)
+        });
+    }
     let refresh_token = stored_refresh_token_is_live(&ns, &server);
     let access_token = ns.secret_value("crm-credentials", "access_token").unwrap();
+    let cc_token = ns.secret_value("cc-credentials", "access_token").unwrap();
     assert!(server.is_active(&access_token));
 
-    ns.kubectl_ok(&["delete", "srcconn", "crm", "--wait=false"]);
+    ns.kubectl_ok(&["delete", "srcconn", "crm", "cc", "--wait=false"]);
     wait_gone(&ns, "srcconn", "crm", READY);
-    assert!(
-        !server.is_active(&refresh_token),
-        "the refresh token was revoked"
-    );
-    assert!(
-        !server.is_active(&access_token),
-        "the access token was revoked"
-    );
+    wait_gone(&ns, "srcconn", "cc", READY);
+    // What reached the revocation endpoint: revoking the refresh token ends
+    // the whole grant at this provider, so the access token's own request
+    // is what shows that it was sent.
+    let sent = server.stats()["revocationRequests"].clone();
+    let requests = sent.as_array().unwrap();
+    let sent_with = |token: &str, hint: &str| {
+        requests
+            .iter()
+            .any(|r| r["token"] == token && r["hint"] == hint && r["status"] == 200)
+    };
+    assert!(sent_with(&refresh_token, "refresh_token"), "{sent}");
+    assert!(sent_with(&access_token, "access_token"), "{sent}");
+    assert!(sent_with(&cc_token, "access_token"), "{sent}");
+    assert_eq!(requests.len(), 3, "{sent}");
+    assert!(!server.is_active(&refresh_token));
+    assert!(!server.is_active(&access_token));
+    assert!(!server.is_active(&cc_token));
     assert!(event_reasons(&ns).contains("TokensRevoked"));
     // The garbage collector notices new CRDs on its 30 s discovery resync.
     wait_gone(&ns, "secret", "crm-credentials", Duration::from_secs(90));
-    assert_no_secret_leaks(&ns, &[refresh_token, access_token]);
+    let mut secrets = server.secrets_seen();
+    secrets.extend([refresh_token, access_token, cc_token]);
+    assert_no_secret_leaks(&ns, &secrets);
 }
 
 #[test]

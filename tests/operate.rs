@@ -605,3 +605,83 @@ impl Drop for KillOnDrop<'_> {
         let _ = self.0.wait();
     }
 }
+
+/// The admin kubeconfig of the tests, changed as `edit` says, as JSON.
+fn admin_kubeconfig_variant(edit: impl FnOnce(&mut serde_json::Value)) -> serde_json::Value {
+    let text = common::kubectl_ok(&[
+        "config",
+        "view",
+        "--minify",
+        "--raw",
+        "--flatten",
+        "-o",
+        "json",
+    ]);
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut config["clusters"][0]["cluster"]);
+    config
+}
+
+#[test]
+fn the_operator_identity_keeps_the_connection_settings_of_the_users_kubeconfig() {
+    let ns = TestNamespace::new("identity");
+    ns.apply_ok(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: api-key\nstringData:\n  api_key: k-1\n",
+    );
+    ns.apply_ok(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: api\n\
+         spec:\n  apiKey:\n    secretRef:\n      name: api-key\n",
+    );
+    let variants = [
+        (
+            "insecure-skip-tls-verify",
+            admin_kubeconfig_variant(|cluster| {
+                let map = cluster.as_object_mut().unwrap();
+                map.remove("certificate-authority-data");
+                map.insert("insecure-skip-tls-verify".into(), json!(true));
+            }),
+        ),
+        (
+            "tls-server-name",
+            // The certificate names kubernetes and 127.0.0.1, not
+            // localhost: only a client that verifies against
+            // tls-server-name gets through.
+            admin_kubeconfig_variant(|cluster| {
+                let server = cluster["server"]
+                    .as_str()
+                    .unwrap()
+                    .replace("127.0.0.1", "localhost");
+                cluster["server"] = json!(server);
+                cluster["tls-server-name"] = json!("kubernetes");
+            }),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, admin) in variants {
+        let admin_path = dir.path().join(format!("{name}.admin.kubeconfig"));
+        std::fs::write(&admin_path, admin.to_string()).unwrap();
+        let identity = dir.path().join(format!("{name}.operator.kubeconfig"));
+        let out = Command::new(format!("{REPO}/tests/cluster/operator-identity.sh"))
+            .arg(&admin_path)
+            .arg(&identity)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&identity).unwrap()).unwrap();
+        let cluster = &written["clusters"][0]["cluster"];
+        for (key, value) in admin["clusters"][0]["cluster"].as_object().unwrap() {
+            assert_eq!(&cluster[key], value, "{name}: {key} carried over");
+        }
+        let mut operator = Operator::start_on(&identity, &ns.name, &[]);
+        ns.kubectl_ok(&["delete", "secret", "api-credentials", "--ignore-not-found"]);
+        wait_for(&format!("{name}: the target Secret"), READY, || {
+            let value = ns.secret_value("api-credentials", "api_key");
+            (value.as_deref() == Some("k-1"))
+                .then_some(())
+                .ok_or(format!("{value:?}"))
+        });
+        let status = operator.stop();
+        assert!(status.success(), "{name}: {}", operator.logs());
+    }
+}

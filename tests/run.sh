@@ -48,7 +48,7 @@ export TOKENKEEPER_HELM="$(tests/tools/install-helm.sh)"
 
 # fault-injection: tests/never_fall_over.rs makes one reconcile panic.
 status=0
-cargo test --all-targets --features fault-injection --locked --no-fail-fast "$@" -- --test-threads "${TOKENKEEPER_TEST_THREADS:-8}" || status=$?
+cargo test --tests --features fault-injection --locked --no-fail-fast "$@" -- --test-threads "${TOKENKEEPER_TEST_THREADS:-8}" || status=$?
 # Figures some tests measure (printed, never asserted on).
 if [[ -f target/test-artifacts/figures.txt ]]; then
   echo "== measured by the tests"

@@ -14,24 +14,22 @@ k get namespace "$namespace" >/dev/null 2>&1 || k create namespace "$namespace" 
 "$helm" template tokenkeeper charts/tokenkeeper --namespace "$namespace" --set crds.install=false \
   | k apply -n "$namespace" -f - >/dev/null
 token="$(k create token tokenkeeper -n "$namespace" --duration=24h)"
-server="$(k config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
-ca="$(k config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority}')"
-ca_data="$(k config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')"
-{
-  echo "apiVersion: v1"
-  echo "kind: Config"
-  echo "clusters:"
-  echo "- name: cluster"
-  echo "  cluster:"
-  echo "    server: $server"
-  if [[ -n "$ca_data" ]]; then echo "    certificate-authority-data: $ca_data"; else echo "    certificate-authority: $ca"; fi
-  echo "users:"
-  echo "- name: tokenkeeper"
-  echo "  user:"
-  echo "    token: $token"
-  echo "contexts:"
-  echo "- name: tokenkeeper"
-  echo "  context: {cluster: cluster, user: tokenkeeper}"
-  echo "current-context: tokenkeeper"
-} >"$out"
+# The user's cluster entry as it is (server, CA file or data, insecure-skip-
+# tls-verify, tls-server-name, proxy-url, ...), CA files inlined, with the
+# ServiceAccount's token as the only credential.
+k config view --minify --raw --flatten -o json | python3 -c '
+import json, sys
+token, out = sys.argv[1], sys.argv[2]
+cluster = json.load(sys.stdin)["clusters"][0]["cluster"]
+config = {
+    "apiVersion": "v1",
+    "kind": "Config",
+    "clusters": [{"name": "cluster", "cluster": cluster}],
+    "users": [{"name": "tokenkeeper", "user": {"token": token}}],
+    "contexts": [{"name": "tokenkeeper", "context": {"cluster": "cluster", "user": "tokenkeeper"}}],
+    "current-context": "tokenkeeper",
+}
+with open(out, "w") as f:
+    json.dump(config, f, indent=2)
+' "$token" "$out"
 chmod 600 "$out"

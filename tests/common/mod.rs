@@ -56,7 +56,7 @@ pub fn leader_args(lease_namespace: &str, lease: &str) -> Vec<String> {
 /// A field of the Lease's spec (`holderIdentity`, `renewTime`, ...) in
 /// `tokenkeeper-system`, as kubectl prints it; empty when there is none.
 pub fn lease_field(lease: &str, field: &str) -> String {
-    stdout(&kubectl(&[
+    let out = kubectl(&[
         "get",
         "lease",
         lease,
@@ -64,7 +64,22 @@ pub fn lease_field(lease: &str, field: &str) -> String {
         "tokenkeeper-system",
         "-o",
         &format!("jsonpath={{.spec.{field}}}"),
-    ]))
+    ]);
+    found_or_empty(&format!("get lease {lease}"), out)
+}
+
+/// kubectl's output; empty when it says the object does not exist (NotFound),
+/// a test failure for any other error.
+pub fn found_or_empty(what: &str, out: Output) -> String {
+    if out.status.success() {
+        return stdout(&out);
+    }
+    let error = stderr(&out);
+    assert!(
+        error.contains("(NotFound)"),
+        "kubectl {what} failed: {error}"
+    );
+    String::new()
 }
 
 /// The kubectl output format that prints each SourceConnection's Ready
@@ -174,14 +189,12 @@ impl TestNamespace {
         );
     }
 
-    /// A jsonpath query on one object; empty when the object or field is missing.
+    /// A jsonpath query on one object; empty when the object or field is
+    /// missing. Any other kubectl failure fails the test: an unreachable API
+    /// server must not pass for an object that is gone.
     pub fn jsonpath(&self, kind: &str, name: &str, path: &str) -> String {
         let out = self.kubectl(&["get", kind, name, "-o", &format!("jsonpath={path}")]);
-        if out.status.success() {
-            stdout(&out)
-        } else {
-            String::new()
-        }
+        found_or_empty(&format!("get {kind} {name}"), out)
     }
 
     pub fn condition(&self, connection: &str, type_: &str, field: &str) -> String {
@@ -532,6 +545,17 @@ impl OAuthServer {
             .unwrap_or_else(|e| panic!("test control {path}: {e}"))
     }
 
+    /// Every token, authorization code and PKCE verifier that crossed the
+    /// token endpoint so far.
+    pub fn secrets_seen(&self) -> Vec<String> {
+        self.stats()["secretsSeen"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
     pub fn stats(&self) -> serde_json::Value {
         self.control("stats", serde_json::json!({}))
     }
@@ -565,7 +589,9 @@ impl Drop for OAuthServer {
 }
 
 /// Asserts that none of `secrets` appears in the operator's log, the
-/// namespace's events or the SourceConnections (spec and status).
+/// namespace's events or the SourceConnections (spec and status): as text,
+/// base64 (at any alignment within a longer encoded text), or the byte
+/// list a `Debug` of bytes prints.
 pub fn assert_no_secret_leaks(ns: &TestNamespace, secrets: &[String]) {
     let events = ns.kubectl_ok(&["get", "events", "-o", "yaml"]);
     let connections = ns.kubectl_ok(&["get", "srcconn", "-o", "yaml"]);
@@ -580,18 +606,47 @@ pub fn assert_no_secret_leaks(ns: &TestNamespace, secrets: &[String]) {
         }
     }
     assert!(!logs.is_empty(), "no operator log found for {}", ns.name);
-    for secret in secrets.iter().filter(|s| s.len() >= 8) {
-        for (place, text) in [
-            ("operator log", &logs),
-            ("events", &events),
-            ("SourceConnections", &connections),
-        ] {
-            assert!(
-                !text.contains(secret.as_str()),
-                "a secret value leaked into the {place}"
-            );
+    let secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= 8).collect();
+    assert!(!secrets.is_empty(), "no secret values to look for");
+    for secret in secrets {
+        for form in leak_forms(secret) {
+            for (place, text) in [
+                ("operator log", &logs),
+                ("events", &events),
+                ("SourceConnections", &connections),
+            ] {
+                assert!(
+                    !text.contains(form.as_str()),
+                    "a secret value leaked into the {place} (as {form:?})"
+                );
+            }
         }
     }
+}
+
+/// The ways a secret value can show up in text: itself, its base64 at the
+/// three alignments it can have inside a longer encoded value (full groups
+/// only), and its bytes as `Debug` lists them.
+fn leak_forms(secret: &str) -> Vec<String> {
+    use base64::Engine;
+    let bytes = secret.as_bytes();
+    let mut forms = vec![secret.to_owned()];
+    for skip in 0..3 {
+        let rest = &bytes[skip..];
+        let whole_groups = rest.len() / 3 * 4;
+        for engine in [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::URL_SAFE,
+        ] {
+            let encoded = engine.encode(rest);
+            forms.push(encoded[..whole_groups].to_owned());
+        }
+    }
+    let listed: Vec<String> = bytes.iter().map(u8::to_string).collect();
+    forms.push(listed.join(", "));
+    forms.sort();
+    forms.dedup();
+    forms
 }
 
 /// A control plane of a test's own, for tests that change cluster-wide

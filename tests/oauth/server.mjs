@@ -28,7 +28,15 @@ const ACCOUNT = 'alice';
 // An in-memory store that never evicts (oidc-provider's default one evicts
 // after a few thousand writes, which long runs exceed).
 const store = new Map();
-const stats = { tokenRequests: 0, tokenSuccesses: 0, refreshTokenReuse: 0, revocations: 0, errors: {}, reuseTimes: [] };
+const stats = {
+  tokenRequests: 0, tokenSuccesses: 0, refreshTokenReuse: 0, revocations: 0, errors: {}, reuseTimes: [],
+  // When each token request arrived (ms since the epoch), and what each
+  // revocation request sent: {token, hint, kind, status}.
+  tokenRequestTimes: [], revocationRequests: [],
+  // Every secret value that crossed the token endpoint: tokens issued,
+  // authorization codes and PKCE verifiers; no operator output may hold one.
+  secretsSeen: [],
+};
 class TestAdapter {
   constructor(model) { this.model = model; }
   key(id) { return `${this.model}:${id}`; }
@@ -159,6 +167,8 @@ const SHAPES = {
   'zero-lifetime': (body) => { body.expires_in = 0; },
   // A rotated refresh token too large to keep in an annotation (256 KiB).
   'huge-refresh-token': (body) => { body.refresh_token = 'r'.repeat(300 * 1024); },
+  // Salesforce: the API host for this grant comes with each token.
+  'instance-url': (body) => { body.instance_url = 'https://eu42.crm.test'; },
   // An answer of 64 MiB, as the hostile provider of issue 22 sent.
   oversized: (body) => { body.padding = 'p'.repeat(64 * 1024 * 1024); },
 };
@@ -169,7 +179,10 @@ provider.use(async (ctx, next) => {
     return;
   }
   if (ctx.path === '/token' || ctx.path === '/token/revocation') {
-    if (ctx.path === '/token') stats.tokenRequests += 1;
+    if (ctx.path === '/token') {
+      stats.tokenRequests += 1;
+      stats.tokenRequestTimes.push(Date.now());
+    }
     if (failure.mode === '500') {
       ctx.status = 500; ctx.type = 'application/json'; ctx.body = { error: 'server_error' };
       return;
@@ -189,6 +202,21 @@ provider.use(async (ctx, next) => {
     }
   }
   await next();
+  if (ctx.path === '/token/revocation') {
+    const entities = ctx.oidc?.entities ?? {};
+    stats.revocationRequests.push({
+      token: ctx.oidc?.params?.token,
+      hint: ctx.oidc?.params?.token_type_hint,
+      kind: ['RefreshToken', 'AccessToken', 'ClientCredentials'].find((kind) => entities[kind]),
+      status: ctx.status,
+    });
+  }
+  if (ctx.path === '/token') {
+    for (const value of [ctx.oidc?.params?.code, ctx.oidc?.params?.code_verifier,
+      ctx.oidc?.params?.refresh_token, ctx.body?.access_token, ctx.body?.refresh_token]) {
+      if (typeof value === 'string' && value.length >= 8) stats.secretsSeen.push(value);
+    }
+  }
   if (ctx.path === '/token' && ctx.status === 200 && ctx.body && typeof ctx.body === 'object') {
     if (options.omitExpiresIn) delete ctx.body.expires_in;
     const refreshToken = ctx.oidc?.entities?.RefreshToken;
