@@ -501,3 +501,19 @@ fn crd_subcommand_prints_what_crds_holds() {
         "crds/ differs from `tokenkeeper crd`; regenerate it"
     );
 }
+
+#[test]
+fn absent_is_told_from_a_failed_kubectl() {
+    let ns = TestNamespace::new("helpers");
+    assert_eq!(
+        ns.jsonpath("secret", "no-such-secret", "{.metadata.name}"),
+        ""
+    );
+    // A kubectl that fails for another reason must not read as "gone".
+    let failed =
+        std::panic::catch_unwind(|| ns.jsonpath("nosuchkind", "anything", "{.metadata.name}"));
+    assert!(
+        failed.is_err(),
+        "an unknown resource type is a test failure"
+    );
+}

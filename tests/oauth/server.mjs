@@ -14,6 +14,7 @@ const options = {
   refreshTokenTtl: 3600, // absolute, counted from the first issue of the grant
   rotateRefreshToken: true,
   omitExpiresIn: false, // answer without expires_in, as some providers do
+  omitUnrotatedRefreshToken: false, // Google-style: no refresh_token when it is not rotated
   reportRefreshTokenExpiresIn: true, // GitHub-style refresh_token_expires_in
   redirectUris: ['http://127.0.0.1/callback'], // where the consent flow may return
   // 'native' lets loopback redirects use any port (RFC 8252), as a CLI needs.
@@ -219,6 +220,11 @@ provider.use(async (ctx, next) => {
   }
   if (ctx.path === '/token' && ctx.status === 200 && ctx.body && typeof ctx.body === 'object') {
     if (options.omitExpiresIn) delete ctx.body.expires_in;
+    // Google-style: a refresh that does not rotate sends no refresh_token.
+    if (options.omitUnrotatedRefreshToken && ctx.oidc?.params?.grant_type === 'refresh_token'
+      && ctx.body.refresh_token === ctx.oidc.params.refresh_token) {
+      delete ctx.body.refresh_token;
+    }
     const refreshToken = ctx.oidc?.entities?.RefreshToken;
     if (options.reportRefreshTokenExpiresIn && ctx.body.refresh_token && refreshToken) {
       ctx.body.refresh_token_expires_in = refreshToken.remainingTTL;
