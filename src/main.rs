@@ -1,10 +1,12 @@
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use jiff::SignedDuration;
 use tokenkeeper::decide::refresh::Limits;
 use tokenkeeper::leader::LeaseSettings;
+use tokenkeeper::oauth::destination::EndpointPolicy;
 
 // mimalloc: glibc's allocator keeps in its arenas what a cold start
 // allocated and freed, a fifth more resident memory at scale
@@ -116,6 +118,15 @@ struct RunArgs {
     /// The longest Retry-After of a provider that is honoured.
     #[arg(long, default_value_t = 3600)]
     max_retry_after_seconds: u32,
+    /// Allow endpoints on this machine, over plain http too: local
+    /// development and tests only (off in the chart).
+    #[arg(long)]
+    allow_plain_http_loopback: bool,
+    /// A network (CIDR) no request goes to, for example the cluster's
+    /// service and pod ranges; repeat for several. Link-local networks
+    /// (cloud metadata) are always denied.
+    #[arg(long = "deny-network", value_delimiter = ',')]
+    deny_networks: Vec<ipnet::IpNet>,
     /// The Secret, in the operator's namespace (--leader-election-namespace,
     /// POD_NAMESPACE), holding the key that seals refresh tokens; created on
     /// first start. Back it up: without it every OAuth connection must be
@@ -215,6 +226,10 @@ async fn main() -> anyhow::Result<()> {
                         args.max_token_lifetime_seconds.into(),
                     ),
                     max_retry_after: Duration::from_secs(args.max_retry_after_seconds.into()),
+                    endpoints: Arc::new(EndpointPolicy::new(
+                        args.allow_plain_http_loopback,
+                        &args.deny_networks,
+                    )),
                 },
                 operator_namespace: args.leader_election_namespace.clone(),
                 sealing_key_secret: args.sealing_key_secret,

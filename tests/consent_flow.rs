@@ -56,13 +56,25 @@ struct Browser {
 
 impl Browser {
     fn new() -> Self {
+        Self::with_stop(None)
+    }
+
+    /// A browser that does not follow a redirect to `prefix`, as one closed
+    /// before the provider's answer reached the operator.
+    fn stopping_at(prefix: &str) -> Self {
+        Self::with_stop(Some(prefix.to_owned()))
+    }
+
+    fn with_stop(stop: Option<String>) -> Self {
         let visited = Arc::new(Mutex::new(Vec::new()));
         let seen = visited.clone();
         let client = reqwest::blocking::Client::builder()
             .cookie_store(true)
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                seen.lock().unwrap().push(attempt.url().to_string());
-                if attempt.previous().len() > 10 {
+                let url = attempt.url().to_string();
+                seen.lock().unwrap().push(url.clone());
+                let stop_here = stop.as_deref().is_some_and(|p| url.starts_with(p));
+                if stop_here || attempt.previous().len() > 10 {
                     attempt.stop()
                 } else {
                     attempt.follow()
@@ -128,15 +140,33 @@ fn authorize(browser: &Browser, link: &str) -> (u16, String) {
     (status, done)
 }
 
+/// The link the connection's status shows: the operator's start page with
+/// a single-use ticket.
 fn link_of(setup: &Setup) -> String {
     let ns = &setup.ns;
     ns.wait_ready("crm", "False", "AuthorizationRequired", READY);
-    let link = ns.jsonpath("srcconn", "crm", "{.status.authorizationUrl}");
-    assert_eq!(
-        link,
-        format!("{}/authorize/{}/crm", setup.external, ns.name)
-    );
-    link
+    next_link(setup, "")
+}
+
+/// The status's link once it is no longer `used` (a ticket opens one
+/// authorization; the operator then shows a new one).
+fn next_link(setup: &Setup, used: &str) -> String {
+    let ns = &setup.ns;
+    let start = format!("{}/authorize/{}/crm?ticket=", setup.external, ns.name);
+    wait_for("a new authorization link", READY, || {
+        let link = ns.jsonpath("srcconn", "crm", "{.status.authorizationUrl}");
+        (link.starts_with(&start) && link.len() > start.len() + 40 && link != used)
+            .then_some(link.clone())
+            .ok_or(link)
+    })
+}
+
+fn state_version_of(ns: &TestNamespace) -> String {
+    ns.jsonpath(
+        "secret",
+        "crm-tokenkeeper-state",
+        "{.metadata.resourceVersion}",
+    )
 }
 
 #[test]
@@ -164,60 +194,38 @@ fn a_person_authorizes_through_the_operator_and_the_connection_stays_fresh() {
     });
     assert_eq!(setup.server.stats()["refreshTokenReuse"], 0);
 
-    // The same callback again is refused and changes nothing.
+    // The same callback again is refused and changes nothing. (The
+    // operator has shown a new link by now; the state Secret rests.)
+    let link = next_link(&setup, &link);
     let callback = browser
         .callback_visited(&setup.external)
         .expect("the browser came back through the callback");
-    let state_version = ns.jsonpath(
-        "secret",
-        "crm-tokenkeeper-state",
-        "{.metadata.resourceVersion}",
-    );
-    let (status, _, page) = Browser::new().get(&callback);
+    let rested = state_version_of(ns);
+    let (status, _, page) = browser.get(&callback);
     assert_eq!(status, 400);
     assert!(page.contains("already completed"), "{page}");
-    assert_eq!(
-        ns.jsonpath(
-            "secret",
-            "crm-tokenkeeper-state",
-            "{.metadata.resourceVersion}"
-        ),
-        state_version
-    );
+    assert_eq!(state_version_of(ns), rested);
 
     // A forged answer while an authorization is pending: its state is
     // compared with the pending one and refused; nothing is written.
     let (status, url, _) = Browser::new().get(&link);
     assert_eq!(status, 200, "the provider's login page at {url}");
-    let pending_version = wait_for("the pending authorization", READY, || {
-        let version = ns.jsonpath(
-            "secret",
-            "crm-tokenkeeper-state",
-            "{.metadata.resourceVersion}",
-        );
-        (version != state_version)
-            .then_some(version.clone())
-            .ok_or(version)
-    });
+    next_link(&setup, &link);
+    let pending = state_version_of(ns);
+    assert_ne!(pending, rested, "the authorization is pending");
     let (status, _, page) = Browser::new().get(&format!(
         "{}/callback?state={}:crm:forged&code=stolen",
         setup.external, ns.name
     ));
     assert_eq!(status, 400);
     assert!(page.contains("does not match"), "{page}");
-    assert_eq!(
-        ns.jsonpath(
-            "secret",
-            "crm-tokenkeeper-state",
-            "{.metadata.resourceVersion}"
-        ),
-        pending_version
-    );
+    assert_eq!(state_version_of(ns), pending);
 
     // Revoked at the provider (the user disconnects the app), then
-    // re-authorized through the same link: the failure clears.
+    // re-authorized through the link the status shows: the failure clears.
     setup.server.control("revoke-grants", json!({}));
     ns.wait_ready("crm", "False", "InvalidGrant", READY);
+    let link = next_link(&setup, "");
     let message = ns.condition("crm", "Ready", "message");
     assert!(
         message.contains(&format!("open {link} in a browser")),
@@ -228,6 +236,79 @@ fn a_person_authorizes_through_the_operator_and_the_connection_stays_fresh() {
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
     no_leaks(&setup);
+}
+
+#[test]
+fn the_consent_endpoint_needs_the_link_and_the_browser_that_started() {
+    let setup = setup("consent-authority", &[]);
+    let ns = &setup.ns;
+    let link = link_of(&setup);
+    let rested = state_version_of(ns);
+
+    // Reaching the port is not enough: no ticket, a wrong one, or another
+    // connection's name all get the same refusal, and nothing is written.
+    let start = format!("{}/authorize/{}", setup.external, ns.name);
+    let mut refusals = Vec::new();
+    for url in [
+        format!("{start}/crm"),
+        format!("{start}/crm?ticket=guessed"),
+        format!("{start}/no-such-connection?ticket=guessed"),
+    ] {
+        let response = reqwest::blocking::get(&url).unwrap();
+        assert_eq!(response.status().as_u16(), 403, "{url}");
+        let headers = response.headers();
+        assert_eq!(
+            headers["content-security-policy"],
+            "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+        );
+        assert_eq!(headers["referrer-policy"], "no-referrer");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        assert_eq!(headers["cache-control"], "no-store");
+        refusals.push(response.text().unwrap());
+    }
+    assert!(
+        refusals.iter().all(|page| *page == refusals[0]),
+        "{refusals:?}"
+    );
+    assert!(refusals[0].contains("not valid"), "{}", refusals[0]);
+    assert_eq!(state_version_of(ns), rested);
+
+    // The link opens one authorization; used again, it is refused.
+    let browser = Browser::stopping_at(&format!("{}/callback", setup.external));
+    let (_, url, login) = browser.get(&link);
+    assert!(login.contains("name=\"login\""), "the login page at {url}");
+    let (status, _, page) = Browser::new().get(&link);
+    assert_eq!(status, 403, "{page}");
+
+    // Login and consent in the browser that started, up to the callback.
+    let (_, url, consent) = browser.submit(
+        &url,
+        &login,
+        &[("prompt", "login"), ("login", "alice"), ("password", "any")],
+    );
+    browser.submit(&url, &consent, &[("prompt", "consent")]);
+    let answer = browser
+        .callback_visited(&setup.external)
+        .expect("the provider sent the browser back");
+    next_link(&setup, &link);
+    let pending = state_version_of(ns);
+
+    // The provider's answer replayed from a browser without the starting
+    // browser's cookie: refused, nothing stored.
+    let (status, _, page) = Browser::new().get(&answer);
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("did not come back to the browser"), "{page}");
+    assert_eq!(state_version_of(ns), pending);
+    assert_eq!(
+        ns.secret_value("crm-tokenkeeper-state", "refresh_token"),
+        None
+    );
+
+    // In the browser that started, the same answer completes it.
+    let (status, _, page) = browser.get(&answer);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h1>Connected</h1>"), "{page}");
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
 }
 
 /// No code, PKCE verifier, token or client secret of the flow shows in the
@@ -269,6 +350,7 @@ fn a_denied_or_expired_authorization_stores_nothing() {
     );
 
     // Too slow: the started authorization expires.
+    let link = next_link(&setup, &link);
     let browser = Browser::new();
     let (_, url, login) = browser.get(&link);
     std::thread::sleep(Duration::from_secs(4));
@@ -314,6 +396,7 @@ fn kubectl_tokenkeeper_authorizes_from_the_terminal_then_shows_and_refreshes() {
 
     let mut authorize = plugin(ns)
         .args(["authorize", "crm", "--no-browser", "--timeout", "60"])
+        .arg("--allow-plain-http-loopback")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

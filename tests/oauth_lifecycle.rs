@@ -535,7 +535,7 @@ fn a_provider_that_stays_down_lets_the_token_expire_visibly_then_recovers() {
     ns.wait_ready("crm", "False", "AccessTokenExpired", READY);
     let message = ns.condition("crm", "Ready", "message");
     assert!(
-        message.contains("connection failed") && message.contains("expired at"),
+        message.contains("could not connect") && message.contains("expired at"),
         "{message}"
     );
     assert_eq!(

@@ -522,6 +522,8 @@ async fn benchmark(o: Options) -> anyhow::Result<()> {
             NAMESPACE,
             "--metrics-bind-address",
             &format!("127.0.0.1:{metrics_port}"),
+            // The benchmark's token server is on this machine, over http.
+            "--allow-plain-http-loopback",
         ])
         .env("RUST_LOG", "info")
         .stdout(log.try_clone()?)
@@ -1014,7 +1016,10 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
     };
     const WORKERS: usize = 32;
     let client = Client::try_default().await?;
-    let http = tokenkeeper::oauth::client::http_client();
+    // The operator's client, with its development rules: the token server is on this machine.
+    let http = tokenkeeper::oauth::client::http_client(Arc::new(
+        tokenkeeper::oauth::destination::EndpointPolicy::new(true, &[]),
+    ));
     ensure_namespace(&client, BASELINE_NAMESPACE).await?;
     let tokens = mint(&reqwest::Client::new(), &base, WORKERS).await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), BASELINE_NAMESPACE);

@@ -23,7 +23,7 @@ if grep -q '^tokenkeeper ' "$STATE/pids" 2>/dev/null; then
   kill -TERM "$old_pid" 2>/dev/null || true
   sed -i '/^tokenkeeper /d' "$STATE/pids"
 fi
-setsid "$REPO/target/debug/tokenkeeper" run >"$STATE/logs/tokenkeeper.log" 2>&1 </dev/null &
+setsid "$REPO/target/debug/tokenkeeper" run --allow-plain-http-loopback >"$STATE/logs/tokenkeeper.log" 2>&1 </dev/null &
 echo "tokenkeeper $!" >>"$STATE/pids"
 
 # A local OAuth 2.0 provider (oidc-provider, the one the tests use) for the

@@ -2,6 +2,7 @@
 //! from a terminal, with the user's own Kubernetes credentials (so RBAC
 //! decides who may connect a source). Never prints token values.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -17,7 +18,9 @@ use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
 use tokenkeeper::decide::refresh::Limits;
 use tokenkeeper::decide::secrets::{check_state_ownership, client_credentials};
+use tokenkeeper::decide::validate::oauth_settings;
 use tokenkeeper::oauth::client::{self as token_client, CodeExchange};
+use tokenkeeper::oauth::destination::EndpointPolicy;
 use tokenkeeper::oauth::state_secret::{GrantState, consented_grant};
 use tokenkeeper::oauth::token::{ANNOTATION_ISSUED_AT, ANNOTATION_NEXT_REFRESH_AT, KEY_EXPIRES_AT};
 use tokenkeeper::write::secret::store_state_secret;
@@ -46,6 +49,10 @@ enum Command {
         /// Seconds to wait for the consent page to come back.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Allow plain http endpoints on this machine (development only),
+        /// as the operator's flag of the same name.
+        #[arg(long)]
+        allow_plain_http_loopback: bool,
     },
     /// Conditions with cause and fix, token times, and recent events.
     Status { name: String },
@@ -77,7 +84,12 @@ async fn main() -> anyhow::Result<()> {
             name,
             no_browser,
             timeout,
+            allow_plain_http_loopback,
         } => {
+            let limits = Limits {
+                endpoints: Arc::new(EndpointPolicy::new(allow_plain_http_loopback, &[])),
+                ..Limits::default()
+            };
             authorize(
                 &client,
                 &connections,
@@ -85,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 &name,
                 no_browser,
                 Duration::from_secs(timeout),
+                &limits,
             )
             .await
         }
@@ -202,6 +215,7 @@ async fn authorize(
     name: &str,
     no_browser: bool,
     timeout: Duration,
+    limits: &Limits,
 ) -> anyhow::Result<()> {
     let conn = connections.get(name).await?;
     let oauth = conn
@@ -214,6 +228,9 @@ async fn authorize(
                 "{namespace}/{name} has no spec.oauth2.authorizationUrl to authorize with"
             )
         })?;
+    // The endpoints are checked as the operator checks them, before any
+    // request goes to them.
+    oauth_settings(oauth, limits)?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let client_secret_object = secrets.get_opt(&oauth.client.secret_ref.name).await?;
     let (client_id, client_secret) =
@@ -283,7 +300,7 @@ async fn authorize(
     let code = callback
         .code
         .ok_or_else(|| anyhow::anyhow!("the provider's answer has no code"))?;
-    let http = token_client::http_client();
+    let http = token_client::http_client(limits.endpoints.clone());
     let exchange = CodeExchange {
         token_url: &oauth.token_url,
         client_id: &client_id,
@@ -310,7 +327,7 @@ async fn authorize(
         .unwrap_or_default();
     let state_after = consented_grant(
         oauth,
-        &Limits::default(),
+        limits,
         &issued,
         refresh_token,
         &client_id,

@@ -36,9 +36,11 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
             code,
             description,
         } => {
+            // The provider's words are shown, but no more of them than a
+            // person needs: a code is clipped like a description.
             let detail = |code: &str| match description {
-                Some(text) if !text.is_empty() => format!("{code}: {}", clip(text)),
-                _ => code.to_owned(),
+                Some(text) if !text.is_empty() => format!("{}: {}", clip(code), clip(text)),
+                _ => clip(code),
             };
             match code.as_str() {
                 "invalid_grant" => {
@@ -114,6 +116,10 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
             unavailable(detail, *retry_after)
         }
         TokenFailure::Transport { detail } => unavailable(detail.clone(), None),
+        TokenFailure::Denied { detail } => Error::InvalidSpec(format!(
+            "{} was not sent to: {detail}. Point the URL at the provider.",
+            context.token_endpoint
+        )),
         TokenFailure::Malformed { what, .. } => unavailable(format!("it answered {what}"), None),
     }
 }

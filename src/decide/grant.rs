@@ -34,6 +34,8 @@ pub struct OAuthInputs {
     /// The state Secret, when it holds a grant given on the consent page
     /// or by `kubectl tokenkeeper authorize` that is not adopted yet.
     pub inbox: Option<(Arc<ReadSecret>, GrantState)>,
+    /// The state Secret, whatever it holds (authorization-code connections).
+    pub state: Option<Arc<ReadSecret>>,
     /// The newest token: the target Secret's, or the consented one.
     pub current: Option<TokenRecord>,
 }
@@ -268,6 +270,7 @@ mod tests {
                     },
                 )
             }),
+            state: None,
             current: current.map(token),
         }
     }

@@ -2,10 +2,12 @@
 //! pure functions of a clock reading, the current token and the
 //! connection's settings.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
+use crate::oauth::destination::EndpointPolicy;
 use crate::oauth::token::{TokenRecord, fingerprint};
 use crate::time::truncate_to_seconds;
 
@@ -48,7 +50,7 @@ pub struct Schedule {
 /// The operator's bounds on what providers and specs may ask for
 /// (`--min-refresh-interval-seconds`, `--max-token-lifetime-seconds`,
 /// `--max-retry-after-seconds`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub min_refresh_interval: SignedDuration,
     /// Longer token lifetimes are clamped to this, and `refreshBefore` and
@@ -56,6 +58,8 @@ pub struct Limits {
     pub max_token_lifetime: SignedDuration,
     /// A provider's `Retry-After` is honoured up to this.
     pub max_retry_after: Duration,
+    /// Where requests may go (`--allow-plain-http-loopback`, `--deny-network`).
+    pub endpoints: Arc<EndpointPolicy>,
 }
 
 impl Default for Limits {
@@ -64,6 +68,7 @@ impl Default for Limits {
             min_refresh_interval: SignedDuration::from_secs(30),
             max_token_lifetime: SignedDuration::from_hours(365 * 24),
             max_retry_after: Duration::from_secs(3600),
+            endpoints: Arc::default(),
         }
     }
 }

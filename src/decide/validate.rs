@@ -148,15 +148,27 @@ impl OAuthSettings {
 /// Checks an `oauth2` spec beyond what the schema can.
 pub fn oauth_settings(oauth: &OAuth2Auth, limits: &Limits) -> Result<OAuthSettings, Error> {
     let invalid = |message: String| Error::InvalidSpec(message);
-    check_endpoint("spec.oauth2.tokenUrl", &oauth.token_url).map_err(invalid)?;
+    limits
+        .endpoints
+        .check_url("spec.oauth2.tokenUrl", &oauth.token_url)
+        .map_err(invalid)?;
     if let Some(authorization) = &oauth.authorization_url {
-        check_endpoint("spec.oauth2.authorizationUrl", authorization).map_err(invalid)?;
+        limits
+            .endpoints
+            .check_url("spec.oauth2.authorizationUrl", authorization)
+            .map_err(invalid)?;
     }
     if let Some(revocation) = &oauth.revocation_url {
-        check_endpoint("spec.oauth2.revocationUrl", revocation).map_err(invalid)?;
+        limits
+            .endpoints
+            .check_url("spec.oauth2.revocationUrl", revocation)
+            .map_err(invalid)?;
     }
     if let Some(verification) = &oauth.verification {
-        check_endpoint("spec.oauth2.verification.url", &verification.url).map_err(invalid)?;
+        limits
+            .endpoints
+            .check_url("spec.oauth2.verification.url", &verification.url)
+            .map_err(invalid)?;
     }
     match oauth.grant {
         OAuth2Grant::AuthorizationCode if oauth.authorization_url.is_none() => {
@@ -226,25 +238,6 @@ pub fn oauth_settings(oauth: &OAuth2Auth, limits: &Limits) -> Result<OAuthSettin
         max_lifetime: limits.max_token_lifetime,
         max_retry_after: limits.max_retry_after,
     })
-}
-
-/// Tokens and client secrets travel only over TLS, except to this machine
-/// (local development and tests).
-fn check_endpoint(field: &str, url: &str) -> Result<(), String> {
-    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
-        .iter()
-        .any(|prefix| {
-            url.strip_prefix(prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
-        });
-    if url.starts_with("https://") || loopback {
-        Ok(())
-    } else {
-        Err(format!(
-            "{field} \"{url}\" must be an https:// URL (plain http is accepted only for \
-             127.0.0.1 and localhost), because client secrets and tokens travel over it"
-        ))
-    }
 }
 
 /// RFC 1123 subdomain, the rule for Secret names.

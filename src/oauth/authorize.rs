@@ -1,8 +1,18 @@
 //! The authorization-code flow through the operator (RFC 6749 section 4.1
-//! with S256 PKCE, RFC 7636): `/authorize/{namespace}/{name}` sends the
-//! person to the provider's consent page; `/callback` exchanges the code
+//! with S256 PKCE, RFC 7636): `/authorize/{namespace}/{name}?ticket=…` sends
+//! the person to the provider's consent page; `/callback` exchanges the code
 //! and leaves the grant in the connection's state Secret, from which the
 //! leader moves it, sealed, into the target Secret.
+//!
+//! Reaching the port is no authority. Starting needs the link's ticket: a
+//! single-use, expiring secret that only the connection's status shows
+//! (the leader mints it; its hash is in the state Secret), so only who may
+//! read the connection can start a consent for it; without it nothing is
+//! read beyond the connection or written, and the answer does not tell
+//! whether the connection exists. The callback completes only in the
+//! browser that started (an HttpOnly cookie whose hash is kept with the
+//! pending request), so a code and state replayed or planted from
+//! elsewhere store nothing. Both are rate-limited.
 //!
 //! The pending request (a hash of `state`, the PKCE verifier, its expiry
 //! and the connection's UID) lives in the operator-private state Secret,
@@ -13,9 +23,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use jiff::SignedDuration;
@@ -30,12 +42,14 @@ use crate::api::{OAuth2Auth, SourceConnection};
 use crate::decide::classify::missing_scopes;
 use crate::decide::refresh::Limits;
 use crate::decide::secrets::{check_state_ownership, client_credentials};
+use crate::decide::validate::oauth_settings;
 use crate::oauth::client::{self, CodeExchange};
 use crate::oauth::state_secret::{
     CallbackRefusal, GrantState, PendingAuthorization, check_callback, clear_pending,
-    consented_grant,
+    consented_grant, new_ticket, remove_ticket, ticket_valid,
 };
 use crate::oauth::token::{IssuedToken, TokenFailure};
+use crate::runtime::throttle::EventBudget;
 use crate::time::Clock;
 use crate::write::secret::store_state_secret;
 
@@ -52,7 +66,30 @@ pub struct Flow {
     pub clock: Clock,
     /// The operator's bounds on token lifetimes.
     pub limits: Limits,
+    /// Requests to these endpoints, which anyone who reaches the port can
+    /// send, are limited to this budget.
+    pub requests: Arc<EventBudget>,
 }
+
+/// Requests per second the authorization endpoints answer, after a burst.
+pub const REQUESTS_PER_SECOND: f64 = 5.0;
+pub const REQUEST_BURST: u32 = 20;
+
+/// The cookie that ties a callback to the browser that started it.
+const BROWSER_COOKIE: &str = "tokenkeeper_authorization";
+
+/// Headers of every answer: nothing on these pages loads, runs, frames
+/// them, is cached, or leaks the URL (which carries the code) onwards.
+const SECURITY_HEADERS: [(HeaderName, &str); 5] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::CACHE_CONTROL, "no-store"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+];
 
 pub fn router(flow: Flow) -> Router {
     Router::new()
@@ -65,12 +102,11 @@ pub fn router(flow: Flow) -> Router {
 fn page(status: StatusCode, title: &str, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
-         <body style=\"font-family: sans-serif; max-width: 40em; margin: 3em auto\">\
-         <h1>{title}</h1><p>{body}</p></body></html>",
+         <body><h1>{title}</h1><p>{body}</p></body></html>",
         title = escape(title),
         body = escape(body)
     );
-    (status, [(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
+    (status, SECURITY_HEADERS, Html(html)).into_response()
 }
 
 fn escape(text: &str) -> String {
@@ -80,43 +116,103 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+#[derive(Deserialize)]
+struct StartQuery {
+    ticket: Option<String>,
+}
+
 async fn start(
     State(flow): State<Flow>,
     Path((namespace, name)): Path<(String, String)>,
+    Query(query): Query<StartQuery>,
 ) -> Response {
-    match begin(&flow, &namespace, &name).await {
-        Ok(url) => (
-            StatusCode::FOUND,
-            [
-                (header::LOCATION, url),
-                (header::CACHE_CONTROL, "no-store".into()),
-            ],
-        )
-            .into_response(),
+    if !flow.requests.take(tokio::time::Instant::now()) {
+        return too_many_requests();
+    }
+    let browser = new_ticket();
+    let ticket = query.ticket.unwrap_or_default();
+    match begin(&flow, &namespace, &name, &ticket, &browser).await {
+        Ok(url) => {
+            let secure = if flow.callback_url.starts_with("https://") {
+                "; Secure"
+            } else {
+                ""
+            };
+            // Outlives the pending authorization, so that a late answer
+            // is told it expired rather than that it came to another browser.
+            let cookie = format!(
+                "{BROWSER_COOKIE}={browser}; Path=/callback; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+                flow.state_ttl.as_secs().saturating_add(3600)
+            );
+            (
+                StatusCode::FOUND,
+                SECURITY_HEADERS,
+                [(header::LOCATION, url), (header::SET_COOKIE, cookie)],
+            )
+                .into_response()
+        }
         Err((status, message)) => page(status, "Cannot start the authorization", &message),
     }
 }
 
+fn too_many_requests() -> Response {
+    page(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests",
+        "tokenkeeper's authorization endpoints are busy. Try again in a minute.",
+    )
+}
+
 type PageError = (StatusCode, String);
 
-async fn begin(flow: &Flow, namespace: &str, name: &str) -> Result<String, PageError> {
+/// The one answer to a start without a valid link, whatever the reason: it
+/// does not tell whether the connection exists.
+fn link_not_valid() -> PageError {
+    (
+        StatusCode::FORBIDDEN,
+        "This authorization link is not valid: it was used already, it expired, or tokenkeeper \
+         did not give it out. Open the connection's current link, which kubectl describe \
+         srcconn NAME -n NAMESPACE shows."
+            .to_owned(),
+    )
+}
+
+/// Checks the link's `ticket`, then starts the authorization for the
+/// browser with cookie `browser`, using the ticket up in the same write.
+async fn begin(
+    flow: &Flow,
+    namespace: &str,
+    name: &str,
+    ticket: &str,
+    browser: &str,
+) -> Result<String, PageError> {
     let conn = Api::<SourceConnection>::namespaced(flow.client.clone(), namespace)
         .get_opt(name)
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| {
-            (
-                StatusCode::NOT_FOUND,
-                format!("There is no SourceConnection {namespace}/{name}."),
-            )
-        })?;
-    let oauth = conn.spec.oauth2.as_ref().filter(|o| o.authorization_url.is_some()).ok_or_else(|| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!("SourceConnection {namespace}/{name} has no spec.oauth2.authorizationUrl to authorize with."),
-        )
-    })?;
+        .ok_or_else(link_not_valid)?;
+    let oauth = conn
+        .spec
+        .oauth2
+        .as_ref()
+        .filter(|o| o.authorization_url.is_some())
+        .ok_or_else(link_not_valid)?;
     let secrets: Api<Secret> = Api::namespaced(flow.client.clone(), namespace);
+    let existing = secrets
+        .get_opt(&conn.state_secret_name())
+        .await
+        .map_err(unavailable)?;
+    let mut data = existing
+        .as_ref()
+        .and_then(|s| s.data.clone())
+        .unwrap_or_default();
+    let now = flow.clock.now();
+    let owned = check_state_ownership(&conn, existing.as_ref()).is_ok();
+    if ticket.is_empty() || !owned || !ticket_valid(&data, ticket, now, SignedDuration::ZERO) {
+        return Err(link_not_valid());
+    }
+    // The person holds the connection's link from here on.
+    oauth_settings(oauth, &flow.limits).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     let (client_id, _) = read_client_credentials(&secrets, oauth).await?;
     // state carries the connection it is for; the random part makes it
     // unguessable, and only its hash is stored.
@@ -136,21 +232,12 @@ async fn begin(flow: &Flow, namespace: &str, name: &str) -> Result<String, PageE
             format!("spec.oauth2.authorizationUrl is not usable: {e}"),
         )
     })?;
-
-    let expires = flow.clock.now()
-        + SignedDuration::try_from(flow.state_ttl).unwrap_or(SignedDuration::from_mins(10));
-    let existing = secrets
-        .get_opt(&conn.state_secret_name())
-        .await
-        .map_err(unavailable)?;
-    check_state_ownership(&conn, existing.as_ref())
-        .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
-    let mut data = existing
-        .as_ref()
-        .and_then(|s| s.data.clone())
-        .unwrap_or_default();
+    let expires =
+        now + SignedDuration::try_from(flow.state_ttl).unwrap_or(SignedDuration::from_mins(10));
     let uid = conn.uid().unwrap_or_default();
-    PendingAuthorization::new(&state, started.pkce_verifier, expires, uid).store_in(&mut data);
+    remove_ticket(&mut data);
+    PendingAuthorization::new(&state, started.pkce_verifier, expires, uid, browser)
+        .store_in(&mut data);
     write_state(&secrets, &conn, existing.as_ref(), data).await?;
     info!(connection = %format!("{namespace}/{name}"), "authorization started");
     Ok(started.url)
@@ -164,16 +251,49 @@ struct CallbackQuery {
     error_description: Option<String>,
 }
 
-async fn callback(State(flow): State<Flow>, Query(query): Query<CallbackQuery>) -> Response {
-    match finish(&flow, query).await {
+async fn callback(
+    State(flow): State<Flow>,
+    headers: HeaderMap,
+    Query(query): Query<CallbackQuery>,
+) -> Response {
+    if !flow.requests.take(tokio::time::Instant::now()) {
+        return too_many_requests();
+    }
+    let browser = browser_cookie(&headers);
+    let mut response = match finish(&flow, query, browser.as_deref()).await {
         Ok((title, message)) => page(StatusCode::OK, &title, &message),
         Err((status, message)) => page(status, "Authorization failed", &message),
+    };
+    if browser.is_some() {
+        let expired =
+            format!("{BROWSER_COOKIE}=; Path=/callback; HttpOnly; SameSite=Lax; Max-Age=0");
+        if let Ok(value) = expired.parse() {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+        }
     }
+    response
+}
+
+/// The value of the browser cookie the request carries.
+fn browser_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == BROWSER_COOKIE && !value.is_empty()).then(|| value.to_owned())
+        })
 }
 
 /// Completes the authorization the callback answers: checks it against the
 /// pending one, exchanges the code, and stores the grant for the leader.
-async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), PageError> {
+async fn finish(
+    flow: &Flow,
+    query: CallbackQuery,
+    browser: Option<&str>,
+) -> Result<(String, String), PageError> {
     let state = query.state.as_deref().unwrap_or_default();
     let mut parts = state.splitn(3, ':');
     let (Some(namespace), Some(name), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
@@ -185,10 +305,8 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
         .get_opt(name)
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| refused("The SourceConnection of this authorization no longer exists."))?;
-    let oauth = conn.spec.oauth2.as_ref().ok_or_else(|| {
-        refused("The SourceConnection of this authorization is no longer an OAuth 2.0 connection.")
-    })?;
+        .ok_or_else(nothing_pending)?;
+    let oauth = conn.spec.oauth2.as_ref().ok_or_else(nothing_pending)?;
     let secrets: Api<Secret> = Api::namespaced(flow.client.clone(), namespace);
     let existing = secrets
         .get_opt(&conn.state_secret_name())
@@ -200,7 +318,8 @@ async fn finish(flow: &Flow, query: CallbackQuery) -> Result<(String, String), P
         .unwrap_or_default();
     let mut cleared = data.clone();
     clear_pending(&mut cleared);
-    let pending = match check_callback(&data, state, conn.uid().as_deref(), flow.clock.now()) {
+    let uid = conn.uid();
+    let pending = match check_callback(&data, state, uid.as_deref(), browser, flow.clock.now()) {
         Ok(pending) => pending,
         Err(refusal) => {
             if refusal == CallbackRefusal::Expired {
@@ -269,6 +388,13 @@ async fn exchange(
     };
     let issued = client::exchange_code(&flow.http, exchange).await;
     Ok(issued.map(|issued| (issued, client_id)))
+}
+
+/// The answer for a connection that is gone or no longer OAuth 2.0: the
+/// same as for one with nothing pending, so that it tells nobody which
+/// connections exist.
+fn nothing_pending() -> PageError {
+    refused(&CallbackRefusal::NothingPending.to_string())
 }
 
 /// A callback that cannot complete anything: nothing was changed.
@@ -406,7 +532,7 @@ fn describe(failure: &TokenFailure) -> String {
             None => code.clone(),
         },
         TokenFailure::Http { status, .. } => format!("HTTP {status}"),
-        TokenFailure::Transport { detail } => detail.clone(),
+        TokenFailure::Transport { detail } | TokenFailure::Denied { detail } => detail.clone(),
         TokenFailure::Malformed { what, .. } => what.clone(),
     }
 }

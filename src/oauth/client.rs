@@ -6,12 +6,15 @@
 //! `oauth2` crate builds the consent URL and the PKCE pair.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use oauth2::{ClientId, Scope};
+use tracing::debug;
 
 use crate::api::ClientAuthMethod;
 use crate::decide::classify::{self, VerificationAnswer};
+use crate::oauth::destination::{DeniedDestination, EndpointPolicy, GuardedResolver};
 use crate::oauth::response::{parse_error, parse_success};
 use crate::oauth::token::{IssuedToken, TokenFailure};
 
@@ -238,9 +241,7 @@ impl Answer {
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Result<Answer, TokenFailure> {
-    let mut response = request.send().await.map_err(|e| TokenFailure::Transport {
-        detail: transport_detail(&e),
-    })?;
+    let mut response = request.send().await.map_err(|e| transport_failure(&e))?;
     let header = |name: reqwest::header::HeaderName| {
         response
             .headers()
@@ -346,30 +347,38 @@ pub async fn verify(http: &reqwest::Client, url: &str, access_token: &str) -> Ve
     }
 }
 
-/// Why a request got no answer, without the URL (which is in the
-/// message already) and never with request contents.
-fn transport_detail(error: &reqwest::Error) -> String {
-    if error.is_timeout() {
-        return format!("no answer within {} s", REQUEST_TIMEOUT.as_secs());
+/// Why a request got no answer, in a few words: the connection's status
+/// is read by the tenant, and an exact error (refused, reset, unreachable)
+/// from any address a spec names would make the operator a scanner of the
+/// cluster's network. The whole cause goes to the operator's log.
+fn transport_failure(error: &reqwest::Error) -> TokenFailure {
+    let chain = std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    });
+    let denied = chain
+        .filter_map(|e| e.downcast_ref::<DeniedDestination>())
+        .map(ToString::to_string)
+        .next();
+    if let Some(detail) = denied {
+        return TokenFailure::Denied { detail };
     }
-    let mut detail = if error.is_connect() {
-        "connection failed".to_owned()
+    debug!(%error, "request failed");
+    let detail = if error.is_timeout() {
+        format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
+    } else if error.is_connect() {
+        "could not connect".to_owned()
     } else {
-        "request failed".to_owned()
+        "the request failed".to_owned()
     };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        detail.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    detail
+    TokenFailure::Transport { detail }
 }
 
 /// The HTTP client for token requests: rustls, a timeout, no redirects
 /// (a token endpoint that redirects is misconfigured, and following it
 /// would resend credentials).
-pub fn http_client() -> reqwest::Client {
+pub fn http_client(endpoints: Arc<EndpointPolicy>) -> reqwest::Client {
     reqwest::Client::builder()
+        .dns_resolver(Arc::new(GuardedResolver { policy: endpoints }))
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))

@@ -3,6 +3,7 @@
 
 pub mod authorize;
 pub mod client;
+pub mod destination;
 pub mod response;
 pub mod seal;
 pub mod state_secret;

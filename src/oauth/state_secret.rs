@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 
 use crate::api::OAuth2Auth;
@@ -29,12 +29,20 @@ const PENDING_STATE_HASH: &str = "pending_authorization_state_sha256";
 const PENDING_VERIFIER: &str = "pending_authorization_pkce_verifier";
 const PENDING_EXPIRES_AT: &str = "pending_authorization_expires_at";
 const PENDING_UID: &str = "pending_authorization_uid";
-const PENDING_KEYS: [&str; 4] = [
+/// Hash of the cookie of the browser that started the authorization.
+const PENDING_BROWSER_HASH: &str = "pending_authorization_browser_sha256";
+const PENDING_KEYS: [&str; 5] = [
     PENDING_STATE_HASH,
     PENDING_VERIFIER,
     PENDING_EXPIRES_AT,
     PENDING_UID,
+    PENDING_BROWSER_HASH,
 ];
+/// Keys of the link ticket: the hash of the single-use secret in the
+/// authorization link that the connection's status shows, and its expiry.
+const TICKET_PREFIX: &str = "authorization_ticket_";
+const TICKET_HASH: &str = "authorization_ticket_sha256";
+const TICKET_EXPIRES_AT: &str = "authorization_ticket_expires_at";
 
 /// What the operator keeps for a grant with a refresh token.
 #[derive(Clone, Default, PartialEq)]
@@ -160,10 +168,11 @@ pub fn without_pending(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, 
         .collect()
 }
 
-/// Only the pending authorization of the state Secret's data.
+/// Only the pending authorization and the link ticket of the state
+/// Secret's data: what stays once a consented grant is adopted.
 pub fn only_pending(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
     data.iter()
-        .filter(|(key, _)| key.starts_with(PENDING_PREFIX))
+        .filter(|(key, _)| key.starts_with(PENDING_PREFIX) || key.starts_with(TICKET_PREFIX))
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect()
 }
@@ -176,6 +185,7 @@ pub struct PendingAuthorization {
     pub pkce_verifier: String,
     expires_at: Option<Timestamp>,
     uid: Option<String>,
+    browser_hash: Option<String>,
 }
 
 impl fmt::Debug for PendingAuthorization {
@@ -188,12 +198,20 @@ impl fmt::Debug for PendingAuthorization {
 }
 
 impl PendingAuthorization {
-    pub fn new(state: &str, pkce_verifier: String, expires_at: Timestamp, uid: String) -> Self {
+    /// An authorization started by the browser holding cookie `browser`.
+    pub fn new(
+        state: &str,
+        pkce_verifier: String,
+        expires_at: Timestamp,
+        uid: String,
+        browser: &str,
+    ) -> Self {
         PendingAuthorization {
             state_hash: fingerprint(&[state]),
             pkce_verifier,
             expires_at: Some(expires_at),
             uid: Some(uid),
+            browser_hash: Some(fingerprint(&[browser])),
         }
     }
 
@@ -205,6 +223,11 @@ impl PendingAuthorization {
             put(data, PENDING_EXPIRES_AT, &rfc3339(at));
         }
         put(data, PENDING_UID, self.uid.as_deref().unwrap_or_default());
+        put(
+            data,
+            PENDING_BROWSER_HASH,
+            self.browser_hash.as_deref().unwrap_or_default(),
+        );
     }
 
     fn read(data: &BTreeMap<String, ByteString>) -> Option<Self> {
@@ -213,6 +236,7 @@ impl PendingAuthorization {
             pkce_verifier: get(data, PENDING_VERIFIER).unwrap_or_default(),
             expires_at: get(data, PENDING_EXPIRES_AT).and_then(|t| t.parse().ok()),
             uid: get(data, PENDING_UID),
+            browser_hash: get(data, PENDING_BROWSER_HASH),
         })
     }
 }
@@ -236,6 +260,10 @@ pub enum CallbackRefusal {
     /// Started longer ago than the authorization's time to live; the
     /// pending authorization is to be cleared.
     Expired,
+    /// The answer came to a browser other than the one that started the
+    /// authorization (no cookie, or another one): a replayed or planted
+    /// code.
+    OtherBrowser,
 }
 
 impl fmt::Display for CallbackRefusal {
@@ -252,21 +280,33 @@ impl fmt::Display for CallbackRefusal {
                 "The SourceConnection was replaced since this authorization started."
             }
             CallbackRefusal::Expired => "This authorization took too long and expired.",
+            CallbackRefusal::OtherBrowser => {
+                "This answer did not come back to the browser that started the authorization."
+            }
         })
     }
 }
 
 /// Checks a callback's `state` against the pending authorization in the
-/// state Secret's `data`, for the connection whose UID is `uid` now.
+/// state Secret's `data`, for the connection whose UID is `uid` now and
+/// the browser that sent cookie `browser`.
 pub fn check_callback(
     data: &BTreeMap<String, ByteString>,
     state: &str,
     uid: Option<&str>,
+    browser: Option<&str>,
     now: Timestamp,
 ) -> Result<PendingAuthorization, CallbackRefusal> {
     let pending = PendingAuthorization::read(data).ok_or(CallbackRefusal::NothingPending)?;
     if pending.state_hash != fingerprint(&[state]) {
         return Err(CallbackRefusal::StateMismatch);
+    }
+    let same_browser = match (&pending.browser_hash, browser) {
+        (Some(hash), Some(cookie)) => *hash == fingerprint(&[cookie]),
+        _ => false,
+    };
+    if !same_browser {
+        return Err(CallbackRefusal::OtherBrowser);
     }
     if pending.uid.as_deref() != uid {
         return Err(CallbackRefusal::ConnectionReplaced);
@@ -275,6 +315,49 @@ pub fn check_callback(
         return Err(CallbackRefusal::Expired);
     }
     Ok(pending)
+}
+
+/// A secret for an authorization link: 32 random bytes, URL-safe.
+pub fn new_ticket() -> String {
+    oauth2::CsrfToken::new_random_len(32).secret().clone()
+}
+
+/// Keeps `ticket` as the connection's link ticket until `expires_at`.
+pub fn store_ticket(data: &mut BTreeMap<String, ByteString>, ticket: &str, expires_at: Timestamp) {
+    put(
+        data,
+        TICKET_HASH,
+        &fingerprint(&["authorization-ticket", ticket]),
+    );
+    put(data, TICKET_EXPIRES_AT, &rfc3339(expires_at));
+}
+
+/// Whether `ticket` is the connection's link ticket and valid for at
+/// least `margin` after `now`.
+pub fn ticket_valid(
+    data: &BTreeMap<String, ByteString>,
+    ticket: &str,
+    now: Timestamp,
+    margin: SignedDuration,
+) -> bool {
+    let stored = get(data, TICKET_HASH);
+    let expires_at: Option<Timestamp> = get(data, TICKET_EXPIRES_AT).and_then(|t| t.parse().ok());
+    let hash = fingerprint(&["authorization-ticket", ticket]);
+    stored.is_some_and(|stored| constant_time_eq(stored.as_bytes(), hash.as_bytes()))
+        && expires_at
+            .zip(now.checked_add(margin).ok())
+            .is_some_and(|(at, until)| at > until)
+}
+
+/// Uses the link ticket up: a link opens one authorization.
+pub fn remove_ticket(data: &mut BTreeMap<String, ByteString>) {
+    data.remove(TICKET_HASH);
+    data.remove(TICKET_EXPIRES_AT);
+}
+
+/// Compares without telling, by its timing, how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -288,21 +371,33 @@ mod tests {
     fn started(state: &str) -> BTreeMap<String, ByteString> {
         let mut data = BTreeMap::new();
         put(&mut data, "refresh_token", "kept");
-        PendingAuthorization::new(state, "verifier".into(), at(600), "uid-1".into())
-            .store_in(&mut data);
+        PendingAuthorization::new(
+            state,
+            "verifier".into(),
+            at(600),
+            "uid-1".into(),
+            "cookie-1",
+        )
+        .store_in(&mut data);
         data
     }
 
     #[test]
     fn the_callback_of_the_pending_authorization_passes() {
-        let pending = check_callback(&started("ns:c:r1"), "ns:c:r1", Some("uid-1"), at(10));
+        let pending = check_callback(
+            &started("ns:c:r1"),
+            "ns:c:r1",
+            Some("uid-1"),
+            Some("cookie-1"),
+            at(10),
+        );
         assert_eq!(pending.unwrap().pkce_verifier, "verifier");
     }
 
     #[test]
     fn each_refusal_has_its_own_cause() {
         let data = started("ns:c:r1");
-        let check = |state, uid, now| check_callback(&data, state, uid, at(now));
+        let check = |state, uid, now| check_callback(&data, state, uid, Some("cookie-1"), at(now));
         assert_eq!(
             check("ns:c:forged", Some("uid-1"), 10),
             Err(CallbackRefusal::StateMismatch)
@@ -322,7 +417,7 @@ mod tests {
         let mut done = data.clone();
         clear_pending(&mut done);
         assert_eq!(
-            check_callback(&done, "ns:c:r1", Some("uid-1"), at(10)),
+            check_callback(&done, "ns:c:r1", Some("uid-1"), Some("cookie-1"), at(10)),
             Err(CallbackRefusal::NothingPending)
         );
         assert_eq!(get(&done, "refresh_token").as_deref(), Some("kept"));
@@ -334,9 +429,42 @@ mod tests {
         // connection learns only that it does not match.
         let data = started("ns:c:r1");
         assert_eq!(
-            check_callback(&data, "ns:c:guess", Some("other"), at(10_000)),
+            check_callback(&data, "ns:c:guess", Some("other"), None, at(10_000)),
             Err(CallbackRefusal::StateMismatch)
         );
+    }
+
+    #[test]
+    fn an_answer_to_another_browser_stores_nothing() {
+        let data = started("ns:c:r1");
+        for browser in [None, Some("cookie-2"), Some("")] {
+            assert_eq!(
+                check_callback(&data, "ns:c:r1", Some("uid-1"), browser, at(10)),
+                Err(CallbackRefusal::OtherBrowser),
+                "{browser:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_ticket_is_valid_until_it_expires_or_is_used() {
+        let mut data = started("s");
+        let hour = SignedDuration::from_hours(1);
+        assert!(!ticket_valid(&data, "t-1", at(0), hour), "none stored");
+        store_ticket(&mut data, "t-1", at(7_200));
+        assert!(ticket_valid(&data, "t-1", at(0), hour));
+        assert!(!ticket_valid(&data, "t-2", at(0), hour));
+        assert!(
+            !ticket_valid(&data, "t-1", at(3_600), hour),
+            "within the margin"
+        );
+        assert!(ticket_valid(&data, "t-1", at(3_600), SignedDuration::ZERO));
+        assert!(!ticket_valid(&data, "t-1", at(7_200), SignedDuration::ZERO));
+        assert_eq!(only_pending(&data).len(), PENDING_KEYS.len() + 2);
+        remove_ticket(&mut data);
+        assert!(!ticket_valid(&data, "t-1", at(0), hour), "used");
+        assert_ne!(new_ticket(), new_ticket());
+        assert!(new_ticket().len() >= 40);
     }
 
     #[test]

@@ -88,11 +88,14 @@ impl IssuedToken {
     }
 
     /// A response field as text, for the target Secret.
+    /// Only scalars are copied: an object or a list from a provider is
+    /// not what an API call needs, and could carry anything.
     pub fn field(&self, name: &str) -> Option<String> {
         match self.extra.get(name)? {
             Value::String(text) => Some(text.clone()),
-            Value::Null => None,
-            other => Some(other.to_string()),
+            Value::Number(number) => Some(number.to_string()),
+            Value::Bool(flag) => Some(flag.to_string()),
+            Value::Null | Value::Array(_) | Value::Object(_) => None,
         }
     }
 }
@@ -115,6 +118,9 @@ pub enum TokenFailure {
     },
     /// No answer: connection refused, DNS, TLS, timeout.
     Transport { detail: String },
+    /// Not sent: the endpoint's name resolves only to addresses the
+    /// operator does not send to (`detail` names the rule).
+    Denied { detail: String },
     /// A 2xx answer that is not a usable token response (`what` says why,
     /// never quoting it). It may carry a refresh token all the same, which
     /// the provider may have rotated already: it must not be lost.
@@ -530,6 +536,40 @@ mod tests {
         default: SignedDuration::from_mins(10),
         max: SignedDuration::from_hours(24),
     };
+
+    #[test]
+    fn only_scalar_response_fields_are_copied() {
+        let issued = IssuedToken {
+            access_token: "at".into(),
+            token_type: "Bearer".into(),
+            expires_in: None,
+            refresh_token: None,
+            scope: None,
+            extra: serde_json::Map::from_iter([
+                (
+                    "instance_url".to_owned(),
+                    serde_json::json!("https://eu.crm.test"),
+                ),
+                ("realm".to_owned(), serde_json::json!(42)),
+                ("sandbox".to_owned(), serde_json::json!(false)),
+                ("nested".to_owned(), serde_json::json!({"a": "b"})),
+                ("list".to_owned(), serde_json::json!(["a"])),
+                ("none".to_owned(), serde_json::Value::Null),
+            ]),
+            refresh_token_expires_in: None,
+            oddities: Vec::new(),
+        };
+        let field = |name| issued.field(name);
+        assert_eq!(
+            field("instance_url").as_deref(),
+            Some("https://eu.crm.test")
+        );
+        assert_eq!(field("realm").as_deref(), Some("42"));
+        assert_eq!(field("sandbox").as_deref(), Some("false"));
+        for absent in ["nested", "list", "none", "missing"] {
+            assert_eq!(field(absent), None, "{absent}");
+        }
+    }
 
     #[test]
     fn fingerprints_separate_parts() {

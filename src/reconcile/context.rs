@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::api::{OAuth2Auth, SourceConnection};
+use crate::api::SourceConnection;
 use crate::decide::refresh::Limits;
 use crate::leader::Fence;
 use crate::metrics::Metrics;
@@ -59,21 +59,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// The link a person opens to authorize `conn`, when it can be served.
-    pub fn authorization_link(
-        &self,
-        conn: &SourceConnection,
-        oauth: &OAuth2Auth,
-    ) -> Option<String> {
-        let base = self.external_url.as_deref()?;
-        oauth.authorization_url.as_ref()?;
-        Some(format!(
-            "{base}/authorize/{}/{}",
-            conn.namespace().unwrap_or_default(),
-            conn.name_any()
-        ))
-    }
-
     pub fn record_transient_failure(&self, conn: &impl Resource) -> u32 {
         let mut failures = self.transient_failures.0.lock().expect("not poisoned");
         let count = failures.entry(connection_ref(conn)).or_default();

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -36,7 +36,9 @@ use crate::decide::validate::{OAuthSettings, oauth_settings};
 use crate::error::{Error, Retry};
 use crate::oauth::client::{self, Grant, TokenRequest};
 use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, SealedGrant};
-use crate::oauth::state_secret::{GrantState, only_pending};
+use crate::oauth::state_secret::{
+    GrantState, new_ticket, only_pending, store_ticket, ticket_valid,
+};
 use crate::oauth::token::{IssuedToken, TokenRecord};
 use crate::reconcile::{Context, PendingGrant};
 use crate::runtime::object_key::{Key, key_of};
@@ -79,7 +81,7 @@ pub async fn sync(
         sync.clear_inbox(&inputs).await;
         inputs.inbox = None;
     }
-    let link = ctx.authorization_link(conn, oauth);
+    let link = sync.authorization_link(&mut inputs).await?;
     let (decision, action) = decide_refresh(conn, oauth, &settings, &inputs, link, now);
     match action {
         Action::AuthorizationRequired(error) => Ok(Synced {
@@ -122,6 +124,34 @@ pub async fn sync(
         }
         Action::Request(ask) => sync.refresh_when_api_answers(&inputs, &decision, ask).await,
     }
+}
+
+/// How long an authorization link stays valid, and how long before its
+/// end the status shows a new one.
+const TICKET_LIFETIME: SignedDuration = SignedDuration::from_hours(7 * 24);
+const TICKET_RENEWAL: SignedDuration = SignedDuration::from_hours(24);
+
+/// The state Secret, and the consented grant it holds.
+type StateAndInbox = (
+    Option<Arc<ReadSecret>>,
+    Option<(Arc<ReadSecret>, GrantState)>,
+);
+
+/// The ticket of `link` when it is a link to `start`.
+fn ticket_of(link: &str, start: &str) -> Option<String> {
+    let url = url::Url::parse(link).ok()?;
+    let mut without_query = url.clone();
+    without_query.set_query(None);
+    if without_query.as_str() != start {
+        return None;
+    }
+    url.query_pairs()
+        .find(|(name, _)| name == "ticket")
+        .map(|(_, value)| value.into_owned())
+}
+
+fn link_with(start: &str, ticket: &str) -> String {
+    format!("{start}?ticket={ticket}")
 }
 
 /// How often a refresh that waits for the Kubernetes API looks again.
@@ -445,6 +475,7 @@ impl OAuthSync<'_> {
             grant: None,
             grant_problem: None,
             inbox: None,
+            state: None,
             current,
         };
         if oauth.grant != OAuth2Grant::ClientCredentials {
@@ -454,7 +485,7 @@ impl OAuthSync<'_> {
                 Some(Err(problem)) => inputs.grant_problem = Some(problem),
                 None => {}
             }
-            inputs.inbox = self.read_inbox().await?;
+            (inputs.state, inputs.inbox) = self.read_inbox().await?;
         }
         inputs.stored_grant = target.as_ref().and(inputs.grant.clone());
         inputs.target = target;
@@ -485,8 +516,8 @@ impl OAuthSync<'_> {
         Ok(Some(text(secret_key(&secret, &reference.key, field)?)))
     }
 
-    /// The state Secret, when it holds a consented grant.
-    async fn read_inbox(&self) -> Result<Option<(Arc<ReadSecret>, GrantState)>, Error> {
+    /// The state Secret, and the consented grant when it holds one.
+    async fn read_inbox(&self) -> Result<StateAndInbox, Error> {
         let conn = self.conn;
         let state = self
             .ctx
@@ -494,14 +525,60 @@ impl OAuthSync<'_> {
             .get(self.secrets, &self.namespace(), &conn.state_secret_name())
             .await?;
         check_state_ownership(conn, state.as_deref().map(ReadSecret::secret))?;
-        Ok(state.and_then(|secret| {
+        let inbox = state.clone().and_then(|secret| {
             let consented =
                 GrantState::from_data(secret.data.as_ref()?, &self.oauth.response_fields);
             consented
                 .refresh_token
                 .is_some()
                 .then_some((secret, consented))
-        }))
+        });
+        Ok((state, inbox))
+    }
+
+    /// The link that starts a consent for this connection. Its ticket is
+    /// what lets a browser start: the one the status shows while it is
+    /// valid, otherwise a new one, kept hashed in the state Secret.
+    async fn authorization_link(&self, inputs: &mut OAuthInputs) -> Result<Option<String>, Error> {
+        let (conn, ctx) = (self.conn, self.ctx);
+        let Some(base) = ctx.external_url.as_deref() else {
+            return Ok(None);
+        };
+        if self.oauth.authorization_url.is_none() {
+            return Ok(None);
+        }
+        let start = format!("{base}/authorize/{}/{}", self.namespace(), conn.name_any());
+        let data = inputs
+            .state
+            .as_ref()
+            .and_then(|s| s.data.clone())
+            .unwrap_or_default();
+        let shown = conn
+            .status
+            .as_ref()
+            .and_then(|s| s.authorization_url.as_deref());
+        if let Some(ticket) = shown.and_then(|link| ticket_of(link, &start))
+            && ticket_valid(&data, &ticket, self.now, TICKET_RENEWAL)
+        {
+            return Ok(Some(link_with(&start, &ticket)));
+        }
+        let ticket = new_ticket();
+        let mut data = data;
+        store_ticket(
+            &mut data,
+            &ticket,
+            self.now.saturating_add(TICKET_LIFETIME).unwrap_or(self.now),
+        );
+        let version = inputs.state.as_ref().and_then(|s| s.resource_version());
+        let written = Arc::new(ReadSecret::new(
+            store_state_secret(self.secrets, conn, version, data).await?,
+        ));
+        ctx.secrets.wrote((*written).clone());
+        if let Some((secret, _)) = inputs.inbox.as_mut() {
+            *secret = written.clone();
+        }
+        inputs.state = Some(written);
+        Ok(Some(link_with(&start, &ticket)))
     }
 
     /// After a consent is adopted (or found stale), the state Secret keeps

@@ -120,7 +120,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .authorization
         .as_ref()
         .map(|a| a.external_url.trim_end_matches('/').to_owned());
-    let http = token_client::http_client();
+    let http = token_client::http_client(settings.limits.endpoints.clone());
     let fence = settings
         .leader_election
         .as_ref()
@@ -147,7 +147,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         fence: fence.clone(),
         pending: PendingGrants::default(),
         api: ApiHealth::default(),
-        limits: settings.limits,
+        limits: settings.limits.clone(),
     });
     if let Some(authorization) = &settings.authorization {
         let flow = authorize::Flow {
@@ -157,6 +157,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             state_ttl: authorization.state_ttl,
             clock: Clock::system(),
             limits: settings.limits,
+            requests: Arc::new(EventBudget::new(
+                authorize::REQUESTS_PER_SECOND,
+                authorize::REQUEST_BURST,
+            )),
         };
         let address = authorization.bind_address;
         tokio::spawn(async move {

@@ -114,7 +114,7 @@ class Replica:
         self.child = subprocess.Popen(
             [self.binary, "run", "--namespace", NAMESPACE, "--metrics-bind-address", "127.0.0.1:0",
              # Tokens of seconds: the floor between refreshes must not outlast them.
-             "--min-refresh-interval-seconds", "1", *LEASE],
+             "--min-refresh-interval-seconds", "1", "--allow-plain-http-loopback", *LEASE],
             env={**os.environ, "KUBECONFIG": plane.kubeconfig, "POD_NAMESPACE": "default",
                  "RUST_LOG": "info"},
             stdout=self.out, stderr=self.out)

@@ -302,8 +302,18 @@ impl Operator {
     }
 
     /// The operator on the control plane of `kubeconfig`, watching
-    /// `namespace`.
+    /// `namespace`, allowed to reach the tests' providers on this machine.
     pub fn start_on(kubeconfig: &Path, namespace: &str, extra_args: &[&str]) -> Self {
+        Self::launch(kubeconfig, namespace, extra_args, true)
+    }
+
+    /// The operator as it runs in a cluster: no endpoint on this machine.
+    pub fn start_as_in_production(namespace: &TestNamespace, extra_args: &[&str]) -> Self {
+        let kubeconfig = operator_kubeconfig();
+        Self::launch(Path::new(&kubeconfig), &namespace.name, extra_args, false)
+    }
+
+    fn launch(kubeconfig: &Path, namespace: &str, extra_args: &[&str], development: bool) -> Self {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let log_path = artifacts_dir().join(format!(
             "operator-{namespace}-{}.log",
@@ -318,6 +328,9 @@ impl Operator {
         // refreshes is tested on its own (never_fall_over.rs).
         if !extra_args.contains(&"--min-refresh-interval-seconds") {
             args.extend(["--min-refresh-interval-seconds", "1"]);
+        }
+        if development {
+            args.push("--allow-plain-http-loopback");
         }
         let child = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
             .args(args)
