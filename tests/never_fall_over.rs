@@ -165,8 +165,7 @@ fn a_secret_the_api_server_refuses_shows_on_the_connection() {
         (hard == used).then_some(()).ok_or(hard)
     });
     ns.apply_ok(&api_key_connection("db", ""));
-    ns.wait_ready("db", "False", "SecretWriteFailed", READY);
-    let message = ns.condition("db", "Ready", "message");
+    let message = ns.wait_ready_saying("db", "False", "SecretWriteFailed", READY);
     assert!(
         message.contains("HTTP 403") && message.contains("exceeded quota"),
         "{message}"
@@ -201,18 +200,7 @@ fn a_refresh_token_too_large_to_keep_is_said_and_not_sent_to_the_api() {
     let ns = TestNamespace::new("too-large");
     let operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    let refresh_token = server.mint_refresh_token("crm.read");
-    let manifest = ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "crm-grant",
-        &format!("--from-literal=refresh_token={refresh_token}"),
-        "--dry-run=client",
-        "-o",
-        "yaml",
-    ]);
-    ns.apply_ok(&manifest);
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read"));
     ns.apply_ok(&format!(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\nspec:\n  oauth2:\n    \
          tokenUrl: {}\n    grant: refreshToken\n    client:\n      secretRef:\n        name: crm-client\n    \
@@ -223,8 +211,7 @@ fn a_refresh_token_too_large_to_keep_is_said_and_not_sent_to_the_api() {
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
     server.control("answer-shape", json!({ "shape": "huge-refresh-token" }));
-    ns.wait_ready("crm", "False", "SecretWriteFailed", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    let message = ns.wait_ready_saying("crm", "False", "SecretWriteFailed", READY);
     assert!(
         message.contains("bytes of annotations") && message.contains("262144"),
         "{message}"
@@ -260,8 +247,7 @@ fn an_answer_beyond_a_mebibyte_is_refused_without_reading_it_whole() {
     ns.create_client_secret("crm-client", "crm-client-secret");
     server.control("answer-shape", json!({ "shape": "oversized", "times": 1 }));
     ns.apply_ok(&client_credentials("crm", &server.token_url()));
-    ns.wait_ready("crm", "False", "ProviderUnavailable", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    let message = ns.wait_ready_saying("crm", "False", "ProviderUnavailable", READY);
     assert!(message.contains("larger than 1024 KiB"), "{message}");
     assert_eq!(
         ns.jsonpath("secret", "crm-credentials", "{.metadata.name}"),

@@ -15,20 +15,6 @@ use serde_json::json;
 
 const READY: Duration = Duration::from_secs(30);
 
-fn user_refresh_token(ns: &TestNamespace, token: &str) {
-    let manifest = ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "crm-grant",
-        &format!("--from-literal=refresh_token={token}"),
-        "--dry-run=client",
-        "-o",
-        "yaml",
-    ]);
-    ns.apply_ok(&manifest);
-}
-
 fn client_credentials(name: &str, server: &OAuthServer, extra: &str) -> String {
     format!(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\nspec:\n  oauth2:\n    \
@@ -260,7 +246,7 @@ fn rotating_refresh_tokens_over_many_cycles_never_leave_an_expired_token() {
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
     let first = server.mint_refresh_token("crm.read crm.write");
-    user_refresh_token(&ns, &first);
+    ns.put_refresh_token(&first);
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
@@ -315,7 +301,7 @@ fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
     let (_operator, metrics_port) = operator_with_metrics(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
     let first = server.mint_refresh_token("crm.read");
-    user_refresh_token(&ns, &first);
+    ns.put_refresh_token(&first);
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
@@ -342,7 +328,7 @@ fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
     waits_for_a_change(&ns, &server, "crm", metrics_port);
 
     let second = server.mint_refresh_token("crm.read");
-    user_refresh_token(&ns, &second);
+    ns.put_refresh_token(&second);
     ns.wait_ready("crm", "True", "SecretSynced", Duration::from_secs(15));
     assert_eq!(ns.condition("crm", "AuthFailed", "status"), "False");
     sample_freshness(&ns, "crm-credentials", Duration::from_secs(5));
@@ -357,13 +343,12 @@ fn an_expired_refresh_token_is_reported_as_such() {
     let ns = TestNamespace::new("oauth-rt-expired");
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     // The provider reports refresh_token_expires_in, so tokenkeeper knows
     // the lifetime and can tell expiry from revocation.
-    ns.wait_ready("crm", "False", "RefreshTokenExpired", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    let message = ns.wait_ready_saying("crm", "False", "RefreshTokenExpired", READY);
     assert!(
         message.contains("The refresh token expired at"),
         "{message}"
@@ -384,7 +369,7 @@ fn narrowed_scopes_are_insufficient_permissions() {
     let ns = TestNamespace::new("oauth-scopes");
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    user_refresh_token(&ns, &server.mint_refresh_token("crm.read crm.write"));
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read crm.write"));
     ns.apply_ok(&refresh_token_grant(
         "crm",
         &server,
@@ -393,8 +378,7 @@ fn narrowed_scopes_are_insufficient_permissions() {
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
     server.control("narrow-scopes", json!({ "scope": "crm.read" }));
-    ns.wait_ready("crm", "False", "InsufficientPermissions", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    let message = ns.wait_ready_saying("crm", "False", "InsufficientPermissions", READY);
     assert!(
         message.contains("missing crm.write (granted: crm.read)"),
         "{message}"
@@ -422,14 +406,8 @@ fn an_unavailable_provider_backs_off_keeps_the_token_and_recovers() {
     let token = ns.secret_value("crm-credentials", "access_token").unwrap();
 
     server.fail("500");
-    ns.kubectl_ok(&[
-        "annotate",
-        "srcconn",
-        "crm",
-        "tokenkeeper.dev/force-refresh=1",
-    ]);
-    ns.wait_ready("crm", "True", "ProviderUnavailable", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    ns.force_refresh("crm", "1");
+    let message = ns.wait_ready_saying("crm", "True", "ProviderUnavailable", READY);
     assert!(
         message.contains("HTTP 500") && message.contains("keeps the current access token"),
         "{message}"
@@ -504,13 +482,7 @@ fn an_unavailable_provider_backs_off_keeps_the_token_and_recovers() {
 
     // A new force-refresh value does not wait for the retry time.
     server.fail("off");
-    ns.kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "srcconn",
-        "crm",
-        "tokenkeeper.dev/force-refresh=2",
-    ]);
+    ns.force_refresh("crm", "2");
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     assert_ne!(
         ns.secret_value("crm-credentials", "access_token")
@@ -532,8 +504,7 @@ fn a_provider_that_stays_down_lets_the_token_expire_visibly_then_recovers() {
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
     drop(server);
-    ns.wait_ready("crm", "False", "AccessTokenExpired", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    let message = ns.wait_ready_saying("crm", "False", "AccessTokenExpired", READY);
     assert!(
         message.contains("could not connect") && message.contains("expired at"),
         "{message}"
@@ -559,8 +530,7 @@ fn a_missing_expires_in_uses_the_configured_lifetime_and_says_so() {
         &server,
         "    defaultTokenLifetime: 90s\n",
     ));
-    ns.wait_ready("crm", "True", "SecretSynced", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    let message = ns.wait_ready_saying("crm", "True", "SecretSynced", READY);
     assert!(
         message.contains("no expires_in") && message.contains("assumes 90s"),
         "{message}"
@@ -584,12 +554,7 @@ fn the_force_refresh_annotation_refreshes_once_per_value() {
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     let first = ns.secret_value("crm-credentials", "access_token").unwrap();
 
-    ns.kubectl_ok(&[
-        "annotate",
-        "srcconn",
-        "crm",
-        "tokenkeeper.dev/force-refresh=2026-11-23T10:00:00Z",
-    ]);
+    ns.force_refresh("crm", "2026-11-23T10:00:00Z");
     let second = wait_for("a new token", Duration::from_secs(10), || {
         let token = ns.secret_value("crm-credentials", "access_token").unwrap();
         (token != first).then_some(token.clone()).ok_or(token)
@@ -623,7 +588,7 @@ fn killing_the_operator_right_after_a_rotation_loses_no_refresh_token() {
     let ns = TestNamespace::new("oauth-kill");
     let mut operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
@@ -684,7 +649,7 @@ fn a_verification_request_turns_a_role_change_into_insufficient_permissions() {
     let ns = TestNamespace::new("oauth-verify-403");
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    user_refresh_token(&ns, &server.mint_refresh_token("crm.read crm.write"));
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read crm.write"));
     let verification = format!(
         "    verification:\n      url: {}/test/api?scope=crm.write\n",
         server.issuer
@@ -693,8 +658,7 @@ fn a_verification_request_turns_a_role_change_into_insufficient_permissions() {
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
     server.control("narrow-scopes", json!({ "scope": "crm.read" }));
-    ns.wait_ready("crm", "False", "InsufficientPermissions", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    let message = ns.wait_ready_saying("crm", "False", "InsufficientPermissions", READY);
     assert!(
         message.contains("answered HTTP 403, insufficient_scope"),
         "{message}"
@@ -735,14 +699,8 @@ fn a_verification_request_refusing_the_token_is_access_token_expired_and_retried
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
     server.control("api-mode", json!({ "mode": "401" }));
-    ns.kubectl_ok(&[
-        "annotate",
-        "srcconn",
-        "crm",
-        "tokenkeeper.dev/force-refresh=1",
-    ]);
-    ns.wait_ready("crm", "False", "AccessTokenExpired", READY);
-    let message = ns.condition("crm", "Ready", "message");
+    ns.force_refresh("crm", "1");
+    let message = ns.wait_ready_saying("crm", "False", "AccessTokenExpired", READY);
     assert!(
         message.contains("refused the access token just issued (HTTP 401, invalid_token)"),
         "{message}"
@@ -782,7 +740,7 @@ fn deleting_a_connection_revokes_its_tokens_before_its_secrets_go() {
     let ns = TestNamespace::new("oauth-revoke");
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant("crm", &server, &revoking(&server, "")));
     // No grant: only its access token is revoked.
     ns.apply_ok(&client_credentials("cc", &server, &revoking(&server, "")));
@@ -876,7 +834,7 @@ fn a_shared_grant_can_opt_out_of_revocation() {
     let ns = TestNamespace::new("oauth-revoke-optout");
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    user_refresh_token(&ns, &server.mint_refresh_token("crm.read"));
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read"));
     ns.apply_ok(&refresh_token_grant(
         "crm",
         &server,
@@ -912,7 +870,7 @@ fn odd_but_clear_answers_are_read_and_said() {
     ns.create_client_secret("crm-client", "crm-client-secret");
     shape_answers(&server, "azure-v1", None);
     let first = server.mint_refresh_token("crm.read");
-    user_refresh_token(&ns, &first);
+    ns.put_refresh_token(&first);
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     let said = ready_message(&ns, "crm");
@@ -949,7 +907,7 @@ fn a_rotated_refresh_token_in_an_unusable_answer_is_kept() {
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
     let first = server.mint_refresh_token("crm.read");
-    user_refresh_token(&ns, &first);
+    ns.put_refresh_token(&first);
     ns.apply_ok(&refresh_token_grant("crm", &server, ""));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     let before = stored_refresh_token_is_live(&ns, &server);

@@ -343,6 +343,10 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
             "podDisruptionBudget.enabled=true,networkPolicy.enabled=true",
         ])
         .args(["--set", "networkPolicy.apiServerCIDRs={10.0.0.1/32}"])
+        .args([
+            "--set-json",
+            r#"networkPolicy.authorizationFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"ingress"}}}]"#,
+        ])
         .args(["--set", "watchNamespaces={team-a,team-b}"])
         .args([
             "--set",
@@ -397,6 +401,15 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
         assert!(rendered.contains(hardening), "{hardening}");
     }
     assert!(rendered.contains("helm.sh/resource-policy: keep"));
+    // The authorization port admits only the peers given.
+    let policy = rendered
+        .split("\n---")
+        .find(|doc| doc.contains("kind: NetworkPolicy"))
+        .unwrap();
+    assert!(
+        policy.contains("from:\n        - namespaceSelector:\n            matchLabels:\n              kubernetes.io/metadata.name: ingress"),
+        "{policy}"
+    );
     let invalid = Command::new(&helm)
         .args(["template", "tk", &chart, "--set", "logFormat=yaml"])
         .output()

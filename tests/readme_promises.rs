@@ -16,17 +16,7 @@ const READY: Duration = Duration::from_secs(30);
 
 fn grant_from(ns: &TestNamespace, server: &OAuthServer) -> String {
     let token = server.mint_refresh_token("crm.read");
-    let manifest = ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "crm-grant",
-        &format!("--from-literal=refresh_token={token}"),
-        "--dry-run=client",
-        "-o",
-        "yaml",
-    ]);
-    ns.apply_ok(&manifest);
+    ns.put_refresh_token(&token);
     token
 }
 
@@ -149,12 +139,7 @@ fn a_provider_that_hangs_is_unavailable_and_the_token_is_kept() {
     let token = ns.secret_value("crm-credentials", "access_token");
 
     server.fail("hang");
-    ns.kubectl_ok(&[
-        "annotate",
-        "srcconn",
-        "crm",
-        "tokenkeeper.dev/force-refresh=1",
-    ]);
+    ns.force_refresh("crm", "1");
     ns.wait_ready(
         "crm",
         "True",
@@ -166,13 +151,7 @@ fn a_provider_that_hangs_is_unavailable_and_the_token_is_kept() {
     assert_eq!(ns.secret_value("crm-credentials", "access_token"), token);
 
     server.fail("off");
-    ns.kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "srcconn",
-        "crm",
-        "tokenkeeper.dev/force-refresh=2",
-    ]);
+    ns.force_refresh("crm", "2");
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     assert_ne!(ns.secret_value("crm-credentials", "access_token"), token);
 }

@@ -126,8 +126,7 @@ fn missing_secret_is_reported_and_heals_when_created() {
     let ns = TestNamespace::new("missing-secret");
     let _operator = Operator::start(&ns);
     ns.apply_ok(&api_key_connection("hubspot", "hubspot-key"));
-    ns.wait_ready("hubspot", "False", "SecretNotFound", READY_TIMEOUT);
-    let message = ns.condition("hubspot", "Ready", "message");
+    let message = ns.wait_ready_saying("hubspot", "False", "SecretNotFound", READY_TIMEOUT);
     assert!(
         message.contains(&format!("Secret {}/hubspot-key", ns.name)),
         "{message}"
@@ -178,8 +177,7 @@ fn missing_key_names_the_key_and_heals_when_added() {
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: db\n\
          spec:\n  basic:\n    secretRef:\n      name: db\n      usernameKey: user\n",
     );
-    ns.wait_ready("db", "False", "MissingKey", READY_TIMEOUT);
-    let message = ns.condition("db", "Ready", "message");
+    let message = ns.wait_ready_saying("db", "False", "MissingKey", READY_TIMEOUT);
     assert!(
         message.contains("no non-empty key \"password\""),
         "{message}"
@@ -212,8 +210,7 @@ fn cross_namespace_reference_is_refused() {
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: sneaky\n\
          spec:\n  apiKey:\n    secretRef:\n      name: default-token\n      namespace: kube-system\n",
     );
-    ns.wait_ready("sneaky", "False", "InvalidSpec", READY_TIMEOUT);
-    let message = ns.condition("sneaky", "Ready", "message");
+    let message = ns.wait_ready_saying("sneaky", "False", "InvalidSpec", READY_TIMEOUT);
     assert!(message.contains("kube-system"), "{message}");
     assert_eq!(
         ns.jsonpath("secret", "sneaky-credentials", "{.metadata.name}"),

@@ -79,8 +79,7 @@ fn endpoints_are_checked_before_anything_is_sent() {
         ns.apply_ok(&client_credentials(name, url));
     }
     for (name, _, rule) in &cases {
-        ns.wait_ready(name, "False", "InvalidSpec", READY);
-        let message = ns.condition(name, "Ready", "message");
+        let message = ns.wait_ready_saying(name, "False", "InvalidSpec", READY);
         assert!(message.contains(rule), "{name}: {message}");
     }
     assert_eq!(

@@ -479,22 +479,10 @@ mod tests {
 
     #[test]
     fn issued_token_without_expires_in_gets_the_default_lifetime() {
-        let issued = IssuedToken {
-            access_token: "at".into(),
-            token_type: "Bearer".into(),
-            expires_in: None,
-            refresh_token: None,
-            scope: None,
-            extra: serde_json::Map::from_iter([
-                (
-                    "instance_url".to_owned(),
-                    serde_json::json!("https://eu.crm.test"),
-                ),
-                ("id_token".to_owned(), serde_json::json!("not-copied")),
-            ]),
-            refresh_token_expires_in: None,
-            oddities: Vec::new(),
-        };
+        let issued = issued_with([
+            ("instance_url", serde_json::json!("https://eu.crm.test")),
+            ("id_token", serde_json::json!("not-copied")),
+        ]);
         let now = Timestamp::from_millisecond(5_500).unwrap();
         let record = TokenRecord::issued(
             now,
@@ -537,28 +525,33 @@ mod tests {
         max: SignedDuration::from_hours(24),
     };
 
-    #[test]
-    fn only_scalar_response_fields_are_copied() {
-        let issued = IssuedToken {
+    /// A Bearer token answer without lifetime or scope, with `extra` fields.
+    fn issued_with<const N: usize>(extra: [(&str, serde_json::Value); N]) -> IssuedToken {
+        IssuedToken {
             access_token: "at".into(),
             token_type: "Bearer".into(),
             expires_in: None,
             refresh_token: None,
             scope: None,
-            extra: serde_json::Map::from_iter([
-                (
-                    "instance_url".to_owned(),
-                    serde_json::json!("https://eu.crm.test"),
-                ),
-                ("realm".to_owned(), serde_json::json!(42)),
-                ("sandbox".to_owned(), serde_json::json!(false)),
-                ("nested".to_owned(), serde_json::json!({"a": "b"})),
-                ("list".to_owned(), serde_json::json!(["a"])),
-                ("none".to_owned(), serde_json::Value::Null),
-            ]),
+            extra: extra
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
             refresh_token_expires_in: None,
             oddities: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn only_scalar_response_fields_are_copied() {
+        let issued = issued_with([
+            ("instance_url", serde_json::json!("https://eu.crm.test")),
+            ("realm", serde_json::json!(42)),
+            ("sandbox", serde_json::json!(false)),
+            ("nested", serde_json::json!({"a": "b"})),
+            ("list", serde_json::json!(["a"])),
+            ("none", serde_json::Value::Null),
+        ]);
         let field = |name| issued.field(name);
         assert_eq!(
             field("instance_url").as_deref(),

@@ -175,6 +175,34 @@ impl TestNamespace {
         ]);
     }
 
+    /// Secret `crm-grant` holding `token` under `refresh_token`, created or
+    /// replaced as a user does (`kubectl create --dry-run | kubectl apply`).
+    pub fn put_refresh_token(&self, token: &str) {
+        let manifest = self.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "crm-grant",
+            &format!("--from-literal=refresh_token={token}"),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ]);
+        self.apply_ok(&manifest);
+    }
+
+    /// Asks for a refresh of `connection` as a user does: the force-refresh
+    /// annotation set to `value` (each new value is acted on once).
+    pub fn force_refresh(&self, connection: &str, value: &str) {
+        self.kubectl_ok(&[
+            "annotate",
+            "--overwrite",
+            "srcconn",
+            connection,
+            &format!("tokenkeeper.dev/force-refresh={value}"),
+        ]);
+    }
+
     /// `kubectl apply -f -` of the given manifest.
     pub fn apply(&self, manifest: &str) -> Output {
         kubectl_stdin(&["-n", &self.name, "apply", "-f", "-"], manifest)
@@ -218,6 +246,18 @@ impl TestNamespace {
                     .ok_or(format!("Ready={got_status} reason={got_reason}"))
             },
         );
+    }
+
+    /// Like `wait_ready`, then the Ready condition's message.
+    pub fn wait_ready_saying(
+        &self,
+        connection: &str,
+        status: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> String {
+        self.wait_ready(connection, status, reason, timeout);
+        self.condition(connection, "Ready", "message")
     }
 
     /// A Secret's value for `key`, decoded; `None` when the Secret or key is missing.
