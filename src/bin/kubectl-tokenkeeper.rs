@@ -126,14 +126,14 @@ async fn status(
         println!(
             "{:<12} {} ({})",
             format!("{}:", condition.type_),
-            condition.status,
-            condition.reason
+            printable(&condition.status),
+            printable(&condition.reason)
         );
-        println!("             {}", condition.message);
+        println!("             {}", printable(&condition.message));
     }
     let show = |label: &str, value: Option<String>| {
         if let Some(value) = value {
-            println!("{label:<24} {value}");
+            println!("{label:<24} {}", printable(&value));
         }
     };
     show("Secret:", status.secret_name.clone());
@@ -192,9 +192,9 @@ async fn status(
     for event in items.iter().rev().take(10).rev() {
         println!(
             "  {:<8} {:<24} {}",
-            event.type_.clone().unwrap_or_default(),
-            event.reason.clone().unwrap_or_default(),
-            event.message.clone().unwrap_or_default()
+            printable(event.type_.as_deref().unwrap_or_default()),
+            printable(event.reason.as_deref().unwrap_or_default()),
+            printable(event.message.as_deref().unwrap_or_default())
         );
     }
     Ok(())
@@ -293,9 +293,12 @@ async fn authorize(
     if let Some(error) = callback.error {
         let said = callback
             .error_description
-            .map(|d| format!(" ({d})"))
+            .map(|d| format!(" ({})", printable(&d)))
             .unwrap_or_default();
-        anyhow::bail!("the provider answered {error}{said}; nothing was stored");
+        anyhow::bail!(
+            "the provider answered {}{said}; nothing was stored",
+            printable(&error)
+        );
     }
     let code = callback
         .code
@@ -349,7 +352,7 @@ async fn authorize(
             .as_ref()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
         if let Some(ready) = ready.filter(|c| c.status == "True") {
-            println!("{namespace}/{name} is Ready: {}", ready.message);
+            println!("{namespace}/{name} is Ready: {}", printable(&ready.message));
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
@@ -358,5 +361,35 @@ async fn authorize(
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `text` as it may go to a terminal: what a provider or a status says
+/// could carry escape sequences that rewrite the screen or the title, so
+/// control characters are shown as their escapes instead.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_shown_not_sent_to_the_terminal() {
+        assert_eq!(printable("plain words: ok"), "plain words: ok");
+        assert_eq!(
+            printable("denied\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nnext"),
+            "denied\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\r\\nnext"
+        );
+        assert!(!printable("\u{9b}31m").contains('\u{9b}'));
     }
 }
