@@ -687,10 +687,19 @@ fn the_operator_identity_keeps_the_connection_settings_of_the_users_kubeconfig()
             assert_eq!(&cluster[key], value, "{name}: {key} carried over");
         }
         let mut operator = Operator::start_on(&identity, &ns.name, &[]);
-        ns.kubectl_ok(&["delete", "secret", "api-credentials", "--ignore-not-found"]);
+        // A new value in the source Secret reaches the target only through
+        // this operator.
+        let key = format!("k-{name}");
+        ns.kubectl_ok(&[
+            "patch",
+            "secret",
+            "api-key",
+            "-p",
+            &format!(r#"{{"stringData":{{"api_key":"{key}"}}}}"#),
+        ]);
         wait_for(&format!("{name}: the target Secret"), READY, || {
             let value = ns.secret_value("api-credentials", "api_key");
-            (value.as_deref() == Some("k-1"))
+            (value.as_deref() == Some(key.as_str()))
                 .then_some(())
                 .ok_or(format!("{value:?}"))
         });

@@ -69,7 +69,7 @@ fn a_deleted_target_secret_comes_back_with_its_grant() {
     let issued = next_token(&ns, &issued);
 
     // The target Secret holds the only copy of the rotated grant.
-    ns.kubectl_ok(&["delete", "secret", "crm-credentials"]);
+    ns.kubectl_ok(&["delete", "secret", "crm-credentials", "--wait=false"]);
     let kept = wait_for("the target Secret written again", READY, || {
         ns.stored_refresh_token("crm")
             .ok_or_else(|| "no sealed grant yet".to_owned())

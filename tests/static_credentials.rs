@@ -287,7 +287,7 @@ fn a_deleted_target_secret_is_restored() {
     let _operator = Operator::start(&ns);
     ns.apply_ok(&example("apikey-stripe.yaml"));
     ns.wait_ready("stripe", "True", "SecretSynced", READY_TIMEOUT);
-    ns.kubectl_ok(&["delete", "secret", "stripe-extract"]);
+    ns.kubectl_ok(&["delete", "secret", "stripe-extract", "--wait=false"]);
     wait_for(
         "the target Secret to come back",
         Duration::from_secs(10),
