@@ -11,9 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
-    OAuthServer, Operator, TestNamespace, describes_event, free_port, http_get, wait_for,
-};
+use common::{OAuthServer, Operator, TestNamespace, describes_event, http_get, wait_for};
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -24,6 +22,17 @@ fn api_key_connection(name: &str, annotations: &str) -> String {
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\n{annotations}\
          spec:\n  apiKey:\n    secretRef:\n      name: api-key\n"
     )
+}
+
+/// The user's Secret `api-key` with the key `k-1`.
+fn api_key_secret(ns: &TestNamespace) {
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "api-key",
+        "--from-literal=api_key=k-1",
+    ]);
 }
 
 fn client_credentials(name: &str, token_url: &str) -> String {
@@ -41,16 +50,8 @@ fn token_requests(server: &OAuthServer) -> u64 {
 #[test]
 fn a_bug_in_one_reconcile_stops_only_that_connection() {
     let ns = TestNamespace::new("panic");
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let mut operator = Operator::start_with(&ns, &["--metrics-bind-address", &address]);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "api-key",
-        "--from-literal=api_key=k-1",
-    ]);
+    let (mut operator, port) = Operator::with_metrics(&ns);
+    api_key_secret(&ns);
     let inject = "  annotations:\n    tokenkeeper.dev/test-inject-panic: \"yes\"\n";
     ns.apply_ok(&api_key_connection("buggy", inject));
     ns.apply_ok(&api_key_connection("fine", ""));
@@ -139,13 +140,7 @@ fn no_provider_lifetime_makes_a_connection_refresh_faster_than_the_floor() {
 fn a_secret_the_api_server_refuses_shows_on_the_connection() {
     let ns = TestNamespace::new("quota");
     let _operator = Operator::start(&ns);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "api-key",
-        "--from-literal=api_key=k-1",
-    ]);
+    api_key_secret(&ns);
     // Room for the Secrets there are and no more: the target Secret's
     // create is forbidden (403) for as long as the quota stays.
     ns.kubectl_ok(&["create", "quota", "secrets", "--hard=secrets=100"]);

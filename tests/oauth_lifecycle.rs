@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    OAuthServer, Operator, TestNamespace, assert_no_secret_leaks, describes_event, free_port,
-    http_get, wait_for,
+    OAuthServer, Operator, TestNamespace, assert_no_secret_leaks, describes_event, http_get,
+    wait_for,
 };
 use jiff::Timestamp;
 use serde_json::json;
@@ -85,15 +85,6 @@ fn stored_refresh_token_is_live(ns: &TestNamespace, server: &OAuthServer) -> Str
 
 fn status_field(ns: &TestNamespace, name: &str, field: &str) -> String {
     ns.jsonpath("srcconn", name, &format!("{{.status.{field}}}"))
-}
-
-fn operator_with_metrics(ns: &TestNamespace) -> (Operator, u16) {
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    (
-        Operator::start_with(ns, &["--metrics-bind-address", &address]),
-        port,
-    )
 }
 
 /// A connection that failed for good waits for a change: no retry time in
@@ -198,7 +189,7 @@ fn client_credentials_tokens_are_kept_fresh() {
 fn wrong_client_secret_is_invalid_client_and_heals_when_fixed() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 30 }));
     let ns = TestNamespace::new("oauth-client");
-    let (_operator, metrics_port) = operator_with_metrics(&ns);
+    let (_operator, metrics_port) = Operator::with_metrics(&ns);
     ns.create_client_secret("crm-post-client", "not-the-right-secret");
     ns.apply_ok(&client_credentials(
         "crm",
@@ -298,7 +289,7 @@ fn rotating_refresh_tokens_over_many_cycles_never_leave_an_expired_token() {
 fn a_revoked_grant_is_invalid_grant_until_a_new_refresh_token_arrives() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 3 }));
     let ns = TestNamespace::new("oauth-revoked");
-    let (_operator, metrics_port) = operator_with_metrics(&ns);
+    let (_operator, metrics_port) = Operator::with_metrics(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
     let first = server.mint_refresh_token("crm.read");
     ns.put_refresh_token(&first);

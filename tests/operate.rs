@@ -202,9 +202,7 @@ fn two_replicas_one_writer_and_the_follower_takes_over_a_killed_leader() {
 fn metrics_and_health_follow_the_connections() {
     let server = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
     let ns = TestNamespace::new("metrics");
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let _operator = Operator::start_with(&ns, &["--metrics-bind-address", &address]);
+    let (_operator, port) = Operator::with_metrics(&ns);
     wait_for("/healthz", READY, || {
         let (code, body) = http_get(port, "/healthz");
         (code == 200).then_some(()).ok_or(body)

@@ -347,6 +347,15 @@ impl Operator {
         Self::launch(kubeconfig, namespace, extra_args, true)
     }
 
+    /// The operator for `namespace` serving /metrics on a free port, and
+    /// that port.
+    pub fn with_metrics(namespace: &TestNamespace) -> (Self, u16) {
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let operator = Self::start_with(namespace, &["--metrics-bind-address", &address]);
+        (operator, port)
+    }
+
     /// The operator as it runs in a cluster: no endpoint on this machine.
     pub fn start_as_in_production(namespace: &TestNamespace, extra_args: &[&str]) -> Self {
         let kubeconfig = operator_kubeconfig();
