@@ -37,6 +37,57 @@ pub mod target_keys {
     pub const API_KEY: &str = "api_key";
 }
 
+// What the CRD schema refuses at `kubectl apply`, so that obviously bad
+// specs never get stored (issue 24). Every rule admits all that the operator
+// accepts (`decide::validate`) and all that Kubernetes can hold (a Secret
+// name, a key, a label value); the operator still checks the rest. The API
+// server is 1.20 in the tests: OpenAPI v3 keywords only, no CEL.
+
+/// `http://` or `https://`, in any case (the scheme is case-insensitive).
+/// Which of the two, and which hosts, the operator decides.
+const URL_PATTERN: &str = "^[Hh][Tt][Tt][Pp][Ss]?://";
+const URL_MAX: u32 = 2048;
+/// A Secret name: an RFC 1123 subdomain of at most 253 characters.
+const SECRET_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+const SECRET_NAME_MAX: u32 = 253;
+/// A namespace name: an RFC 1123 label of at most 63 characters.
+const NAMESPACE_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+const NAMESPACE_MAX: u32 = 63;
+/// A key of a Secret's data.
+const SECRET_KEY_PATTERN: &str = "^[-._a-zA-Z0-9]+$";
+const SECRET_KEY_MAX: u32 = 253;
+
+/// One number with a unit of the "friendly" format that `refreshBefore`
+/// and `defaultTokenLifetime` are parsed with (jiff's `SignedDuration`):
+/// hours down to nanoseconds, with their long and short names.
+macro_rules! duration_unit {
+    () => {
+        r"[0-9]+([.,][0-9]+)?[ \t\n\f\r]*(h(ours?|rs?)?|m(in(ute)?s?)?|s(ec(ond)?s?)?|m(illi(second)?s?|secs?|s)|micro(second)?s?|(u|µ)(secs?|s)|n(ano(second)?s?|secs?|s))"
+    };
+}
+/// A positive duration as the operator parses it: units (`90s`, `1h30m`,
+/// `1.5h`, `10 hours, 30 minutes`), `HH:MM:SS`, or ISO 8601 (`PT5M`).
+/// Admits some texts the parser refuses (units out of order, `0s`); never
+/// the reverse. No sign but `+` and no `ago`: those are never positive.
+const DURATION_PATTERN: &str = concat!(
+    r"^(\+?([0-9]+:[0-9]+:[0-9]+([.,][0-9]+)?|",
+    duration_unit!(),
+    r"((,[ \t\n\f\r]+|[ \t\n\f\r]*)",
+    duration_unit!(),
+    r")*)[ \t\n\f\r]*|\+?[Pp][Tt]([0-9]+([.,][0-9]+)?[HhMmSs])+)$"
+);
+const DURATION_MAX: u32 = 128;
+/// A label value (Kubernetes' rule).
+const LABEL_VALUE_MAX: u32 = 63;
+const LABEL_VALUE_PATTERN: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+const SCOPES_MAX: u32 = 64;
+const SCOPE_MAX: u32 = 256;
+/// Entries of each map of the spec (parameters, labels, annotations).
+const MAP_ENTRIES_MAX: u32 = 32;
+const MAP_VALUE_MAX: u32 = 4096;
+const RESPONSE_FIELDS_MAX: u32 = 32;
+
 /// Keeps a Secret with a fresh credential for one SaaS or database source.
 ///
 /// Set exactly one of `basic`, `apiKey` or `oauth2`.
@@ -83,19 +134,20 @@ pub struct BasicAuth {
 #[serde(rename_all = "camelCase")]
 pub struct BasicAuthSecretRef {
     /// Name of the Secret holding the username and password.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = SECRET_NAME_MAX), regex(pattern = SECRET_NAME_PATTERN))]
     pub name: String,
     /// Must be empty or the SourceConnection's own namespace: references into
     /// other namespaces are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAMESPACE_MAX), regex(pattern = NAMESPACE_PATTERN))]
     pub namespace: Option<String>,
     /// Key holding the username.
     #[serde(default = "default_username_key")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))]
     pub username_key: String,
     /// Key holding the password.
     #[serde(default = "default_password_key")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))]
     pub password_key: String,
 }
 
@@ -110,15 +162,16 @@ pub struct ApiKeyAuth {
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeySecretRef {
     /// Name of the Secret holding the API key.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = SECRET_NAME_MAX), regex(pattern = SECRET_NAME_PATTERN))]
     pub name: String,
     /// Must be empty or the SourceConnection's own namespace: references into
     /// other namespaces are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAMESPACE_MAX), regex(pattern = NAMESPACE_PATTERN))]
     pub namespace: Option<String>,
     /// Key holding the API key.
     #[serde(default = "default_api_key_key")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))]
     pub key: String,
 }
 
@@ -126,12 +179,13 @@ pub struct ApiKeySecretRef {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = SECRET_NAME_MAX), regex(pattern = SECRET_NAME_PATTERN))]
     pub name: String,
     /// Must be empty or the SourceConnection's own namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAMESPACE_MAX), regex(pattern = NAMESPACE_PATTERN))]
     pub namespace: Option<String>,
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))]
     pub key: String,
 }
 
@@ -141,14 +195,16 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct OAuth2Auth {
     /// The provider's token endpoint (RFC 6749 section 3.2).
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = URL_MAX), regex(pattern = URL_PATTERN))]
     pub token_url: String,
     /// The provider's authorization endpoint, for the authorizationCode grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = URL_MAX), regex(pattern = URL_PATTERN))]
     pub authorization_url: Option<String>,
     /// The provider's revocation endpoint (RFC 7009). When set, deleting
     /// the connection revokes its refresh and access tokens there first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = URL_MAX), regex(pattern = URL_PATTERN))]
     pub revocation_url: Option<String>,
     /// Set to false to keep the grant alive when the connection is deleted
     /// (a grant shared with other systems). Default: true.
@@ -166,30 +222,46 @@ pub struct OAuth2Auth {
     pub refresh_token_secret_ref: Option<SecretKeyRef>,
     /// Scopes to request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = SCOPES_MAX), inner(length(max = SCOPE_MAX)))]
     pub scopes: Vec<String>,
     /// Scopes the extraction needs; a grant lacking any of them is reported
     /// as InsufficientPermissions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = SCOPES_MAX), inner(length(max = SCOPE_MAX)))]
     pub required_scopes: Vec<String>,
     /// Extra parameters of the authorization request (for example
     /// `access_type: offline` and `prompt: consent` for Google).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAP_ENTRIES_MAX,
+        "additionalProperties" = {"type": "string", "maxLength": MAP_VALUE_MAX},
+    ))]
     pub authorization_params: BTreeMap<String, String>,
     /// Extra parameters sent with every token request (for example
     /// `audience` or `resource`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAP_ENTRIES_MAX,
+        "additionalProperties" = {"type": "string", "maxLength": MAP_VALUE_MAX},
+    ))]
     pub extra_token_params: BTreeMap<String, String>,
     /// Refresh this long before the access token expires (for example
     /// `5m`). Default: when two thirds of the token's lifetime have passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub refresh_before: Option<String>,
     /// Lifetime assumed when the provider's token response has no
     /// `expires_in` (for example `1h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub default_token_lifetime: Option<String>,
     /// Extra fields of the token response copied into the target Secret
     /// (for example Salesforce's `instance_url`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = RESPONSE_FIELDS_MAX),
+        inner(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))
+    )]
     pub response_fields: Vec<String>,
     /// A cheap API request made with every new access token, so that a
     /// role change surfaces as InsufficientPermissions before an extraction
@@ -205,7 +277,7 @@ pub struct Verification {
     /// (the provider's userinfo endpoint, or an API endpoint the extraction
     /// needs). 2xx: fine; 401: the token is refused (AccessTokenExpired,
     /// retried); 403 or `insufficient_scope`: InsufficientPermissions.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = URL_MAX), regex(pattern = URL_PATTERN))]
     pub url: String,
 }
 
@@ -233,16 +305,17 @@ pub struct OAuth2Client {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OAuth2ClientSecretRef {
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = SECRET_NAME_MAX), regex(pattern = SECRET_NAME_PATTERN))]
     pub name: String,
     /// Must be empty or the SourceConnection's own namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAMESPACE_MAX), regex(pattern = NAMESPACE_PATTERN))]
     pub namespace: Option<String>,
     #[serde(default = "default_client_id_key")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))]
     pub client_id_key: String,
     #[serde(default = "default_client_secret_key")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))]
     pub client_secret_key: String,
 }
 
@@ -262,13 +335,21 @@ pub enum ClientAuthMethod {
 pub struct TargetSecret {
     /// Name of the Secret. Default: `<SourceConnection name>-credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = SECRET_NAME_MAX), regex(pattern = SECRET_NAME_PATTERN))]
     pub name: Option<String>,
     /// Extra labels for the Secret.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAP_ENTRIES_MAX,
+        "additionalProperties" = {"type": "string", "maxLength": LABEL_VALUE_MAX, "pattern": LABEL_VALUE_PATTERN},
+    ))]
     pub labels: BTreeMap<String, String>,
     /// Extra annotations for the Secret.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAP_ENTRIES_MAX,
+        "additionalProperties" = {"type": "string", "maxLength": MAP_VALUE_MAX},
+    ))]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -316,6 +397,11 @@ pub struct SourceConnectionStatus {
     /// last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_refresh_handled: Option<String>,
+    /// The operator's public key (X25519) that `kubectl tokenkeeper
+    /// authorize` seals a consented grant to, so that the grant never sits
+    /// in a Secret in plaintext (OAuth 2.0 connections with a refresh token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_sealing_key: Option<String>,
 }
 
 fn default_username_key() -> String {

@@ -196,14 +196,12 @@ pub enum Error {
     )]
     TargetSecretConflict { namespace: String, name: String },
 
-    #[error(
-        "Nobody has authorized SourceConnection {namespace}/{name} yet. Open {url} in a browser \
-         and grant access on the provider's consent page."
-    )]
+    #[error("{situation} Open {url} in a browser and grant access on the provider's consent page.")]
     AuthorizationRequired {
+        /// Why a consent is needed: none was given yet, or the grant kept
+        /// cannot be used (and why).
+        situation: String,
         url: String,
-        namespace: String,
-        name: String,
     },
 
     #[error(

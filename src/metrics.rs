@@ -59,6 +59,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub events_dropped: Counter,
     pub reconcile_panics: Counter,
+    pub sealing_key_restored: Counter,
     connections: Arc<ConnectionCollector>,
 }
 
@@ -103,6 +104,12 @@ impl Default for Metrics {
             "Reconciles stopped by a bug in tokenkeeper (a panic); the connection shows InternalError",
             reconcile_panics.clone(),
         );
+        let sealing_key_restored = Counter::default();
+        registry.register(
+            "sealing_key_restored",
+            "Times the sealing key Secret was found deleted or missing keys and was written again from the operator's memory",
+            sealing_key_restored.clone(),
+        );
         let connections = Arc::new(ConnectionCollector::default());
         registry.register_collector(Box::new(connections.clone()));
         Metrics {
@@ -113,6 +120,7 @@ impl Default for Metrics {
             leader,
             events_dropped,
             reconcile_panics,
+            sealing_key_restored,
             connections,
         }
     }

@@ -300,7 +300,7 @@ fn the_consent_endpoint_needs_the_link_and_the_browser_that_started() {
     assert!(page.contains("did not come back to the browser"), "{page}");
     assert_eq!(state_version_of(ns), pending);
     assert_eq!(
-        ns.secret_value("crm-tokenkeeper-state", "refresh_token"),
+        ns.secret_value("crm-tokenkeeper-state", "sealed_grant"),
         None
     );
 
@@ -341,7 +341,7 @@ fn a_denied_or_expired_authorization_stores_nothing() {
     assert_eq!(status, 400, "{page}");
     assert!(page.contains("Access was not granted"), "{page}");
     assert_eq!(
-        ns.secret_value("crm-tokenkeeper-state", "refresh_token"),
+        ns.secret_value("crm-tokenkeeper-state", "sealed_grant"),
         None
     );
     assert_eq!(
@@ -363,28 +363,14 @@ fn a_denied_or_expired_authorization_stores_nothing() {
     assert_eq!(status, 400, "{page}");
     assert!(page.contains("expired"), "{page}");
     assert_eq!(
-        ns.secret_value("crm-tokenkeeper-state", "refresh_token"),
+        ns.secret_value("crm-tokenkeeper-state", "sealed_grant"),
         None
     );
 }
 
 /// Runs `kubectl tokenkeeper ...` as a user would: the plugin found on PATH.
 fn plugin(ns: &TestNamespace) -> std::process::Command {
-    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-tokenkeeper"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let path = format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut command = std::process::Command::new("kubectl");
-    command
-        .env("PATH", path)
-        .env("KUBECONFIG", common::kubeconfig())
-        .args(["tokenkeeper", "-n", &ns.name]);
-    command
+    common::kubectl_plugin(&ns.name)
 }
 
 #[test]
@@ -639,4 +625,131 @@ fn a_person_authorizes_in_a_real_browser() {
     );
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     no_leaks(&setup);
+}
+
+/// S256 of a PKCE verifier (RFC 7636 section 4.2).
+fn code_challenge(verifier: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier))
+}
+
+#[test]
+fn consented_grants_and_verifiers_never_sit_in_a_secret_in_plaintext() {
+    use std::io::{BufRead, BufReader};
+    let setup = setup("sealed-consent", &[]);
+    let ns = &setup.ns;
+    let link = link_of(&setup);
+    // A Secret of someone else's under the target name: the grant cannot be
+    // moved into the target, so it stays where the consent put it.
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "crm-credentials",
+        "--from-literal=owner=someone-else",
+    ]);
+    // A Secret that is not the operator's wakes no connection; a change does.
+    ns.kubectl_ok(&["annotate", "srcconn", "crm", "example.com/poke=1"]);
+    ns.wait_ready("crm", "False", "TargetSecretConflict", READY);
+
+    // Consent started, the provider's answer not yet back: the PKCE
+    // verifier waits in the state Secret, sealed.
+    let browser = Browser::stopping_at(&format!("{}/callback", setup.external));
+    let (status, _) = authorize(&browser, &link);
+    assert!(
+        (300..400).contains(&status),
+        "stopped at the callback: {status}"
+    );
+    let challenge = {
+        let visited = browser.visited.lock().unwrap();
+        let auth = visited
+            .iter()
+            .find(|u| u.starts_with(&format!("{}/auth?", setup.server.issuer)))
+            .expect("the provider's authorization URL")
+            .clone();
+        let url = reqwest::Url::parse(&auth).unwrap();
+        url.query_pairs()
+            .find(|(k, _)| k == "code_challenge")
+            .map(|(_, v)| v.into_owned())
+            .expect("a PKCE challenge")
+    };
+    let stored = ns
+        .secret_value(
+            "crm-tokenkeeper-state",
+            "pending_authorization_pkce_verifier",
+        )
+        .expect("the pending authorization keeps its verifier");
+    assert_ne!(
+        code_challenge(&stored),
+        challenge,
+        "the verifier is stored in plaintext"
+    );
+
+    // The answer comes back: the grant is stored for the leader, sealed.
+    let answer = browser
+        .callback_visited(&setup.external)
+        .expect("the provider sent the browser back");
+    let (status, _, page) = browser.get(&answer);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Connected"), "{page}");
+    assert!(
+        ns.secret_value("crm-tokenkeeper-state", "sealed_grant")
+            .is_some()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    ns.wait_ready("crm", "False", "TargetSecretConflict", READY);
+    common::assert_no_secret_holds(&ns.name, &setup.server.grant_secrets_seen());
+
+    // `kubectl tokenkeeper authorize` seals to the operator's public key.
+    let public_key = ns.jsonpath("srcconn", "crm", "{.status.grantSealingKey}");
+    assert!(public_key.starts_with("x25519:"), "{public_key}");
+    let mut authorize_cmd = plugin(ns)
+        .args(["authorize", "crm", "--no-browser", "--timeout", "60"])
+        .arg("--allow-plain-http-loopback")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(authorize_cmd.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("the plugin prints the URL").unwrap();
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(&format!("{}/auth?", setup.server.issuer))
+        {
+            break format!("{}/auth?{url}", setup.server.issuer);
+        }
+    };
+    let before = setup.server.grant_secrets_seen().len();
+    let (status, page) = authorize_at(&url);
+    assert_eq!(status, 200, "{page}");
+    loop {
+        let line = lines.next().expect("the plugin says it stored").unwrap();
+        if line.contains("Stored the grant") {
+            break;
+        }
+    }
+    let seen = setup.server.grant_secrets_seen();
+    assert!(seen.len() > before, "the plugin's exchange was seen");
+    common::assert_no_secret_holds(&ns.name, &seen);
+
+    // Once the name is free, the operator opens the plugin's grant.
+    ns.kubectl_ok(&["delete", "secret", "crm-credentials", "--wait=false"]);
+    ns.kubectl_ok(&[
+        "annotate",
+        "srcconn",
+        "crm",
+        "example.com/poke=2",
+        "--overwrite",
+    ]);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let outcome = authorize_cmd.wait_with_output().unwrap();
+    assert!(
+        outcome.status.success(),
+        "plugin failed: {rest:?} {}",
+        String::from_utf8_lossy(&outcome.stderr)
+    );
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    common::assert_no_secret_holds(&ns.name, &setup.server.grant_secrets_seen());
 }

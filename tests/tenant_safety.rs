@@ -94,3 +94,183 @@ fn endpoints_are_checked_before_anything_is_sent() {
     );
     common::assert_no_secret_leaks(&ns, &["crm-client-secret".to_owned()]);
 }
+
+fn refresh_token_grant(name: &str, token_url: &str, revocation_url: &str) -> String {
+    format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\nspec:\n  oauth2:\n    \
+         tokenUrl: \"{token_url}\"\n    revocationUrl: \"{revocation_url}\"\n    grant: refreshToken\n    \
+         client:\n      secretRef:\n        name: crm-client\n    refreshTokenSecretRef:\n      name: crm-grant\n      \
+         key: refresh_token\n"
+    )
+}
+
+/// Someone who may edit the connection but not read its Secrets points
+/// its endpoints at a server of theirs: the grant is not sent there, on
+/// refresh or on deletion, and the connection asks for a new consent.
+#[test]
+fn a_grant_goes_only_to_the_endpoints_it_was_given_for() {
+    let provider = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let attacker = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("grant-binding");
+    let _operator = Operator::start(&ns);
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    ns.put_refresh_token(&provider.mint_refresh_token("crm.read"));
+    let revocation = format!("{}/revocation", provider.token_url());
+    ns.apply_ok(&refresh_token_grant(
+        "crm",
+        &provider.token_url(),
+        &revocation,
+    ));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    ns.apply_ok(&refresh_token_grant(
+        "crm",
+        &attacker.token_url(),
+        &revocation,
+    ));
+    let message = ns.wait_ready_saying("crm", "False", "AuthorizationRequired", READY);
+    let origin = |url: &str| tokenkeeper::oauth::seal::origin_of(url);
+    assert!(
+        message.contains("needs a new consent")
+            && message.contains(&origin(&provider.token_url()))
+            && message.contains(&origin(&attacker.token_url())),
+        "{message}"
+    );
+    ns.force_refresh("crm", "after-redirect");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        attacker.stats()["tokenRequests"].as_u64(),
+        Some(0),
+        "no token request reached the other endpoint"
+    );
+
+    // Back to the provider it was given for: the grant works again.
+    ns.apply_ok(&refresh_token_grant(
+        "crm",
+        &provider.token_url(),
+        &revocation,
+    ));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
+    // The revocation endpoint is redirected, then the connection deleted:
+    // nothing is revoked anywhere, and an event says so.
+    let elsewhere = format!("{}/revocation", attacker.token_url());
+    ns.apply_ok(&refresh_token_grant(
+        "crm",
+        &provider.token_url(),
+        &elsewhere,
+    ));
+    ns.wait_ready("crm", "False", "AuthorizationRequired", READY);
+    ns.kubectl_ok(&["delete", "srcconn", "crm", "--wait=true", "--timeout=60s"]);
+    assert_eq!(
+        attacker.stats()["revocationRequests"]
+            .as_array()
+            .map(Vec::len),
+        Some(0),
+        "no revocation request reached the other endpoint"
+    );
+    let events = ns.kubectl_ok(&["get", "events", "-o", "wide"]);
+    assert!(
+        events.contains("RevocationAbandoned") && events.contains("Did not revoke"),
+        "{events}"
+    );
+    let mut seen = attacker.secrets_seen();
+    seen.extend(attacker.grant_secrets_seen());
+    assert!(
+        seen.is_empty(),
+        "the other server saw {} secrets",
+        seen.len()
+    );
+}
+
+/// The key id of the seal on `secret`'s grant.
+fn seal_key_id(ns: &TestNamespace, secret: &str) -> String {
+    let sealed = ns.jsonpath(
+        "secret",
+        secret,
+        "{.metadata.annotations.tokenkeeper\\.dev/sealed-grant}",
+    );
+    sealed.split('.').nth(1).unwrap_or_default().to_owned()
+}
+
+/// A new sealing key seals from the next write on while the old ones still
+/// open; a key Secret deleted while the operator runs is written back with
+/// the same keys, and that is counted.
+#[test]
+fn sealing_keys_rotate_and_a_deleted_key_secret_comes_back() {
+    let provider = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("sealing-keys");
+    let port = common::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let args = [
+        "--leader-election-namespace",
+        ns.name.as_str(),
+        "--metrics-bind-address",
+        metrics.as_str(),
+    ];
+    let mut operator = Operator::start_with(&ns, &args);
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    ns.put_refresh_token(&provider.mint_refresh_token("crm.read"));
+    let revocation = format!("{}/revocation", provider.token_url());
+    ns.apply_ok(&refresh_token_grant(
+        "crm",
+        &provider.token_url(),
+        &revocation,
+    ));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let first = common::sealing_keys(&ns.name).expect("the operator's keys");
+    assert_eq!(seal_key_id(&ns, "crm-credentials"), first.sealing_key_id());
+
+    let rotate = common::kubectl_plugin(&ns.name)
+        .args(["rotate-key"])
+        .output()
+        .unwrap();
+    assert!(
+        rotate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotate.stderr)
+    );
+    let rotated = common::sealing_keys(&ns.name).expect("the rotated keys");
+    assert_eq!(rotated.key_ids().len(), 2);
+    let new_id = rotated.sealing_key_id().to_owned();
+    assert_ne!(new_id, first.sealing_key_id());
+    // The next write seals with the new key.
+    std::thread::sleep(Duration::from_secs(6));
+    ns.force_refresh("crm", "after-rotation");
+    common::wait_for("the grant sealed with the new key", READY, || {
+        let id = seal_key_id(&ns, "crm-credentials");
+        (id == new_id).then_some(()).ok_or(id)
+    });
+    let stored = ns
+        .stored_refresh_token_in("crm", "crm-credentials", &ns.name)
+        .expect("the grant opens");
+    assert!(provider.is_active(&stored));
+
+    // Deleted while the operator runs: back with both keys.
+    ns.kubectl_ok(&[
+        "delete",
+        "secret",
+        "tokenkeeper-sealing-key",
+        "--wait=false",
+    ]);
+    common::wait_for("the key Secret written back", READY, || {
+        let keys = common::sealing_keys(&ns.name).ok_or("absent")?;
+        (keys.key_ids() == rotated.key_ids())
+            .then_some(())
+            .ok_or(format!("{:?}", keys.key_ids()))
+    });
+    let (_, text) = common::http_get(port, "/metrics");
+    assert!(
+        text.contains("tokenkeeper_sealing_key_restored_total 1"),
+        "{text}"
+    );
+    // A restart opens the grant with the keys written back.
+    operator.stop();
+    let _operator = Operator::start_with(&ns, &args);
+    ns.force_refresh("crm", "after-restart");
+    common::wait_for("a refresh after the restart", READY, || {
+        let handled = ns.jsonpath("srcconn", "crm", "{.status.forceRefreshHandled}");
+        (handled == "after-restart").then_some(()).ok_or(handled)
+    });
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+}

@@ -21,7 +21,8 @@ use tokenkeeper::decide::secrets::{check_state_ownership, client_credentials};
 use tokenkeeper::decide::validate::oauth_settings;
 use tokenkeeper::oauth::client::{self as token_client, CodeExchange};
 use tokenkeeper::oauth::destination::EndpointPolicy;
-use tokenkeeper::oauth::state_secret::{GrantState, consented_grant};
+use tokenkeeper::oauth::seal::{Binding, key_number, seal_to_public_key};
+use tokenkeeper::oauth::state_secret::consented_grant;
 use tokenkeeper::oauth::token::{ANNOTATION_ISSUED_AT, ANNOTATION_NEXT_REFRESH_AT, KEY_EXPIRES_AT};
 use tokenkeeper::write::secret::store_state_secret;
 use tokio::sync::mpsc;
@@ -58,6 +59,14 @@ enum Command {
     Status { name: String },
     /// Ask tokenkeeper to refresh the connection's token now.
     Refresh { name: String },
+    /// Add a new sealing key to the operator's key Secret (in the namespace
+    /// given with -n, the operator's). New grants are sealed with it from
+    /// their next write; the older keys stay, so every grant still opens.
+    RotateKey {
+        /// The operator's key Secret.
+        #[arg(long, default_value = "tokenkeeper-sealing-key")]
+        secret: String,
+    },
 }
 
 #[tokio::main]
@@ -80,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::RotateKey { secret } => rotate_key(&client, &namespace, &secret).await,
         Command::Authorize {
             name,
             no_browser,
@@ -231,6 +241,19 @@ async fn authorize(
     // The endpoints are checked as the operator checks them, before any
     // request goes to them.
     oauth_settings(oauth, limits)?;
+    // The grant is stored sealed to the operator's public key, which only
+    // the operator can open.
+    let public_key = conn
+        .status
+        .as_ref()
+        .and_then(|s| s.grant_sealing_key.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{namespace}/{name} has no status.grantSealingKey yet: tokenkeeper publishes it \
+                 when it reconciles the connection. Is the operator running (kubectl get pods \
+                 -A -l app.kubernetes.io/name=tokenkeeper), and as new as this plugin?"
+            )
+        })?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let client_secret_object = secrets.get_opt(&oauth.client.secret_ref.name).await?;
     let (client_id, client_secret) =
@@ -323,22 +346,21 @@ async fn authorize(
     })?;
     let existing = secrets.get_opt(&conn.state_secret_name()).await?;
     check_state_ownership(&conn, existing.as_ref())?;
-    let previous = existing
-        .as_ref()
-        .and_then(|s| s.data.as_ref())
-        .map(|d| GrantState::from_data(d, &oauth.response_fields))
-        .unwrap_or_default();
     let state_after = consented_grant(
         oauth,
         limits,
         &issued,
         refresh_token,
         &client_id,
-        previous,
         Timestamp::now(),
     )?;
+    let binding = Binding::new(&conn.uid().unwrap_or_default(), oauth, &client_id);
+    let grant = state_after
+        .grant()
+        .ok_or_else(|| anyhow::anyhow!("the consent has no refresh token"))?;
+    let sealed = seal_to_public_key(&public_key, &grant, &binding)?;
     let version = existing.and_then(|s| s.resource_version());
-    store_state_secret(&secrets, &conn, version, state_after.to_data()).await?;
+    store_state_secret(&secrets, &conn, version, state_after.to_data(|_| sealed)).await?;
     println!(
         "Stored the grant in Secret {}/{}; waiting for tokenkeeper...",
         namespace,
@@ -362,6 +384,42 @@ async fn authorize(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Adds `key-N` (N one more than the highest) to the key Secret, with
+/// optimistic concurrency so that two rotations cannot overwrite each other.
+async fn rotate_key(client: &Client, namespace: &str, name: &str) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets.get_opt(name).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no Secret {namespace}/{name}: give the operator's namespace with -n (and --secret if \
+             it was renamed)"
+        )
+    })?;
+    let highest = secret
+        .data
+        .iter()
+        .flat_map(|d| d.keys())
+        .filter_map(|entry| key_number(entry))
+        .max()
+        .ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{name} holds no sealing key"))?;
+    let entry = format!("key-{}", highest + 1);
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": secret.resource_version()},
+        "data": {&entry: k8s_openapi::ByteString(key.to_vec())},
+    });
+    secrets
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    println!(
+        "Added sealing key {entry} to Secret {namespace}/{name}. tokenkeeper seals grants with it \
+         from their next refresh; keep every older key until all grants are sealed anew. Back \
+         the Secret up again."
+    );
+    Ok(())
 }
 
 /// `text` as it may go to a terminal: what a provider or a status says

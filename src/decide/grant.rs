@@ -11,7 +11,7 @@ use crate::decide::refresh::{Plan, PlanInput, RefreshReason, plan};
 use crate::decide::status::{TokenStatus, display_name};
 use crate::decide::validate::OAuthSettings;
 use crate::error::Error;
-use crate::oauth::seal::{OpenError, SealedGrant};
+use crate::oauth::seal::{Binding, OpenError, Opened, SealedGrant};
 use crate::oauth::state_secret::GrantState;
 use crate::oauth::token::{IssuedToken, TokenRecord, fingerprint, request_fingerprint};
 use crate::runtime::wire::ReadSecret;
@@ -19,6 +19,10 @@ use crate::runtime::wire::ReadSecret;
 /// What an OAuth 2.0 reconcile read.
 pub struct OAuthInputs {
     pub client_id: String,
+    /// What a grant of this connection is bound to, as the spec is now.
+    pub binding: Binding,
+    /// The public key the kubectl plugin seals consents to, for the status.
+    pub grant_sealing_key: Option<String>,
     pub client_secret: String,
     /// The user-supplied refresh token (refreshToken grant).
     pub user_refresh_token: Option<String>,
@@ -30,7 +34,7 @@ pub struct OAuthInputs {
     /// grant keeps that seal.
     pub stored_grant: Option<SealedGrant>,
     /// Why the target Secret's sealed grant could not be used.
-    pub grant_problem: Option<OpenError>,
+    pub grant_problem: Option<GrantProblem>,
     /// The state Secret, when it holds a grant given on the consent page
     /// or by `kubectl tokenkeeper authorize` that is not adopted yet.
     pub inbox: Option<(Arc<ReadSecret>, GrantState)>,
@@ -38,6 +42,43 @@ pub struct OAuthInputs {
     pub state: Option<Arc<ReadSecret>>,
     /// The newest token: the target Secret's, or the consented one.
     pub current: Option<TokenRecord>,
+}
+
+/// Why a sealed grant is not used.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum GrantProblem {
+    #[error("the sealed refresh token in the target Secret cannot be opened: {0}")]
+    Seal(#[from] OpenError),
+    /// The connection now names other endpoints or another client than the
+    /// grant was given for: it is never sent there.
+    #[error(
+        "the grant kept for it is not sent anywhere else than where it was given: {}",
+        changes.join("; ")
+    )]
+    Rebound {
+        changes: Vec<String>,
+        /// The user-supplied refresh token the grant came from, which is
+        /// then not sent to the new endpoints either.
+        imported_hash: Option<String>,
+    },
+}
+
+/// The grant of `opened` when the connection, as `now` describes it, may
+/// still use it. A seal from before seals named a binding is bound to the
+/// connection's UID only (checked when it opened).
+pub fn usable_grant(opened: Opened, now: &Binding) -> Result<SealedGrant, GrantProblem> {
+    let Some(binding) = &opened.binding else {
+        return Ok(opened.grant);
+    };
+    let changes = binding.changes_to(now);
+    if changes.is_empty() {
+        Ok(opened.grant)
+    } else {
+        Err(GrantProblem::Rebound {
+            changes,
+            imported_hash: opened.grant.imported_hash,
+        })
+    }
 }
 
 /// Takes a consented grant waiting in the state Secret as the current one
@@ -126,9 +167,18 @@ pub fn decide_refresh(
         .as_deref()
         .map(|t| fingerprint(&[t]));
     let imported_hash = inputs.grant.as_ref().and_then(|g| g.imported_hash.clone());
-    let new_user_refresh_token = user_hash.is_some() && user_hash != imported_hash;
+    // A refresh token imported for endpoints the connection no longer names
+    // is not sent to the new ones; a new one from the user is.
+    let unusable_import = match &inputs.grant_problem {
+        Some(GrantProblem::Rebound { imported_hash, .. }) => imported_hash.clone(),
+        _ => None,
+    };
+    let user_token_usable = unusable_import.is_none() || user_hash != unusable_import;
+    let new_user_refresh_token =
+        user_hash.is_some() && user_hash != imported_hash && user_token_usable;
     let mut token_status = TokenStatus {
         authorization_url: authorization_link.clone(),
+        grant_sealing_key: inputs.grant_sealing_key.clone(),
         ..TokenStatus::current(conn)
     };
     let jitter_key = jitter_key(conn);
@@ -139,7 +189,12 @@ pub fn decide_refresh(
             .grant
             .as_ref()
             .map(|g| g.refresh_token.clone())
-            .or_else(|| inputs.user_refresh_token.clone()),
+            .or_else(|| {
+                inputs
+                    .user_refresh_token
+                    .clone()
+                    .filter(|_| user_token_usable)
+            }),
     };
     let decision = |token_status, action| {
         let decision = RefreshDecision {
@@ -150,13 +205,19 @@ pub fn decide_refresh(
         (decision, action)
     };
     if oauth.grant != OAuth2Grant::ClientCredentials && refresh_token.is_none() {
+        let name = display_name(conn);
+        let situation = match &inputs.grant_problem {
+            None => format!("Nobody has authorized SourceConnection {name} yet."),
+            Some(problem) => {
+                format!("SourceConnection {name} needs a new consent: {problem}.")
+            }
+        };
         let error = Error::AuthorizationRequired {
+            situation,
             url: authorization_link.unwrap_or_else(|| {
                 "the operator's authorization endpoint (start tokenkeeper with --external-url)"
                     .into()
             }),
-            namespace: conn.namespace().unwrap_or_default(),
-            name: conn.name_any(),
         };
         return decision(token_status, Action::AuthorizationRequired(error));
     }
@@ -250,6 +311,13 @@ mod tests {
     fn inputs(current: Option<i64>, grant: Option<&str>, consented: Option<i64>) -> OAuthInputs {
         OAuthInputs {
             client_id: "id".into(),
+            binding: Binding {
+                uid: "uid-1".into(),
+                token_origin: "https://login.example.com".into(),
+                client_id: "id".into(),
+                revocation_origin: None,
+            },
+            grant_sealing_key: None,
             client_secret: "secret".into(),
             user_refresh_token: None,
             target: None,
@@ -378,6 +446,53 @@ mod tests {
         };
         assert_eq!(error.reason(), "AuthorizationRequired");
         assert!(error.to_string().contains("data/crm"), "{error}");
+    }
+
+    #[test]
+    fn a_grant_for_other_endpoints_is_not_sent_and_the_consent_says_why() {
+        let binding = |token: &str| Binding {
+            uid: "uid-1".into(),
+            token_origin: token.into(),
+            client_id: "id".into(),
+            revocation_origin: None,
+        };
+        let opened = Opened {
+            grant: SealedGrant {
+                refresh_token: "kept-rt".into(),
+                imported_hash: Some(fingerprint(&["user-rt"])),
+                ..Default::default()
+            },
+            binding: Some(binding("https://login.example.com")),
+        };
+        let problem = usable_grant(opened, &binding("https://attacker.example")).unwrap_err();
+        let conn = connection("refreshToken");
+        let mut read = inputs(Some(1_000), None, None);
+        read.grant_problem = Some(problem);
+        // The user's refresh token was imported for the old endpoint.
+        read.user_refresh_token = Some("user-rt".into());
+        let (_, action) = decide(&conn, &read, 1_100);
+        let Action::AuthorizationRequired(error) = action else {
+            panic!("authorization required");
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains("needs a new consent")
+                && message.contains("https://login.example.com")
+                && message.contains("https://attacker.example"),
+            "{message}"
+        );
+        // A refresh token the user supplies afterwards is theirs to send.
+        read.user_refresh_token = Some("another-rt".into());
+        let (_, action) = decide(&conn, &read, 1_100);
+        let Action::Request(ask) = action else {
+            panic!("request");
+        };
+        assert_eq!(ask.refresh_token.as_deref(), Some("another-rt"));
+        let same = Opened {
+            grant: SealedGrant::default(),
+            binding: Some(binding("https://login.example.com")),
+        };
+        assert!(usable_grant(same, &binding("https://login.example.com")).is_ok());
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub fn healthy(
                 last_failure_time: previous.last_failure_time,
                 force_refresh_handled: previous.force_refresh_handled,
                 authorization_url: previous.authorization_url,
+                grant_sealing_key: previous.grant_sealing_key,
             }),
         },
         next: Next::At(due),

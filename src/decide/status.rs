@@ -88,6 +88,7 @@ pub struct TokenStatus {
     pub last_failure_time: Option<Timestamp>,
     pub force_refresh_handled: Option<String>,
     pub authorization_url: Option<String>,
+    pub grant_sealing_key: Option<String>,
 }
 
 impl TokenStatus {
@@ -107,6 +108,7 @@ impl TokenStatus {
             last_failure_time: time(&status.last_failure_time),
             force_refresh_handled: status.force_refresh_handled.clone(),
             authorization_url: status.authorization_url.clone(),
+            grant_sealing_key: status.grant_sealing_key.clone(),
         }
     }
 }
@@ -188,6 +190,7 @@ pub fn desired_status(
         last_failure_time: time(token.last_failure_time),
         force_refresh_handled: token.force_refresh_handled,
         authorization_url: token.authorization_url,
+        grant_sealing_key: token.grant_sealing_key,
     }
 }
 

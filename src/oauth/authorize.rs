@@ -44,6 +44,7 @@ use crate::decide::refresh::Limits;
 use crate::decide::secrets::{check_state_ownership, client_credentials};
 use crate::decide::validate::oauth_settings;
 use crate::oauth::client::{self, CodeExchange};
+use crate::oauth::seal::{Binding, SharedKeyring};
 use crate::oauth::state_secret::{
     CallbackRefusal, GrantState, PendingAuthorization, check_callback, clear_pending,
     consented_grant, new_ticket, remove_ticket, ticket_valid,
@@ -69,7 +70,12 @@ pub struct Flow {
     /// Requests to these endpoints, which anyone who reaches the port can
     /// send, are limited to this budget.
     pub requests: Arc<EventBudget>,
+    /// Seals the PKCE verifier and the consented grant.
+    pub keyring: SharedKeyring,
 }
+
+/// What the PKCE verifier in the state Secret is sealed for.
+const PKCE_PURPOSE: &str = "pkce-verifier";
 
 /// Requests per second the authorization endpoints answer, after a burst.
 pub const REQUESTS_PER_SECOND: f64 = 5.0;
@@ -236,8 +242,11 @@ async fn begin(
         now + SignedDuration::try_from(flow.state_ttl).unwrap_or(SignedDuration::from_mins(10));
     let uid = conn.uid().unwrap_or_default();
     remove_ticket(&mut data);
-    PendingAuthorization::new(&state, started.pkce_verifier, expires, uid, browser)
-        .store_in(&mut data);
+    let verifier = flow
+        .keyring
+        .current()
+        .seal_text(PKCE_PURPOSE, &uid, &started.pkce_verifier);
+    PendingAuthorization::new(&state, verifier, expires, uid, browser).store_in(&mut data);
     write_state(&secrets, &conn, existing.as_ref(), data).await?;
     info!(connection = %format!("{namespace}/{name}"), "authorization started");
     Ok(started.url)
@@ -336,7 +345,8 @@ async fn finish(
         .code
         .as_deref()
         .ok_or_else(|| refused("The provider's answer has no code."))?;
-    let (issued, client_id) = exchange(flow, &secrets, oauth, code, &pending.pkce_verifier)
+    let uid = uid.unwrap_or_default();
+    let (issued, client_id) = exchange(flow, &secrets, oauth, code, &pending.pkce_verifier, &uid)
         .await?
         .map_err(|failure| {
             warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
@@ -346,36 +356,36 @@ async fn finish(
         write_state(&secrets, &conn, existing.as_ref(), cleared).await?;
         return Err(no_refresh_token());
     };
-    let previous = GrantState::from_data(&data, &oauth.response_fields);
     let now = flow.clock.now();
-    let consented = consented_grant(
-        oauth,
-        &flow.limits,
-        &issued,
-        refresh_token,
-        &client_id,
-        previous,
-        now,
-    )
-    .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let consented = consented_grant(oauth, &flow.limits, &issued, refresh_token, &client_id, now)
+        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let binding = Binding::new(&uid, oauth, &client_id);
     // Single use: this write fails if another callback or writer got there
     // first, because it carries the version read above. The leader takes
     // the grant from there into the target Secret, sealed, moments later:
     // this replica may be a follower, and only the leader writes grants.
-    write_state(&secrets, &conn, existing.as_ref(), consented.to_data()).await?;
+    let data = consented.to_data(|grant| flow.keyring.current().seal(grant, &binding));
+    write_state(&secrets, &conn, existing.as_ref(), data).await?;
     info!(connection = %format!("{namespace}/{name}"), "authorized through the consent page");
     Ok(connected_page(&conn, oauth, consented))
 }
 
-/// Exchanges the authorization code with the client's credentials; the
-/// tokens issued, and the client id they were issued to.
+/// Exchanges the authorization code with the client's credentials and the
+/// PKCE verifier sealed for connection `uid`; the tokens issued, and the
+/// client id they were issued to.
 async fn exchange(
     flow: &Flow,
     secrets: &Api<Secret>,
     oauth: &OAuth2Auth,
     code: &str,
-    pkce_verifier: &str,
+    sealed_verifier: &str,
+    uid: &str,
 ) -> Result<Result<(IssuedToken, String), TokenFailure>, PageError> {
+    let pkce_verifier = &flow
+        .keyring
+        .current()
+        .open_text(PKCE_PURPOSE, uid, sealed_verifier)
+        .ok_or_else(|| refused("The authorization this answers cannot be read back."))?;
     let (client_id, client_secret) = read_client_credentials(secrets, oauth).await?;
     let exchange = CodeExchange {
         token_url: &oauth.token_url,

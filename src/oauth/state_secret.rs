@@ -14,15 +14,17 @@ use crate::api::OAuth2Auth;
 use crate::decide::refresh::Limits;
 use crate::decide::validate::oauth_settings;
 use crate::error::Error;
+use crate::oauth::seal::SealedGrant;
 use crate::oauth::token::{
     ANNOTATION_ISSUED_AT, ANNOTATION_LIFETIME_ASSUMED, ANNOTATION_ODDITIES,
-    ANNOTATION_REQUEST_HASH, ANNOTATION_VERIFICATION_DENIED, IssuedToken, KEY_IMPORTED_HASH,
-    KEY_ISSUED_AT, KEY_LIFETIME_ASSUMED, KEY_ODDITIES, KEY_REFRESH_TOKEN,
-    KEY_REFRESH_TOKEN_EXPIRES_AT, KEY_REQUEST_HASH, KEY_VERIFICATION_DENIED, TokenRecord,
+    ANNOTATION_REQUEST_HASH, ANNOTATION_VERIFICATION_DENIED, IssuedToken, KEY_ISSUED_AT,
+    KEY_LIFETIME_ASSUMED, KEY_ODDITIES, KEY_REQUEST_HASH, KEY_VERIFICATION_DENIED, TokenRecord,
     fingerprint, get, put, request_fingerprint,
 };
 use crate::time::rfc3339;
 
+/// The state Secret's key holding a consented grant, sealed.
+pub const KEY_SEALED_GRANT: &str = "sealed_grant";
 /// Keys of the state Secret that belong to a pending authorization.
 pub const PENDING_PREFIX: &str = "pending_authorization_";
 const PENDING_STATE_HASH: &str = "pending_authorization_state_sha256";
@@ -70,20 +72,24 @@ impl fmt::Debug for GrantState {
 }
 
 impl GrantState {
-    pub fn to_data(&self) -> BTreeMap<String, ByteString> {
+    /// The grant part, as it is sealed.
+    pub fn grant(&self) -> Option<SealedGrant> {
+        Some(SealedGrant {
+            refresh_token: self.refresh_token.clone()?,
+            refresh_token_expires_at: self.refresh_token_expires_at,
+            imported_hash: self.imported_hash.clone(),
+        })
+    }
+
+    /// The state Secret's data; the grant goes in sealed by `seal`, never
+    /// in plaintext.
+    pub fn to_data(
+        &self,
+        seal: impl FnOnce(&SealedGrant) -> String,
+    ) -> BTreeMap<String, ByteString> {
         let mut data = BTreeMap::new();
-        if let Some(refresh_token) = &self.refresh_token {
-            put(&mut data, KEY_REFRESH_TOKEN, refresh_token);
-        }
-        if let Some(expires_at) = self.refresh_token_expires_at {
-            put(
-                &mut data,
-                KEY_REFRESH_TOKEN_EXPIRES_AT,
-                &rfc3339(expires_at),
-            );
-        }
-        if let Some(hash) = &self.imported_hash {
-            put(&mut data, KEY_IMPORTED_HASH, hash);
+        if let Some(grant) = self.grant() {
+            put(&mut data, KEY_SEALED_GRANT, &seal(&grant));
         }
         if let Some(token) = &self.token {
             data.extend(token.target_data());
@@ -102,7 +108,13 @@ impl GrantState {
         data
     }
 
-    pub fn from_data(data: &BTreeMap<String, ByteString>, field_names: &[String]) -> Self {
+    /// What the state Secret's `data` holds; the sealed grant counts only
+    /// when `open` opens it (and finds it bound to this connection as it is).
+    pub fn from_data(
+        data: &BTreeMap<String, ByteString>,
+        field_names: &[String],
+        open: impl FnOnce(&str) -> Option<SealedGrant>,
+    ) -> Self {
         let token = (|| {
             let mut annotations = BTreeMap::new();
             annotations.insert(ANNOTATION_ISSUED_AT.to_owned(), get(data, KEY_ISSUED_AT)?);
@@ -121,11 +133,13 @@ impl GrantState {
             }
             TokenRecord::from_target(data, &annotations, field_names)
         })();
+        let grant = get(data, KEY_SEALED_GRANT)
+            .and_then(|sealed| open(&sealed))
+            .filter(|g| !g.refresh_token.is_empty());
         GrantState {
-            refresh_token: get(data, KEY_REFRESH_TOKEN).filter(|t| !t.is_empty()),
-            refresh_token_expires_at: get(data, KEY_REFRESH_TOKEN_EXPIRES_AT)
-                .and_then(|t| t.parse().ok()),
-            imported_hash: get(data, KEY_IMPORTED_HASH),
+            refresh_token: grant.as_ref().map(|g| g.refresh_token.clone()),
+            refresh_token_expires_at: grant.as_ref().and_then(|g| g.refresh_token_expires_at),
+            imported_hash: grant.and_then(|g| g.imported_hash),
             token,
         }
     }
@@ -140,7 +154,6 @@ pub fn consented_grant(
     issued: &IssuedToken,
     refresh_token: String,
     client_id: &str,
-    previous: GrantState,
     now: Timestamp,
 ) -> Result<GrantState, Error> {
     let settings = oauth_settings(oauth, limits)?;
@@ -155,7 +168,7 @@ pub fn consented_grant(
     Ok(GrantState {
         refresh_token: Some(refresh_token),
         refresh_token_expires_at: issued.refresh_token_expires_at(record.issued_at),
-        imported_hash: previous.imported_hash,
+        imported_hash: None,
         token: Some(record),
     })
 }
@@ -370,7 +383,7 @@ mod tests {
 
     fn started(state: &str) -> BTreeMap<String, ByteString> {
         let mut data = BTreeMap::new();
-        put(&mut data, "refresh_token", "kept");
+        put(&mut data, KEY_SEALED_GRANT, "kept");
         PendingAuthorization::new(
             state,
             "verifier".into(),
@@ -420,7 +433,7 @@ mod tests {
             check_callback(&done, "ns:c:r1", Some("uid-1"), Some("cookie-1"), at(10)),
             Err(CallbackRefusal::NothingPending)
         );
-        assert_eq!(get(&done, "refresh_token").as_deref(), Some("kept"));
+        assert_eq!(get(&done, KEY_SEALED_GRANT).as_deref(), Some("kept"));
     }
 
     #[test]
@@ -472,7 +485,7 @@ mod tests {
         let data = started("s");
         assert_eq!(
             without_pending(&data).keys().collect::<Vec<_>>(),
-            ["refresh_token"]
+            [KEY_SEALED_GRANT]
         );
         assert_eq!(only_pending(&data).len(), PENDING_KEYS.len());
     }

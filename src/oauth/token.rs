@@ -27,8 +27,6 @@ pub const KEY_REFRESH_TOKEN: &str = "refresh_token";
 pub(crate) const KEY_ISSUED_AT: &str = "issued_at";
 pub(crate) const KEY_LIFETIME_ASSUMED: &str = "lifetime_assumed";
 pub(crate) const KEY_REQUEST_HASH: &str = "token_request_sha256";
-pub(crate) const KEY_REFRESH_TOKEN_EXPIRES_AT: &str = "refresh_token_expires_at";
-pub(crate) const KEY_IMPORTED_HASH: &str = "imported_refresh_token_sha256";
 pub(crate) const KEY_VERIFICATION_DENIED: &str = "verification_denied";
 pub(crate) const KEY_ODDITIES: &str = "token_response_oddities";
 
@@ -432,7 +430,12 @@ mod tests {
             token: Some(record()),
             ..Default::default()
         };
-        assert!(state.to_data().contains_key("refresh_token"));
+        let data = state.to_data(|_| "sealed".into());
+        assert!(!data.contains_key("refresh_token"));
+        assert!(
+            data.values()
+                .all(|v| !String::from_utf8_lossy(&v.0).contains("rt-secret"))
+        );
         assert!(
             !state
                 .token
@@ -453,12 +456,20 @@ mod tests {
                 ..record()
             }),
         };
+        let grant = state.grant();
+        let data = state.to_data(|_| "sealed".into());
         assert_eq!(
-            GrantState::from_data(&state.to_data(), &["instance_url".into()]),
+            GrantState::from_data(&data, &["instance_url".into()], |sealed| {
+                assert_eq!(sealed, "sealed");
+                grant
+            }),
             state
         );
+        let unopened = GrantState::from_data(&data, &["instance_url".into()], |_| None);
+        assert_eq!(unopened.refresh_token, None);
+        assert_eq!(unopened.token, state.token);
         assert_eq!(
-            GrantState::from_data(&BTreeMap::new(), &[]),
+            GrantState::from_data(&BTreeMap::new(), &[], |_| None),
             GrantState::default()
         );
     }

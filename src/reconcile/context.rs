@@ -10,10 +10,12 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::SourceConnection;
+use crate::decide::grant::usable_grant;
 use crate::decide::refresh::Limits;
 use crate::leader::Fence;
 use crate::metrics::Metrics;
-use crate::oauth::seal::SealingKey;
+use crate::oauth::seal::ANNOTATION_SEALED_GRANT;
+use crate::oauth::seal::{Binding, SharedKeyring};
 use crate::oauth::state_secret::GrantState;
 use crate::reconcile::pending::PendingGrants;
 use crate::runtime::api_health::ApiHealth;
@@ -43,8 +45,8 @@ pub struct Context {
     pub triggers: Arc<SecretTriggers>,
     /// Secrets at their current versions, as read or written.
     pub secrets: Arc<SecretCache>,
-    /// Seals the refresh tokens kept in target Secrets.
-    pub sealing_key: SealingKey,
+    /// Seals the refresh tokens kept in target and state Secrets.
+    pub keyring: SharedKeyring,
     pub events: EventPublisher,
     pub status: Arc<StatusWriter>,
     pub clock: Clock,
@@ -76,31 +78,39 @@ impl Context {
 
     /// The refresh tokens stored for `conn` now, read from the API: the one
     /// sealed in its target Secret and a consented one waiting in its state
-    /// Secret; with the target Secret as read.
+    /// Secret, each only when bound to what `binding` names; with the
+    /// target Secret as read.
     pub async fn read_stored_grant(
         &self,
         secrets: &Api<Secret>,
         conn: &SourceConnection,
+        binding: &Binding,
     ) -> Result<StoredGrant, kube::Error> {
         let namespace = conn.namespace().unwrap_or_default();
         let target = self
             .secrets
             .get_fresh(secrets, &namespace, &conn.target_secret_name())
             .await?;
-        let uid = conn.uid().unwrap_or_default();
-        let sealed = target
+        let keyring = self.keyring.current();
+        let open = |sealed: &str| {
+            let opened = keyring.open(sealed, &binding.uid).ok()?;
+            usable_grant(opened, binding).ok()
+        };
+        let seal = target
             .as_deref()
-            .and_then(|t| self.sealing_key.open_grant(t, &uid).ok().flatten())
-            .map(|g| g.refresh_token);
+            .and_then(|t| t.annotations().get(ANNOTATION_SEALED_GRANT));
+        let sealed = seal.and_then(|s| open(s)).map(|g| g.refresh_token);
+        let withheld = seal.is_some() && sealed.is_none();
         let consented = self
             .secrets
             .get_fresh(secrets, &namespace, &conn.state_secret_name())
             .await?
             .and_then(|s| s.data.clone())
-            .and_then(|d| GrantState::from_data(&d, &[]).refresh_token);
+            .and_then(|d| GrantState::from_data(&d, &[], open).refresh_token);
         Ok(StoredGrant {
             target,
             sealed,
+            withheld,
             consented,
         })
     }
@@ -114,6 +124,9 @@ pub struct TransientFailures(Mutex<HashMap<ObjectRef<CachedConnection>, u32>>);
 pub struct StoredGrant {
     pub target: Option<Arc<ReadSecret>>,
     pub sealed: Option<String>,
+    /// The target Secret holds a grant that is not for the endpoints and
+    /// client the connection names now (or does not open).
+    pub withheld: bool,
     pub consented: Option<String>,
 }
 

@@ -24,7 +24,7 @@ use crate::api::{OAuth2Auth, OAuth2Grant, SourceConnection};
 use crate::decide::classify::{self, FailureContext, VerificationAnswer};
 use crate::decide::grant::{
     Action, OAuthInputs, RefreshDecision, TokenAsk, adopt_consented_grant, decide_refresh,
-    jitter_key, next_grant,
+    jitter_key, next_grant, usable_grant,
 };
 use crate::decide::outcome::{self, Next, Refreshed, Synced, reauthorize_fix};
 use crate::decide::refresh::refresh_due_at;
@@ -35,7 +35,7 @@ use crate::decide::status::{Report, Verdict, display_name};
 use crate::decide::validate::{OAuthSettings, oauth_settings};
 use crate::error::{Error, Retry};
 use crate::oauth::client::{self, Grant, TokenRequest};
-use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, SealedGrant};
+use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, Binding, SealedGrant};
 use crate::oauth::state_secret::{
     GrantState, new_ticket, only_pending, store_ticket, ticket_valid,
 };
@@ -413,7 +413,7 @@ impl OAuthSync<'_> {
         );
         if rejects_grant
             && let Some(used) = ask.refresh_token.as_deref()
-            && self.rotated_meanwhile(used).await?
+            && self.rotated_meanwhile(used, &inputs.binding).await?
         {
             info!(connection = %display_name(self.conn), "the refresh token changed meanwhile; retrying with the new one");
             return Ok(Synced::unchanged(Next::In(Duration::from_millis(100))));
@@ -430,8 +430,11 @@ impl OAuthSync<'_> {
     }
 
     /// Whether the grant now stored differs from the refresh token `used`.
-    async fn rotated_meanwhile(&self, used: &str) -> Result<bool, Error> {
-        let stored = self.ctx.read_stored_grant(self.secrets, self.conn).await?;
+    async fn rotated_meanwhile(&self, used: &str, binding: &Binding) -> Result<bool, Error> {
+        let stored = self
+            .ctx
+            .read_stored_grant(self.secrets, self.conn, binding)
+            .await?;
         Ok([stored.sealed, stored.consented]
             .into_iter()
             .flatten()
@@ -466,7 +469,15 @@ impl OAuthSync<'_> {
         let current = source.and_then(|t| {
             TokenRecord::from_target(t.data.as_ref()?, t.annotations(), &oauth.response_fields)
         });
+        let uid = conn.uid().unwrap_or_default();
+        let binding = Binding::new(&uid, oauth, &client_id);
+        let grant_sealing_key = match oauth.grant {
+            OAuth2Grant::ClientCredentials => None,
+            _ => ctx.keyring.current().public_key(),
+        };
         let mut inputs = OAuthInputs {
+            binding,
+            grant_sealing_key,
             client_id,
             client_secret,
             user_refresh_token,
@@ -479,13 +490,16 @@ impl OAuthSync<'_> {
             current,
         };
         if oauth.grant != OAuth2Grant::ClientCredentials {
-            let uid = conn.uid().unwrap_or_default();
-            match source.map(|t| ctx.sealing_key.open_grant(t, &uid)) {
-                Some(Ok(grant)) => inputs.grant = grant,
-                Some(Err(problem)) => inputs.grant_problem = Some(problem),
-                None => {}
+            let keyring = ctx.keyring.current();
+            match source.map(|t| keyring.open_grant(t, &uid)) {
+                Some(Ok(Some(opened))) => match usable_grant(opened, &inputs.binding) {
+                    Ok(grant) => inputs.grant = Some(grant),
+                    Err(problem) => inputs.grant_problem = Some(problem),
+                },
+                Some(Err(problem)) => inputs.grant_problem = Some(problem.into()),
+                Some(Ok(None)) | None => {}
             }
-            (inputs.state, inputs.inbox) = self.read_inbox().await?;
+            (inputs.state, inputs.inbox) = self.read_inbox(&inputs.binding).await?;
         }
         inputs.stored_grant = target.as_ref().and(inputs.grant.clone());
         inputs.target = target;
@@ -516,8 +530,9 @@ impl OAuthSync<'_> {
         Ok(Some(text(secret_key(&secret, &reference.key, field)?)))
     }
 
-    /// The state Secret, and the consented grant when it holds one.
-    async fn read_inbox(&self) -> Result<StateAndInbox, Error> {
+    /// The state Secret, and the consented grant when it holds one sealed
+    /// for what `binding` names.
+    async fn read_inbox(&self, binding: &Binding) -> Result<StateAndInbox, Error> {
         let conn = self.conn;
         let state = self
             .ctx
@@ -525,9 +540,23 @@ impl OAuthSync<'_> {
             .get(self.secrets, &self.namespace(), &conn.state_secret_name())
             .await?;
         check_state_ownership(conn, state.as_deref().map(ReadSecret::secret))?;
+        let keyring = self.ctx.keyring.current();
+        let open = |sealed: &str| match keyring.open(sealed, &binding.uid) {
+            Ok(opened) => match usable_grant(opened, binding) {
+                Ok(grant) => Some(grant),
+                Err(problem) => {
+                    warn!(connection = %display_name(conn), %problem, "the consent given is not used");
+                    None
+                }
+            },
+            Err(problem) => {
+                warn!(connection = %display_name(conn), %problem, "the consent given cannot be opened");
+                None
+            }
+        };
         let inbox = state.clone().and_then(|secret| {
             let consented =
-                GrantState::from_data(secret.data.as_ref()?, &self.oauth.response_fields);
+                GrantState::from_data(secret.data.as_ref()?, &self.oauth.response_fields, open);
             consented
                 .refresh_token
                 .is_some()
@@ -613,16 +642,16 @@ impl OAuthSync<'_> {
             .map(|r| r.target_annotations(next_refresh_at))
             .unwrap_or_default();
         if let Some(grant) = grant {
+            // A seal by an older key, or from before seals named their
+            // binding, is made anew.
+            let keyring = self.ctx.keyring.current();
             let kept_seal = inputs
                 .target
                 .as_deref()
                 .filter(|_| inputs.stored_grant.as_ref() == Some(grant))
-                .and_then(|t| t.annotations().get(ANNOTATION_SEALED_GRANT).cloned());
-            let sealed = kept_seal.unwrap_or_else(|| {
-                self.ctx
-                    .sealing_key
-                    .seal(grant, &conn.uid().unwrap_or_default())
-            });
+                .and_then(|t| t.annotations().get(ANNOTATION_SEALED_GRANT).cloned())
+                .filter(|sealed| keyring.is_current(sealed));
+            let sealed = kept_seal.unwrap_or_else(|| keyring.seal(grant, &inputs.binding));
             annotations.insert(ANNOTATION_SEALED_GRANT.to_owned(), sealed);
         }
         let data = record.map(TokenRecord::target_data).unwrap_or_default();

@@ -20,6 +20,7 @@ use crate::decide::secrets::client_credentials;
 use crate::decide::status::{Note, display_name};
 use crate::error::{Error, Reason};
 use crate::oauth::client::{self, Revocable};
+use crate::oauth::seal::Binding;
 use crate::oauth::token::KEY_ACCESS_TOKEN;
 use crate::reconcile::{Context, Next};
 
@@ -127,6 +128,8 @@ pub async fn finalize(
     // Only a replica that holds the lease revokes.
     ctx.fence.time_left()?;
     let outcome = revoke_all(conn, oauth, ctx, now).await;
+    let withheld = matches!(outcome, Ok(Revoked::Withheld));
+    let outcome = outcome.map(drop);
     let attempts = match &outcome {
         Ok(()) => 0,
         Err(_) => ctx.record_transient_failure(conn),
@@ -140,18 +143,31 @@ pub async fn finalize(
     );
     let name = display_name(conn);
     match &outcome {
+        Ok(()) if withheld => {
+            warn!(connection = %name, "the grant is not for the endpoints the connection names now; nothing revoked")
+        }
         Ok(()) => info!(connection = %name, "revoked the connection's tokens; releasing it"),
         Err(error) => {
             warn!(connection = %name, %error, attempts, release = ?release_after, "revocation failed")
         }
     }
-    let mut notes: Vec<Note> = revocation_note(
-        &release_after,
-        outcome.as_ref().err(),
-        ctx.revocation_timeout,
-    )
-    .into_iter()
-    .collect();
+    let mut notes: Vec<Note> = if withheld {
+        vec![Note::warning(
+            Reason::RevocationAbandoned,
+            "Did not revoke: the grant kept for this connection was given for other endpoints or \
+             another client than spec.oauth2 names now, and is never sent elsewhere. Revoke the \
+             app's access at the provider."
+                .into(),
+        )]
+    } else {
+        revocation_note(
+            &release_after,
+            outcome.as_ref().err(),
+            ctx.revocation_timeout,
+        )
+        .into_iter()
+        .collect()
+    };
     match release_after {
         Release::RetryIn(delay) => Ok((Next::In(delay), notes)),
         Release::Done | Release::GiveUp => {
@@ -175,6 +191,15 @@ async fn release(conn: &SourceConnection, ctx: &Context) -> Result<(), Error> {
     patch_finalizers(conn, ctx, finalizers).await
 }
 
+/// What revoking did.
+enum Revoked {
+    /// Every token known (none is fine).
+    All,
+    /// Nothing: the grant was given for other endpoints than the spec names
+    /// now, so neither it nor the access token is sent there.
+    Withheld,
+}
+
 /// Revokes the refresh token (which most providers take as revoking the
 /// grant) and the access token. Tokens already gone are fine.
 async fn revoke_all(
@@ -182,7 +207,7 @@ async fn revoke_all(
     oauth: &OAuth2Auth,
     ctx: &Context,
     now: Timestamp,
-) -> Result<(), Error> {
+) -> Result<Revoked, Error> {
     let namespace = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let client_ref = &oauth.client.secret_ref;
@@ -190,7 +215,11 @@ async fn revoke_all(
     let (client_id, client_secret) = client_credentials(oauth, &namespace, client.as_ref())?;
     // The grant is the sealed one in the target Secret, or a consent that
     // was not adopted yet.
-    let stored = ctx.read_stored_grant(&secrets, conn).await?;
+    let binding = Binding::new(&conn.uid().unwrap_or_default(), oauth, &client_id);
+    let stored = ctx.read_stored_grant(&secrets, conn, &binding).await?;
+    if stored.withheld {
+        return Ok(Revoked::Withheld);
+    }
     let access_token = stored.target.as_ref().and_then(|t| {
         let value = t.data.as_ref()?.get(KEY_ACCESS_TOKEN)?;
         Some(String::from_utf8_lossy(&value.0).into_owned())
@@ -228,7 +257,7 @@ async fn revoke_all(
             return Err(error);
         }
     }
-    Ok(())
+    Ok(Revoked::All)
 }
 
 /// The event that says how revoking went.

@@ -22,6 +22,7 @@ use crate::api::SourceConnection;
 use crate::decide::refresh::Limits;
 use crate::leader::{self, Fence, LeaseSettings};
 use crate::metrics::Metrics;
+use crate::oauth::seal::SharedKeyring;
 use crate::oauth::{authorize, client as token_client};
 use crate::reconcile::{self, Context, PendingGrants, TransientFailures};
 use crate::runtime::api_health::ApiHealth;
@@ -108,7 +109,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         });
     }
     let key_secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.operator_namespace);
-    let sealing_key = sealing_key::load_or_create(&key_secrets, &settings.sealing_key_secret)
+    let (keys, key_data) = sealing_key::load_or_create(&key_secrets, &settings.sealing_key_secret)
         .await
         .with_context(|| {
             format!(
@@ -116,6 +117,15 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 settings.operator_namespace, settings.sealing_key_secret
             )
         })?;
+    info!(keys = ?keys, "sealing keys loaded");
+    let keyring = SharedKeyring::new(keys);
+    tokio::spawn(sealing_key::keep_keys(
+        key_secrets,
+        settings.sealing_key_secret.clone(),
+        keyring.clone(),
+        key_data,
+        metrics.clone(),
+    ));
     let external_url = settings
         .authorization
         .as_ref()
@@ -136,7 +146,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         throttle: HostThrottle::new(settings.token_limits),
         triggers: Arc::default(),
         secrets: Arc::default(),
-        sealing_key,
+        keyring: keyring.clone(),
         events: EventPublisher::new(
             client.clone(),
             settings.event_budget,
@@ -161,6 +171,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 authorize::REQUESTS_PER_SECOND,
                 authorize::REQUEST_BURST,
             )),
+            keyring,
         };
         let address = authorization.bind_address;
         tokio::spawn(async move {

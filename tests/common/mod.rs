@@ -260,7 +260,6 @@ impl TestNamespace {
         self.condition(connection, "Ready", "message")
     }
 
-    /// A Secret's value for `key`, decoded; `None` when the Secret or key is missing.
     /// The refresh token tokenkeeper keeps for connection `name` (sealed in
     /// its target Secret `target`), opened with the operator's sealing key
     /// from `operator_namespace`, as only a cluster admin could.
@@ -276,17 +275,11 @@ impl TestNamespace {
             "{.metadata.annotations.tokenkeeper\\.dev/sealed-grant}",
         );
         let uid = self.jsonpath("srcconn", name, "{.metadata.uid}");
-        let out = Command::new("kubectl")
-            .args(["--kubeconfig", &kubeconfig(), "get", "secret", "-n"])
-            .args([operator_namespace, "tokenkeeper-sealing-key"])
-            .args(["-o", "jsonpath={.data.key}"])
-            .output()
-            .expect("run kubectl");
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(stdout(&out))
-            .ok()?;
-        let key = tokenkeeper::oauth::seal::SealingKey::from_bytes(&key)?;
-        key.open(&sealed, &uid).ok().map(|g| g.refresh_token)
+        let keyring = sealing_keys(operator_namespace)?;
+        keyring
+            .open(&sealed, &uid)
+            .ok()
+            .map(|o| o.grant.refresh_token)
     }
 
     /// `stored_refresh_token_in` for a connection with the default target
@@ -295,6 +288,7 @@ impl TestNamespace {
         self.stored_refresh_token_in(name, &format!("{name}-credentials"), "default")
     }
 
+    /// A Secret's value for `key`, decoded; `None` when the Secret or key is missing.
     pub fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
         let escaped = key.replace('.', "\\.");
         let encoded = self.jsonpath("secret", secret, &format!("{{.data.{escaped}}}"));
@@ -618,6 +612,17 @@ impl OAuthServer {
             .collect()
     }
 
+    /// Every refresh token and PKCE verifier that crossed the token
+    /// endpoint so far.
+    pub fn grant_secrets_seen(&self) -> Vec<String> {
+        self.stats()["grantSecretsSeen"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
     pub fn stats(&self) -> serde_json::Value {
         self.control("stats", serde_json::json!({}))
     }
@@ -833,4 +838,81 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         ),
         Err(error) => (0, error.to_string()),
     }
+}
+
+/// The operator's sealing keys, read from its key Secret in `namespace`.
+pub fn sealing_keys(namespace: &str) -> Option<tokenkeeper::oauth::seal::Keyring> {
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig(), "get", "secret", "-n"])
+        .args([namespace, "tokenkeeper-sealing-key", "-o", "json"])
+        .output()
+        .expect("run kubectl");
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_slice(&out.stdout).ok()?;
+    tokenkeeper::oauth::seal::Keyring::from_data(&secret.data?).ok()
+}
+
+/// Fails when any Secret of `namespace` holds one of `values` in plaintext,
+/// in its data (decoded) or its annotations.
+pub fn assert_no_secret_holds(namespace: &str, values: &[String]) {
+    assert!(!values.is_empty(), "nothing to look for");
+    let out = Command::new("kubectl")
+        .args([
+            "--kubeconfig",
+            &kubeconfig(),
+            "get",
+            "secrets",
+            "-n",
+            namespace,
+        ])
+        .args(["-o", "json"])
+        .output()
+        .expect("run kubectl");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a Secret list");
+    for secret in list["items"].as_array().into_iter().flatten() {
+        let name = secret["metadata"]["name"].as_str().unwrap_or_default();
+        let mut texts: Vec<String> = Vec::new();
+        for value in secret["data"]
+            .as_object()
+            .into_iter()
+            .flat_map(|d| d.values())
+        {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str().unwrap_or_default())
+                .unwrap_or_default();
+            texts.push(String::from_utf8_lossy(&decoded).into_owned());
+        }
+        for value in secret["metadata"]["annotations"]
+            .as_object()
+            .into_iter()
+            .flat_map(|a| a.values())
+        {
+            texts.push(value.as_str().unwrap_or_default().to_owned());
+        }
+        for value in values {
+            assert!(
+                !texts.iter().any(|t| t.contains(value.as_str())),
+                "Secret {namespace}/{name} holds a refresh token or PKCE verifier in plaintext"
+            );
+        }
+    }
+}
+
+/// `kubectl tokenkeeper -n <namespace> ...` as a user runs it: the plugin
+/// found on PATH.
+pub fn kubectl_plugin(namespace: &str) -> Command {
+    let dir = Path::new(env!("CARGO_BIN_EXE_kubectl-tokenkeeper"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = Command::new("kubectl");
+    command
+        .env("PATH", path)
+        .env("KUBECONFIG", kubeconfig())
+        .args(["tokenkeeper", "-n", namespace]);
+    command
 }

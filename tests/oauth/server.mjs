@@ -37,6 +37,9 @@ const stats = {
   // Every secret value that crossed the token endpoint: tokens issued,
   // authorization codes and PKCE verifiers; no operator output may hold one.
   secretsSeen: [],
+  // Refresh tokens and PKCE verifiers only: no Secret may hold one in
+  // plaintext (access tokens belong in the target Secret).
+  grantSecretsSeen: [],
 };
 class TestAdapter {
   constructor(model) { this.model = model; }
@@ -216,6 +219,10 @@ provider.use(async (ctx, next) => {
     for (const value of [ctx.oidc?.params?.code, ctx.oidc?.params?.code_verifier,
       ctx.oidc?.params?.refresh_token, ctx.body?.access_token, ctx.body?.refresh_token]) {
       if (typeof value === 'string' && value.length >= 8) stats.secretsSeen.push(value);
+    }
+    for (const value of [ctx.oidc?.params?.code_verifier, ctx.oidc?.params?.refresh_token,
+      ctx.body?.refresh_token]) {
+      if (typeof value === 'string' && value.length >= 8) stats.grantSecretsSeen.push(value);
     }
   }
   if (ctx.path === '/token' && ctx.status === 200 && ctx.body && typeof ctx.body === 'object') {
