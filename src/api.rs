@@ -402,6 +402,11 @@ pub struct SourceConnectionStatus {
     /// in a Secret in plaintext (OAuth 2.0 connections with a refresh token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_sealing_key: Option<String>,
+    /// The provider account of the grant in use, when the provider named it
+    /// at consent (OpenID Connect id_token: email, preferred_username or
+    /// sub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorized_account: Option<String>,
 }
 
 fn default_username_key() -> String {

@@ -43,6 +43,8 @@ pub enum Reason {
     RevocationFailed,
     /// Event: revoking kept failing and the connection was released anyway.
     RevocationAbandoned,
+    /// Event: the Secret a renamed target no longer names was deleted.
+    RenamedSecretDeleted,
 }
 
 impl Reason {
@@ -66,11 +68,12 @@ impl Reason {
     ];
 
     /// The reasons only events carry.
-    pub const EVENTS_ONLY: [Reason; 4] = [
+    pub const EVENTS_ONLY: [Reason; 5] = [
         Reason::TokenIssued,
         Reason::TokensRevoked,
         Reason::RevocationFailed,
         Reason::RevocationAbandoned,
+        Reason::RenamedSecretDeleted,
     ];
 
     /// The CamelCase word users see (stable: alerts and scripts match it).
@@ -97,6 +100,7 @@ impl Reason {
             Reason::TokensRevoked => "TokensRevoked",
             Reason::RevocationFailed => "RevocationFailed",
             Reason::RevocationAbandoned => "RevocationAbandoned",
+            Reason::RenamedSecretDeleted => "RenamedSecretDeleted",
         }
     }
 }
@@ -188,6 +192,20 @@ pub enum Error {
          or delete the Secret: kubectl delete secret {name} -n {namespace}"
     )]
     StateSecretConflict { namespace: String, name: String },
+
+    #[error(
+        "Secret {namespace}/{name} ({field}) is not marked as a source tokenkeeper may read: \
+         this operator sends only the values of Secrets labelled tokenkeeper.dev/source=true, \
+         or naming this connection in their annotation tokenkeeper.dev/source-for, to providers \
+         (--require-source-label). If the Secret is meant for SourceConnection {connection}: \
+         kubectl label secret {name} -n {namespace} tokenkeeper.dev/source=true"
+    )]
+    SourceNotAllowed {
+        namespace: String,
+        name: String,
+        field: &'static str,
+        connection: String,
+    },
 
     #[error(
         "Secret {namespace}/{name} already exists and is not managed by this SourceConnection, \
@@ -293,7 +311,8 @@ impl Error {
             // What the user wrote in the spec is what must change.
             Error::InvalidSpec(_)
             | Error::RequestRefused { .. }
-            | Error::StateSecretConflict { .. } => Reason::InvalidSpec,
+            | Error::StateSecretConflict { .. }
+            | Error::SourceNotAllowed { .. } => Reason::InvalidSpec,
             Error::SecretWriteFailed { .. } | Error::SecretTooLarge { .. } => {
                 Reason::SecretWriteFailed
             }
@@ -337,6 +356,7 @@ impl Error {
             | Error::InvalidSpec(_)
             | Error::RequestRefused { .. }
             | Error::StateSecretConflict { .. }
+            | Error::SourceNotAllowed { .. }
             | Error::TargetSecretConflict { .. }
             | Error::AuthorizationRequired { .. }
             | Error::InvalidGrant { .. }
@@ -363,6 +383,7 @@ impl Error {
             | Error::SecretTooLarge { .. }
             | Error::Internal { .. }
             | Error::StateSecretConflict { .. }
+            | Error::SourceNotAllowed { .. }
             | Error::TargetSecretConflict { .. }
             | Error::AuthorizationRequired { .. }
             | Error::ProviderUnavailable { .. }

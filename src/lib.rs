@@ -8,6 +8,8 @@ pub mod api;
 pub mod crdgen;
 pub mod decide;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod leader;
 pub mod metrics;
 pub mod oauth;

@@ -127,6 +127,12 @@ struct RunArgs {
     /// (cloud metadata) are always denied.
     #[arg(long = "deny-network", value_delimiter = ',')]
     deny_networks: Vec<ipnet::IpNet>,
+    /// Read only Secrets labelled tokenkeeper.dev/source=true (or naming
+    /// the connection in their annotation tokenkeeper.dev/source-for), so
+    /// that a connection cannot send any Secret of its namespace to a
+    /// provider (on in the chart).
+    #[arg(long)]
+    require_source_label: bool,
     /// The Secret, in the operator's namespace (--leader-election-namespace,
     /// POD_NAMESPACE), holding the key that seals refresh tokens; created on
     /// first start. Back it up: without it every OAuth connection must be
@@ -230,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
                         args.allow_plain_http_loopback,
                         &args.deny_networks,
                     )),
+                    require_source_label: args.require_source_label,
                 },
                 operator_namespace: args.leader_election_namespace.clone(),
                 sealing_key_secret: args.sealing_key_secret,

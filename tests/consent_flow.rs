@@ -20,6 +20,12 @@ struct Setup {
 }
 
 fn setup(test: &str, extra_operator_args: &[&str]) -> Setup {
+    setup_with(test, extra_operator_args, "")
+}
+
+/// `setup` with `extra_spec` lines under `spec.oauth2` (`{issuer}` is the
+/// provider's issuer URL).
+fn setup_with(test: &str, extra_operator_args: &[&str], extra_spec: &str) -> Setup {
     let port = free_port();
     let external = format!("http://127.0.0.1:{port}");
     let server = OAuthServer::start(json!({
@@ -37,8 +43,9 @@ fn setup(test: &str, extra_operator_args: &[&str]) -> Setup {
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: crm\nspec:\n  oauth2:\n    \
          tokenUrl: {issuer}/token\n    authorizationUrl: {issuer}/auth\n    grant: authorizationCode\n    \
          scopes: [openid, offline_access, crm.read]\n    requiredScopes: [crm.read]\n    \
-         authorizationParams:\n      prompt: consent\n    client:\n      secretRef:\n        name: crm-client\n",
-        issuer = server.issuer
+         authorizationParams:\n      prompt: consent\n    client:\n      secretRef:\n        name: crm-client\n{extra}",
+        issuer = server.issuer,
+        extra = extra_spec.replace("{issuer}", &server.issuer),
     ));
     Setup {
         server,
@@ -122,6 +129,11 @@ fn form_action(page: &str) -> Option<String> {
 
 /// Goes through login and consent; returns the operator's final page.
 fn authorize(browser: &Browser, link: &str) -> (u16, String) {
+    authorize_as(browser, link, "alice")
+}
+
+/// `authorize` with the provider account `login`.
+fn authorize_as(browser: &Browser, link: &str, account: &str) -> (u16, String) {
     let (_, url, login) = browser.get(link);
     assert!(
         login.contains("name=\"login\""),
@@ -130,7 +142,7 @@ fn authorize(browser: &Browser, link: &str) -> (u16, String) {
     let (_, url, consent) = browser.submit(
         &url,
         &login,
-        &[("prompt", "login"), ("login", "alice"), ("password", "any")],
+        &[("prompt", "login"), ("login", account), ("password", "any")],
     );
     assert!(
         consent.contains("name=\"prompt\" value=\"consent\""),
@@ -752,4 +764,57 @@ fn consented_grants_and_verifiers_never_sit_in_a_secret_in_plaintext() {
     );
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     common::assert_no_secret_holds(&ns.name, &setup.server.grant_secrets_seen());
+}
+
+/// A consent by another provider account than the grant in use is named
+/// in the status and an event, and the grant it replaces is revoked.
+#[test]
+fn a_consent_by_another_account_is_named_and_the_replaced_grant_revoked() {
+    let setup = setup_with(
+        "consent-account",
+        &[],
+        "    revocationUrl: {issuer}/token/revocation\n",
+    );
+    let ns = &setup.ns;
+    let link = link_of(&setup);
+    let (status, page) = authorize_as(&Browser::new(), &link, "alice");
+    assert_eq!(status, 200, "{page}");
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    common::wait_for("the account in the status", READY, || {
+        let account = ns.jsonpath("srcconn", "crm", "{.status.authorizedAccount}");
+        (account == "alice").then_some(()).ok_or(account)
+    });
+    let link = next_link(&setup, &link);
+    let (status, page) = authorize_as(&Browser::new(), &link, "bob");
+    assert_eq!(status, 200, "{page}");
+    common::wait_for("the new account in the status", READY, || {
+        let account = ns.jsonpath("srcconn", "crm", "{.status.authorizedAccount}");
+        (account == "bob").then_some(()).ok_or(account)
+    });
+    let events = ns.kubectl_ok(&["get", "events", "-o", "wide"]);
+    assert!(
+        events.contains("the grant of ANOTHER account, \"alice\", revoked at the provider"),
+        "{events}"
+    );
+    // The refresh token revoked is alice's grant's: it no longer works,
+    // and bob's grant goes on.
+    let revoked: Vec<String> = setup.server.stats()["revocationRequests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["kind"] == "RefreshToken" && r["status"] == 200)
+        .filter_map(|r| r["token"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert!(!setup.server.is_active(&revoked[0]));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let bob = common::wait_for("bob's grant live", READY, || {
+        let stored = ns.stored_refresh_token("crm").ok_or("none")?;
+        setup
+            .server
+            .is_active(&stored)
+            .then_some(stored)
+            .ok_or("inactive".to_owned())
+    });
+    assert_ne!(bob, revoked[0]);
 }

@@ -257,7 +257,7 @@ fn rotating_refresh_tokens_over_many_cycles_never_leave_an_expired_token() {
         "crm-credentials",
         "{.metadata.annotations.tokenkeeper\\.dev/sealed-grant}",
     );
-    assert!(sealed.starts_with("v1."), "{sealed}");
+    assert!(sealed.starts_with("v2."), "{sealed}");
     assert_eq!(
         ns.jsonpath("secret", "crm-tokenkeeper-state", "{.metadata.name}"),
         ""

@@ -274,3 +274,149 @@ fn sealing_keys_rotate_and_a_deleted_key_secret_comes_back() {
     });
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 }
+
+fn api_key_connection(name: &str, secret: &str, target: &str) -> String {
+    format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\nspec:\n  apiKey:\n    \
+         secretRef:\n      name: {secret}\n  target:\n    name: {target}\n"
+    )
+}
+
+/// With --require-source-label (on in the chart), a connection reads only
+/// Secrets marked as sources, so it cannot send any Secret of its
+/// namespace to a provider.
+#[test]
+fn only_secrets_marked_as_sources_are_read() {
+    let ns = TestNamespace::new("source-label");
+    let _operator = Operator::start_with(&ns, &["--require-source-label"]);
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "payroll-db",
+        "--from-literal=api_key=not-for-tokenkeeper",
+    ]);
+    ns.apply_ok(&api_key_connection("exfil", "payroll-db", "exfil-out"));
+    let message = ns.wait_ready_saying("exfil", "False", "InvalidSpec", READY);
+    assert!(
+        message.contains("not marked as a source")
+            && message.contains("kubectl label secret payroll-db"),
+        "{message}"
+    );
+    assert_eq!(ns.secret_value("exfil-out", "api_key"), None);
+
+    // Named in the Secret's annotation: only that connection may read it.
+    ns.kubectl_ok(&[
+        "annotate",
+        "secret",
+        "payroll-db",
+        "tokenkeeper.dev/source-for=payroll, other",
+    ]);
+    ns.apply_ok(&api_key_connection("payroll", "payroll-db", "payroll-out"));
+    ns.wait_ready("payroll", "True", "SecretSynced", READY);
+    ns.kubectl_ok(&["annotate", "srcconn", "exfil", "example.com/poke=1"]);
+    ns.wait_ready("exfil", "False", "InvalidSpec", READY);
+
+    // Labelled as a source: every connection of the namespace may.
+    ns.kubectl_ok(&[
+        "label",
+        "secret",
+        "payroll-db",
+        "tokenkeeper.dev/source=true",
+    ]);
+    ns.wait_ready("exfil", "True", "SecretSynced", READY);
+    assert_eq!(
+        ns.secret_value("exfil-out", "api_key").as_deref(),
+        Some("not-for-tokenkeeper")
+    );
+}
+
+/// A target Secret created by someone else between the operator's read and
+/// its create is not taken over: the connection reports the conflict and
+/// the Secret keeps its content (the race is injected by the test build).
+#[test]
+fn a_secret_created_in_the_gap_before_the_create_is_not_taken_over() {
+    let ns = TestNamespace::new("create-race");
+    let _operator = Operator::start(&ns);
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "stripe-api",
+        "--from-literal=api_key=sk_test",
+    ]);
+    let manifest = api_key_connection("stripe", "stripe-api", "stripe-out").replace(
+        "metadata:\n  name: stripe\n",
+        "metadata:\n  name: stripe\n  annotations:\n    tokenkeeper.dev/test-inject-create-race: \"yes\"\n",
+    );
+    ns.apply_ok(&manifest);
+    ns.wait_ready("stripe", "False", "TargetSecretConflict", READY);
+    assert_eq!(
+        ns.secret_value("stripe-out", "owner").as_deref(),
+        Some("someone-else")
+    );
+    assert_eq!(ns.secret_value("stripe-out", "api_key"), None);
+    let managed = ns.jsonpath(
+        "secret",
+        "stripe-out",
+        "{.metadata.labels.app\\.kubernetes\\.io/managed-by}",
+    );
+    assert_eq!(managed, "");
+}
+
+/// A renamed target: the Secret the connection no longer names is deleted
+/// (it held live credentials), and an OAuth 2.0 grant moves to the new one.
+#[test]
+fn a_renamed_target_moves_the_grant_and_deletes_the_old_secret() {
+    let provider = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("renamed-target");
+    let _operator = Operator::start(&ns);
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "stripe-api",
+        "--from-literal=api_key=sk_test",
+    ]);
+    ns.apply_ok(&api_key_connection("stripe", "stripe-api", "stripe-out"));
+    ns.wait_ready("stripe", "True", "SecretSynced", READY);
+    ns.apply_ok(&api_key_connection(
+        "stripe",
+        "stripe-api",
+        "stripe-renamed",
+    ));
+    common::wait_for("the old Secret deleted", READY, || {
+        let left = ns.jsonpath("secret", "stripe-out", "{.metadata.name}");
+        left.is_empty().then_some(()).ok_or(left)
+    });
+    assert_eq!(
+        ns.secret_value("stripe-renamed", "api_key").as_deref(),
+        Some("sk_test")
+    );
+    let describe = ns.kubectl_ok(&["describe", "srcconn", "stripe"]);
+    assert!(
+        common::describes_event(&describe, "Normal", "RenamedSecretDeleted"),
+        "{describe}"
+    );
+
+    // OAuth 2.0 with a rotating provider: the user's refresh token was used
+    // up, so the grant must move with the target.
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    ns.put_refresh_token(&provider.mint_refresh_token("crm.read"));
+    let revocation = format!("{}/revocation", provider.token_url());
+    let connection = refresh_token_grant("crm", &provider.token_url(), &revocation);
+    ns.apply_ok(&connection);
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let grant = ns.stored_refresh_token("crm").expect("a grant");
+    ns.apply_ok(&format!("{connection}  target:\n    name: crm-renamed\n"));
+    common::wait_for("the old target deleted", READY, || {
+        let left = ns.jsonpath("secret", "crm-credentials", "{.metadata.name}");
+        left.is_empty().then_some(()).ok_or(left)
+    });
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let moved = ns
+        .stored_refresh_token_in("crm", "crm-renamed", "default")
+        .expect("the grant in the new target");
+    assert!(moved == grant || provider.is_active(&moved));
+    assert!(provider.is_active(&moved), "the grant still works");
+}

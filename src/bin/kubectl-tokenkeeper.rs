@@ -359,8 +359,13 @@ async fn authorize(
         .grant()
         .ok_or_else(|| anyhow::anyhow!("the consent has no refresh token"))?;
     let sealed = seal_to_public_key(&public_key, &grant, &binding)?;
-    let version = existing.and_then(|s| s.resource_version());
-    store_state_secret(&secrets, &conn, version, state_after.to_data(|_| sealed)).await?;
+    store_state_secret(
+        &secrets,
+        &conn,
+        existing.as_ref(),
+        state_after.to_data(|_| sealed),
+    )
+    .await?;
     println!(
         "Stored the grant in Secret {}/{}; waiting for tokenkeeper...",
         namespace,

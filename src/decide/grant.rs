@@ -82,7 +82,8 @@ pub fn usable_grant(opened: Opened, now: &Binding) -> Result<SealedGrant, GrantP
 }
 
 /// Takes a consented grant waiting in the state Secret as the current one
-/// when it is newer than the target Secret's. Says whether it did.
+/// unless the grant in use was adopted from that very consent (whose
+/// removal from the state Secret failed). Says whether it did.
 pub fn adopt_consented_grant(inputs: &mut OAuthInputs) -> bool {
     let Some((_, consented)) = &inputs.inbox else {
         return false;
@@ -90,11 +91,11 @@ pub fn adopt_consented_grant(inputs: &mut OAuthInputs) -> bool {
     let (Some(refresh_token), Some(token)) = (&consented.refresh_token, &consented.token) else {
         return false;
     };
-    let newer = match (&inputs.current, &inputs.grant) {
-        (Some(current), Some(_)) => token.issued_at > current.issued_at,
-        _ => true,
-    };
-    if !newer {
+    let adopted_before = inputs
+        .grant
+        .as_ref()
+        .is_some_and(|g| g.consent.is_some() && g.consent == consented.consent_id);
+    if adopted_before {
         return false;
     }
     inputs.grant = Some(SealedGrant {
@@ -105,6 +106,8 @@ pub fn adopt_consented_grant(inputs: &mut OAuthInputs) -> bool {
             .as_ref()
             .and_then(|g| g.imported_hash.clone())
             .or_else(|| consented.imported_hash.clone()),
+        account: consented.account.clone(),
+        consent: consented.consent_id.clone(),
     });
     inputs.current = Some(token.clone());
     true
@@ -179,6 +182,7 @@ pub fn decide_refresh(
     let mut token_status = TokenStatus {
         authorization_url: authorization_link.clone(),
         grant_sealing_key: inputs.grant_sealing_key.clone(),
+        authorized_account: inputs.grant.as_ref().and_then(|g| g.account.clone()),
         ..TokenStatus::current(conn)
     };
     let jitter_key = jitter_key(conn);
@@ -280,6 +284,11 @@ pub fn next_grant(
             None if rotated => None,
             None => previous.and_then(|p| p.refresh_token_expires_at),
         },
+        // A refresh token newly imported is of an account nobody named.
+        account: previous
+            .filter(|p| p.imported_hash == import_hash)
+            .and_then(|p| p.account.clone()),
+        consent: previous.and_then(|p| p.consent.clone()),
         imported_hash: import_hash,
     }
 }
@@ -333,6 +342,7 @@ mod tests {
                     Arc::new(ReadSecret::default()),
                     GrantState {
                         refresh_token: Some("consented-rt".into()),
+                        consent_id: Some("consent-1".into()),
                         token: Some(token(issued)),
                         ..Default::default()
                     },
@@ -423,10 +433,22 @@ mod tests {
     }
 
     #[test]
-    fn an_older_consent_is_not_adopted() {
-        let mut stale = inputs(Some(300), Some("current-rt"), Some(200));
-        assert!(!adopt_consented_grant(&mut stale));
-        assert_eq!(stale.grant.unwrap().refresh_token, "current-rt");
+    fn a_consent_is_adopted_once() {
+        let mut first = inputs(Some(300), Some("current-rt"), Some(300));
+        assert!(
+            adopt_consented_grant(&mut first),
+            "same second as the current token"
+        );
+        let adopted = first.grant.clone().unwrap();
+        assert_eq!(adopted.consent.as_deref(), Some("consent-1"));
+        // The consent stayed in the state Secret while the grant rotated.
+        let mut again = inputs(Some(400), Some("rotated-rt"), Some(300));
+        again.grant = Some(SealedGrant {
+            refresh_token: "rotated-rt".into(),
+            ..adopted
+        });
+        assert!(!adopt_consented_grant(&mut again));
+        assert_eq!(again.grant.unwrap().refresh_token, "rotated-rt");
     }
 
     #[test]
@@ -568,6 +590,8 @@ mod tests {
             refresh_token: "rt-1".into(),
             refresh_token_expires_at: Some(Timestamp::from_second(50_000).unwrap()),
             imported_hash: None,
+            account: None,
+            consent: None,
         };
         let issued_at = Timestamp::from_second(1_000).unwrap();
         let mut issued = IssuedToken {

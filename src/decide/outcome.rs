@@ -156,6 +156,7 @@ pub fn healthy(
                 force_refresh_handled: previous.force_refresh_handled,
                 authorization_url: previous.authorization_url,
                 grant_sealing_key: previous.grant_sealing_key,
+                authorized_account: previous.authorized_account,
             }),
         },
         next: Next::At(due),
@@ -335,6 +336,36 @@ pub fn token_issued(conn: &SourceConnection, record: &TokenRecord, consented: bo
             conn.target_secret_name()
         ),
     )
+}
+
+/// The event after a consent was adopted: which provider account it is
+/// for, and what became of the grant it replaced (`replaced`: the old
+/// grant's account, if there was an old grant; `revoked`: whether revoking
+/// it worked, if it was tried).
+pub fn consent_adopted(
+    account: Option<&str>,
+    replaced: Option<Option<&str>>,
+    revoked: Option<bool>,
+) -> Note {
+    let by = match account {
+        Some(account) => format!("the provider account {account:?}"),
+        None => "an account the provider did not name".to_owned(),
+    };
+    let mut message = format!("Consent given by {by} is in use");
+    if let Some(old) = replaced {
+        let old = match old {
+            Some(old) if Some(old) == account => format!("the earlier grant of {old:?}"),
+            Some(old) => format!("the grant of ANOTHER account, {old:?}"),
+            None => "the earlier grant (account not named)".to_owned(),
+        };
+        let fate = match revoked {
+            Some(true) => "revoked at the provider",
+            Some(false) => "NOT revoked: revoke it at the provider",
+            None => "not revoked (no spec.oauth2.revocationUrl)",
+        };
+        message.push_str(&format!("; it replaced {old}, {fate}"));
+    }
+    Note::normal(Reason::TokenIssued, message)
 }
 
 /// What the user does to give the connection a new grant.

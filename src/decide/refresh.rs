@@ -60,6 +60,8 @@ pub struct Limits {
     pub max_retry_after: Duration,
     /// Where requests may go (`--allow-plain-http-loopback`, `--deny-network`).
     pub endpoints: Arc<EndpointPolicy>,
+    /// Only Secrets marked as sources are read (`--require-source-label`).
+    pub require_source_label: bool,
 }
 
 impl Default for Limits {
@@ -69,6 +71,7 @@ impl Default for Limits {
             max_token_lifetime: SignedDuration::from_hours(365 * 24),
             max_retry_after: Duration::from_secs(3600),
             endpoints: Arc::default(),
+            require_source_label: false,
         }
     }
 }

@@ -104,6 +104,39 @@ pub fn client_credentials(
     ))
 }
 
+/// The label that marks a Secret any connection of its namespace may read
+/// (with `--require-source-label`).
+pub const LABEL_SOURCE: &str = "tokenkeeper.dev/source";
+/// The annotation that names the connections (comma-separated) that may
+/// read a Secret (with `--require-source-label`).
+pub const ANNOTATION_SOURCE_FOR: &str = "tokenkeeper.dev/source-for";
+
+/// With `required` (`--require-source-label`), the Secret that `conn`
+/// reads for `field` must say it may be: labelled as a source, or naming
+/// `conn` in its annotation.
+pub fn check_source(
+    conn: &SourceConnection,
+    secret: &Secret,
+    field: &'static str,
+    required: bool,
+) -> Result<(), Error> {
+    let name = conn.name_any();
+    let labelled = secret.labels().get(LABEL_SOURCE).map(String::as_str) == Some("true");
+    let named = secret
+        .annotations()
+        .get(ANNOTATION_SOURCE_FOR)
+        .is_some_and(|list| list.split(',').any(|entry| entry.trim() == name));
+    if !required || labelled || named {
+        return Ok(());
+    }
+    Err(Error::SourceNotAllowed {
+        namespace: secret.namespace().unwrap_or_default(),
+        name: secret.name_any(),
+        field,
+        connection: name,
+    })
+}
+
 /// A secret value as text, without the line break `echo` and editors add.
 pub fn text(bytes: Vec<u8>) -> String {
     String::from_utf8_lossy(&bytes).trim().to_owned()
@@ -280,6 +313,22 @@ pub fn check_state_ownership(
         }),
         _ => Ok(()),
     }
+}
+
+/// The Secret `conn` wrote its credentials to before `spec.target.name`
+/// changed, as its status says.
+pub fn renamed_target(conn: &SourceConnection) -> Option<String> {
+    let written = conn.status.as_ref()?.secret_name.clone()?;
+    (written != conn.target_secret_name()).then_some(written)
+}
+
+/// Whether `secret` is a target Secret `conn` wrote: owned by it and
+/// labelled as its credentials (never its state Secret or a user's).
+pub fn is_own_target(conn: &SourceConnection, secret: &Secret) -> bool {
+    is_owned_by(conn, secret)
+        && secret.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
+        && secret.labels().get(LABEL_SECRET_ROLE).map(String::as_str)
+            == Some(SECRET_ROLE_CREDENTIALS)
 }
 
 fn is_owned_by(conn: &SourceConnection, secret: &Secret) -> bool {

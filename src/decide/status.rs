@@ -89,6 +89,7 @@ pub struct TokenStatus {
     pub force_refresh_handled: Option<String>,
     pub authorization_url: Option<String>,
     pub grant_sealing_key: Option<String>,
+    pub authorized_account: Option<String>,
 }
 
 impl TokenStatus {
@@ -109,6 +110,7 @@ impl TokenStatus {
             force_refresh_handled: status.force_refresh_handled.clone(),
             authorization_url: status.authorization_url.clone(),
             grant_sealing_key: status.grant_sealing_key.clone(),
+            authorized_account: status.authorized_account.clone(),
         }
     }
 }
@@ -191,6 +193,7 @@ pub fn desired_status(
         force_refresh_handled: token.force_refresh_handled,
         authorization_url: token.authorization_url,
         grant_sealing_key: token.grant_sealing_key,
+        authorized_account: token.authorized_account,
     }
 }
 

@@ -41,8 +41,9 @@ use tracing::{info, warn};
 use crate::api::{OAuth2Auth, SourceConnection};
 use crate::decide::classify::missing_scopes;
 use crate::decide::refresh::Limits;
-use crate::decide::secrets::{check_state_ownership, client_credentials};
+use crate::decide::secrets::{check_source, check_state_ownership, client_credentials};
 use crate::decide::validate::oauth_settings;
+use crate::error::Error;
 use crate::oauth::client::{self, CodeExchange};
 use crate::oauth::seal::{Binding, SharedKeyring};
 use crate::oauth::state_secret::{
@@ -219,7 +220,7 @@ async fn begin(
     }
     // The person holds the connection's link from here on.
     oauth_settings(oauth, &flow.limits).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-    let (client_id, _) = read_client_credentials(&secrets, oauth).await?;
+    let (client_id, _) = read_client_credentials(flow, &secrets, &conn, oauth).await?;
     // state carries the connection it is for; the random part makes it
     // unguessable, and only its hash is stored.
     let random = oauth2::CsrfToken::new_random_len(32);
@@ -346,7 +347,7 @@ async fn finish(
         .as_deref()
         .ok_or_else(|| refused("The provider's answer has no code."))?;
     let uid = uid.unwrap_or_default();
-    let (issued, client_id) = exchange(flow, &secrets, oauth, code, &pending.pkce_verifier, &uid)
+    let (issued, client_id) = exchange(flow, &secrets, &conn, code, &pending.pkce_verifier)
         .await?
         .map_err(|failure| {
             warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
@@ -371,22 +372,23 @@ async fn finish(
 }
 
 /// Exchanges the authorization code with the client's credentials and the
-/// PKCE verifier sealed for connection `uid`; the tokens issued, and the
-/// client id they were issued to.
+/// PKCE verifier sealed for `conn`; the tokens issued, and the client id
+/// they were issued to.
 async fn exchange(
     flow: &Flow,
     secrets: &Api<Secret>,
-    oauth: &OAuth2Auth,
+    conn: &SourceConnection,
     code: &str,
     sealed_verifier: &str,
-    uid: &str,
 ) -> Result<Result<(IssuedToken, String), TokenFailure>, PageError> {
+    let oauth = conn.spec.oauth2.as_ref().ok_or_else(nothing_pending)?;
+    let uid = conn.uid().unwrap_or_default();
     let pkce_verifier = &flow
         .keyring
         .current()
-        .open_text(PKCE_PURPOSE, uid, sealed_verifier)
+        .open_text(PKCE_PURPOSE, &uid, sealed_verifier)
         .ok_or_else(|| refused("The authorization this answers cannot be read back."))?;
-    let (client_id, client_secret) = read_client_credentials(secrets, oauth).await?;
+    let (client_id, client_secret) = read_client_credentials(flow, secrets, conn, oauth).await?;
     let exchange = CodeExchange {
         token_url: &oauth.token_url,
         client_id: &client_id,
@@ -494,7 +496,9 @@ fn connected_page(
 }
 
 async fn read_client_credentials(
+    flow: &Flow,
     secrets: &Api<Secret>,
+    conn: &SourceConnection,
     oauth: &OAuth2Auth,
 ) -> Result<(String, String), PageError> {
     let secret = secrets
@@ -502,8 +506,12 @@ async fn read_client_credentials(
         .await
         .map_err(unavailable)?;
     let namespace = secrets.namespace().unwrap_or_default();
-    client_credentials(oauth, namespace, secret.as_ref())
-        .map_err(|e| (StatusCode::CONFLICT, e.to_string()))
+    let conflict = |e: Error| (StatusCode::CONFLICT, e.to_string());
+    if let Some(secret) = &secret {
+        let required = flow.limits.require_source_label;
+        check_source(conn, secret, "oauth2.client.secretRef", required).map_err(conflict)?;
+    }
+    client_credentials(oauth, namespace, secret.as_ref()).map_err(conflict)
 }
 
 async fn write_state(
@@ -512,8 +520,7 @@ async fn write_state(
     existing: Option<&Secret>,
     data: BTreeMap<String, ByteString>,
 ) -> Result<(), PageError> {
-    let version = existing.and_then(|s| s.resource_version());
-    match store_state_secret(secrets, conn, version, data).await {
+    match store_state_secret(secrets, conn, existing, data).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 409 => Err((
             StatusCode::CONFLICT,

@@ -63,6 +63,14 @@ pub struct SealedGrant {
     /// new one supplied later replaces the grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported_hash: Option<String>,
+    /// The provider account the grant is for, when the provider named it
+    /// at consent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Fingerprint of the consent this grant was adopted from, so that a
+    /// consent is adopted once, and a later one always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<String>,
 }
 
 impl fmt::Debug for SealedGrant {
@@ -561,6 +569,8 @@ mod tests {
             refresh_token: "rt-secret-value".into(),
             refresh_token_expires_at: Some(Timestamp::from_second(9_000).unwrap()),
             imported_hash: None,
+            account: Some("ann@example.com".into()),
+            consent: None,
         }
     }
 

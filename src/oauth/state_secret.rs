@@ -54,6 +54,11 @@ pub struct GrantState {
     /// Fingerprint of the user-supplied refresh token last imported, so a
     /// new one supplied later replaces the grant.
     pub imported_hash: Option<String>,
+    /// The provider account the grant is for, when it said so.
+    pub account: Option<String>,
+    /// Fingerprint of the sealed grant as stored (`from_data`): which
+    /// consent this is.
+    pub consent_id: Option<String>,
     /// The newest access token, persisted together with the refresh token.
     pub token: Option<TokenRecord>,
 }
@@ -78,6 +83,8 @@ impl GrantState {
             refresh_token: self.refresh_token.clone()?,
             refresh_token_expires_at: self.refresh_token_expires_at,
             imported_hash: self.imported_hash.clone(),
+            account: self.account.clone(),
+            consent: None,
         })
     }
 
@@ -133,13 +140,17 @@ impl GrantState {
             }
             TokenRecord::from_target(data, &annotations, field_names)
         })();
-        let grant = get(data, KEY_SEALED_GRANT)
+        let sealed = get(data, KEY_SEALED_GRANT);
+        let consent_id = sealed.as_deref().map(|s| fingerprint(&[s]));
+        let grant = sealed
             .and_then(|sealed| open(&sealed))
             .filter(|g| !g.refresh_token.is_empty());
         GrantState {
             refresh_token: grant.as_ref().map(|g| g.refresh_token.clone()),
             refresh_token_expires_at: grant.as_ref().and_then(|g| g.refresh_token_expires_at),
-            imported_hash: grant.and_then(|g| g.imported_hash),
+            imported_hash: grant.as_ref().and_then(|g| g.imported_hash.clone()),
+            account: grant.as_ref().and_then(|g| g.account.clone()),
+            consent_id: grant.and(consent_id),
             token,
         }
     }
@@ -169,6 +180,8 @@ pub fn consented_grant(
         refresh_token: Some(refresh_token),
         refresh_token_expires_at: issued.refresh_token_expires_at(record.issued_at),
         imported_hash: None,
+        account: issued.account(),
+        consent_id: None,
         token: Some(record),
     })
 }

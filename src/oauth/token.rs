@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use base64::Engine as _;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use sha2::{Digest, Sha256};
@@ -60,6 +61,38 @@ pub struct IssuedToken {
     pub extra: Map<String, Value>,
     /// What was odd about the answer but clear, in words for the status.
     pub oddities: Vec<String>,
+}
+
+/// The longest id_token read for the account's name.
+const ID_TOKEN_MAX: usize = 16 * 1024;
+/// The longest account name shown.
+const ACCOUNT_MAX: usize = 128;
+
+impl IssuedToken {
+    /// The provider account the grant is for, when the answer names it: the
+    /// id_token's `email`, `preferred_username` or `sub` (OpenID Connect).
+    /// The id_token comes straight from the token endpoint over TLS, so its
+    /// claims are read without checking its signature (OIDC Core 3.1.3.7).
+    pub fn account(&self) -> Option<String> {
+        let id_token = self.extra.get("id_token")?.as_str()?;
+        if id_token.len() > ID_TOKEN_MAX {
+            return None;
+        }
+        let payload = id_token.split('.').nth(1)?;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .ok()?;
+        let claims: Map<String, Value> = serde_json::from_slice(&claims).ok()?;
+        let name = ["email", "preferred_username", "sub"]
+            .iter()
+            .find_map(|claim| claims.get(*claim)?.as_str().filter(|v| !v.is_empty()))?;
+        let shown: String = name
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(ACCOUNT_MAX)
+            .collect();
+        (!shown.is_empty()).then_some(shown)
+    }
 }
 
 impl fmt::Debug for IssuedToken {
@@ -400,6 +433,58 @@ mod tests {
         }
     }
 
+    fn with_id_token(claims: serde_json::Value) -> IssuedToken {
+        use base64::Engine as _;
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&claims).unwrap());
+        let mut extra = Map::new();
+        extra.insert(
+            "id_token".into(),
+            Value::String(format!("eyJhbGciOiJub25lIn0.{payload}.sig")),
+        );
+        IssuedToken {
+            access_token: "at".into(),
+            token_type: "Bearer".into(),
+            expires_in: None,
+            refresh_token: None,
+            refresh_token_expires_in: None,
+            scope: None,
+            extra,
+            oddities: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_account_is_read_from_the_id_token() {
+        let named = |claims| with_id_token(claims).account();
+        assert_eq!(
+            named(serde_json::json!({"sub": "123", "email": "ann@example.com"})).as_deref(),
+            Some("ann@example.com")
+        );
+        assert_eq!(
+            named(serde_json::json!({"sub": "alice"})).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            named(serde_json::json!({"sub": "a\u{1b}[2Jb"})).as_deref(),
+            Some("a[2Jb")
+        );
+        assert_eq!(named(serde_json::json!({"sub": ""})), None);
+        assert_eq!(
+            named(serde_json::json!({"sub": "x".repeat(500)}))
+                .unwrap()
+                .len(),
+            128
+        );
+        let mut garbage = with_id_token(serde_json::json!({}));
+        garbage
+            .extra
+            .insert("id_token".into(), Value::String("not.a-jwt!".into()));
+        assert_eq!(garbage.account(), None);
+        garbage.extra.insert("id_token".into(), Value::Bool(true));
+        assert_eq!(garbage.account(), None);
+    }
+
     #[test]
     fn target_round_trip() {
         let record = record();
@@ -451,6 +536,8 @@ mod tests {
             refresh_token: Some("rt".into()),
             refresh_token_expires_at: Some(Timestamp::from_second(9_000).unwrap()),
             imported_hash: Some(fingerprint(&["rt0"])),
+            account: Some("ann@example.com".into()),
+            consent_id: None,
             token: Some(TokenRecord {
                 lifetime_assumed: true,
                 ..record()
@@ -463,7 +550,10 @@ mod tests {
                 assert_eq!(sealed, "sealed");
                 grant
             }),
-            state
+            GrantState {
+                consent_id: Some(fingerprint(&["sealed"])),
+                ..state.clone()
+            }
         );
         let unopened = GrantState::from_data(&data, &["instance_url".into()], |_| None);
         assert_eq!(unopened.refresh_token, None);

@@ -15,16 +15,18 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use jiff::Timestamp;
-use kube::ResourceExt;
+use kube::{Api, ResourceExt};
 use tracing::{error, info, warn};
 
 use crate::api::SourceConnection;
 use crate::decide::refresh::backoff;
+use crate::decide::secrets::renamed_target;
 use crate::decide::status::{self, display_name};
 use crate::decide::validate::{self, Method};
 use crate::error::{Error, Reason, Retry};
 use crate::runtime::object_key::key_of;
 use crate::runtime::wire::CachedConnection;
+use crate::write::secret::delete_renamed_target;
 
 pub use crate::decide::outcome::{Next, Synced};
 
@@ -110,8 +112,17 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, 
     }
     revocation::ensure_finalizer(conn, ctx).await?;
     let synced = match sync(conn, ctx, now).await {
-        Ok(synced) => {
+        Ok(mut synced) => {
             ctx.clear_transient_failures(conn);
+            let wrote_new =
+                synced.report.secret_name.as_deref() == Some(&conn.target_secret_name());
+            if let Some(old) = renamed_target(conn).filter(|_| wrote_new) {
+                let secrets =
+                    Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default());
+                synced
+                    .notes
+                    .extend(delete_renamed_target(conn, &secrets, &old).await?);
+            }
             synced
         }
         Err(error) if error.retry() == Retry::Infrastructure => return Err(error),

@@ -29,12 +29,13 @@ use crate::decide::grant::{
 use crate::decide::outcome::{self, Next, Refreshed, Synced, reauthorize_fix};
 use crate::decide::refresh::refresh_due_at;
 use crate::decide::secrets::{
-    check_ownership, check_state_ownership, client_credentials, secret_key, target_secret, text,
+    check_ownership, check_source, check_state_ownership, client_credentials, is_own_target,
+    renamed_target, secret_key, target_secret, text,
 };
 use crate::decide::status::{Report, Verdict, display_name};
 use crate::decide::validate::{OAuthSettings, oauth_settings};
 use crate::error::{Error, Retry};
-use crate::oauth::client::{self, Grant, TokenRequest};
+use crate::oauth::client::{self, Grant, Revocable, TokenRequest};
 use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, Binding, SealedGrant};
 use crate::oauth::state_secret::{
     GrantState, new_ticket, only_pending, store_ticket, ticket_valid,
@@ -74,6 +75,7 @@ pub async fn sync(
     if let Some(problem) = &inputs.grant_problem {
         warn!(connection = %display_name(conn), %problem, "the sealed refresh token in the target Secret cannot be used");
     }
+    let replaced = inputs.grant.clone();
     let adopted = adopt_consented_grant(&mut inputs);
     if !adopted && inputs.inbox.is_some() {
         // An older consent than the grant in use: only in the way, and its
@@ -83,46 +85,102 @@ pub async fn sync(
     }
     let link = sync.authorization_link(&mut inputs).await?;
     let (decision, action) = decide_refresh(conn, oauth, &settings, &inputs, link, now);
-    match action {
-        Action::AuthorizationRequired(error) => Ok(Synced {
-            report: Report {
-                verdict: Some(Verdict::failed(&error)),
-                secret_name: None,
-                token: Some(decision.token_status),
-            },
-            next: Next::AwaitChange,
-            notes: vec![outcome::authorization_required(&error)],
-            token_times: None,
-        }),
-        // Without a request, the target must still hold the newest token
-        // and grant: a consent may have just been given.
-        Action::RetryAt(until) => {
-            if let Some(current) = &inputs.current {
-                sync.write_token(&inputs, Some(current), inputs.grant.as_ref(), Some(until))
+    let mut synced = sync.act(&inputs, decision, action, adopted).await?;
+    if adopted {
+        sync.after_consent(&inputs, replaced, &mut synced).await;
+    }
+    Ok(synced)
+}
+
+impl OAuthSync<'_> {
+    /// Does what `decide_refresh` decided.
+    async fn act(
+        &self,
+        inputs: &OAuthInputs,
+        decision: RefreshDecision,
+        action: Action,
+        adopted: bool,
+    ) -> Result<Synced, Error> {
+        let conn = self.conn;
+        match action {
+            Action::AuthorizationRequired(error) => Ok(Synced {
+                report: Report {
+                    verdict: Some(Verdict::failed(&error)),
+                    secret_name: None,
+                    token: Some(decision.token_status),
+                },
+                next: Next::AwaitChange,
+                notes: vec![outcome::authorization_required(&error)],
+                token_times: None,
+            }),
+            // Without a request, the target must still hold the newest token
+            // and grant: a consent may have just been given.
+            Action::RetryAt(until) => {
+                if let Some(current) = &inputs.current {
+                    self.write_token(inputs, Some(current), inputs.grant.as_ref(), Some(until))
+                        .await?;
+                }
+                self.clear_inbox(inputs).await;
+                Ok(Synced::unchanged(Next::At(until)))
+            }
+            Action::Wait { token, due } => {
+                self.write_token(inputs, Some(&token), inputs.grant.as_ref(), Some(due))
                     .await?;
+                self.clear_inbox(inputs).await;
+                let default_lifetime = self.settings.default_lifetime;
+                let mut synced = outcome::healthy(
+                    conn,
+                    self.oauth,
+                    default_lifetime,
+                    &token,
+                    due,
+                    decision.token_status,
+                );
+                if adopted {
+                    synced.notes.push(outcome::token_issued(conn, &token, true));
+                }
+                Ok(synced)
             }
-            sync.clear_inbox(&inputs).await;
-            Ok(Synced::unchanged(Next::At(until)))
+            Action::Request(ask) => self.refresh_when_api_answers(inputs, &decision, ask).await,
         }
-        Action::Wait { token, due } => {
-            sync.write_token(&inputs, Some(&token), inputs.grant.as_ref(), Some(due))
-                .await?;
-            sync.clear_inbox(&inputs).await;
-            let default_lifetime = settings.default_lifetime;
-            let mut synced = outcome::healthy(
-                conn,
-                oauth,
-                default_lifetime,
-                &token,
-                due,
-                decision.token_status,
-            );
-            if adopted {
-                synced.notes.push(outcome::token_issued(conn, &token, true));
+    }
+
+    /// After a consent was adopted: a Normal event names the provider
+    /// account it is for, and the grant it replaced is revoked at the
+    /// provider (best effort), so that no forgotten grant stays alive.
+    async fn after_consent(
+        &self,
+        inputs: &OAuthInputs,
+        replaced: Option<SealedGrant>,
+        synced: &mut Synced,
+    ) {
+        let Some(grant) = &inputs.grant else {
+            return;
+        };
+        let replaced = replaced.filter(|old| old.refresh_token != grant.refresh_token);
+        let revoked = match (&replaced, &self.oauth.revocation_url) {
+            (Some(old), Some(url)) => {
+                let answer = client::revoke(
+                    &self.ctx.http,
+                    url,
+                    &inputs.client_id,
+                    &inputs.client_secret,
+                    self.oauth.client.auth_method,
+                    Revocable::RefreshToken(&old.refresh_token),
+                )
+                .await;
+                if let Err(failure) = &answer {
+                    warn!(connection = %display_name(self.conn), ?failure, "could not revoke the replaced grant");
+                }
+                Some(answer.is_ok())
             }
-            Ok(synced)
-        }
-        Action::Request(ask) => sync.refresh_when_api_answers(&inputs, &decision, ask).await,
+            _ => None,
+        };
+        synced.notes.push(outcome::consent_adopted(
+            grant.account.as_deref(),
+            replaced.as_ref().map(|old| old.account.as_deref()),
+            revoked,
+        ));
     }
 }
 
@@ -242,6 +300,8 @@ impl OAuthSync<'_> {
                         refresh_token: rotated,
                         refresh_token_expires_at: None,
                         imported_hash: ask.import_hash.clone(),
+                        account: inputs.grant.as_ref().and_then(|g| g.account.clone()),
+                        consent: inputs.grant.as_ref().and_then(|g| g.consent.clone()),
                     };
                     let (current, due) = self.current_and_due(inputs);
                     self.write_token(inputs, current, Some(&grant), due).await?;
@@ -448,6 +508,10 @@ impl OAuthSync<'_> {
             .secrets
             .get(self.secrets, &namespace, &oauth.client.secret_ref.name)
             .await?;
+        let required = ctx.limits.require_source_label;
+        if let Some(client) = &client {
+            check_source(conn, client.secret(), "oauth2.client.secretRef", required)?;
+        }
         let (client_id, client_secret) =
             client_credentials(oauth, &namespace, client.as_deref().map(ReadSecret::secret))?;
         let user_refresh_token = self.read_user_refresh_token().await?;
@@ -465,7 +529,16 @@ impl OAuthSync<'_> {
                 .secrets
                 .last_written(&namespace, &conn.target_secret_name()),
         };
-        let source = target.as_deref().or(remembered.as_deref());
+        // A renamed target starts from the Secret the connection wrote
+        // before, which is deleted once the new one is written.
+        let renamed_from = match (&target, &remembered) {
+            (None, None) => self.read_renamed_target().await?,
+            _ => None,
+        };
+        let source = target
+            .as_deref()
+            .or(remembered.as_deref())
+            .or(renamed_from.as_deref());
         let current = source.and_then(|t| {
             TokenRecord::from_target(t.data.as_ref()?, t.annotations(), &oauth.response_fields)
         });
@@ -506,6 +579,20 @@ impl OAuthSync<'_> {
         Ok(inputs)
     }
 
+    /// The target Secret this connection wrote before `spec.target.name`
+    /// changed, when it is still there and its own.
+    async fn read_renamed_target(&self) -> Result<Option<Arc<ReadSecret>>, Error> {
+        let Some(old) = renamed_target(self.conn) else {
+            return Ok(None);
+        };
+        let found = self
+            .ctx
+            .secrets
+            .get(self.secrets, &self.namespace(), &old)
+            .await?;
+        Ok(found.filter(|s| is_own_target(self.conn, s.secret())))
+    }
+
     /// The refresh token the user supplied (refreshToken grant).
     async fn read_user_refresh_token(&self) -> Result<Option<String>, Error> {
         let oauth = self.oauth;
@@ -526,6 +613,8 @@ impl OAuthSync<'_> {
                 field: "oauth2.refreshTokenSecretRef",
                 example_literals: format!("--from-literal={}=REFRESH_TOKEN", reference.key),
             })?;
+        let required = self.ctx.limits.require_source_label;
+        check_source(self.conn, &secret, "oauth2.refreshTokenSecretRef", required)?;
         let field = "oauth2.refreshTokenSecretRef.key";
         Ok(Some(text(secret_key(&secret, &reference.key, field)?)))
     }
@@ -598,9 +687,9 @@ impl OAuthSync<'_> {
             &ticket,
             self.now.saturating_add(TICKET_LIFETIME).unwrap_or(self.now),
         );
-        let version = inputs.state.as_ref().and_then(|s| s.resource_version());
+        let existing = inputs.state.as_deref().map(ReadSecret::secret);
         let written = Arc::new(ReadSecret::new(
-            store_state_secret(self.secrets, conn, version, data).await?,
+            store_state_secret(self.secrets, conn, existing, data).await?,
         ));
         ctx.secrets.wrote((*written).clone());
         if let Some((secret, _)) = inputs.inbox.as_mut() {
@@ -618,8 +707,7 @@ impl OAuthSync<'_> {
             return;
         };
         let data = only_pending(secret.data.as_ref().unwrap_or(&Default::default()));
-        let version = secret.resource_version();
-        match store_state_secret(self.secrets, self.conn, version, data).await {
+        match store_state_secret(self.secrets, self.conn, Some(secret.secret()), data).await {
             Ok(written) => self.ctx.secrets.wrote(ReadSecret::new(written)),
             Err(error) => {
                 debug!(connection = %display_name(self.conn), %error, "could not clear the adopted consent");

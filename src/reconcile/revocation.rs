@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::api::{FINALIZER_REVOKE, OAuth2Auth, SourceConnection};
 use crate::decide::classify::{self, FailureContext};
 use crate::decide::refresh::backoff;
-use crate::decide::secrets::client_credentials;
+use crate::decide::secrets::{check_source, client_credentials};
 use crate::decide::status::{Note, display_name};
 use crate::error::{Error, Reason};
 use crate::oauth::client::{self, Revocable};
@@ -212,6 +212,10 @@ async fn revoke_all(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let client_ref = &oauth.client.secret_ref;
     let client = secrets.get_opt(&client_ref.name).await?;
+    if let Some(client) = &client {
+        let required = ctx.limits.require_source_label;
+        check_source(conn, client, "oauth2.client.secretRef", required)?;
+    }
     let (client_id, client_secret) = client_credentials(oauth, &namespace, client.as_ref())?;
     // The grant is the sealed one in the target Secret, or a consent that
     // was not adopted yet.

@@ -8,7 +8,8 @@ use kube::{Api, ResourceExt};
 
 use crate::api::SourceConnection;
 use crate::decide::secrets::{
-    check_ownership, example_literals, static_credentials, static_source, target_secret,
+    check_ownership, check_source, example_literals, static_credentials, static_source,
+    target_secret,
 };
 use crate::decide::status::{Report, TokenStatus, Verdict};
 use crate::decide::validate::StaticMethod;
@@ -39,6 +40,7 @@ pub async fn sync(
             field,
             example_literals: example_literals(method),
         })?;
+    check_source(conn, &source, field, ctx.limits.require_source_label)?;
     let data = static_credentials(method, &source)?;
 
     let target_name = conn.target_secret_name();

@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use tracing::debug;
 
 use crate::api::{FIELD_MANAGER, SourceConnection};
-use crate::decide::secrets::{check_size, needs_write, stale_fields, state_secret};
+use crate::decide::secrets::{
+    check_ownership, check_size, is_own_target, needs_write, stale_fields, state_secret,
+};
 use crate::decide::status::{Note, display_name};
 use crate::error::{Error, Reason};
 use crate::runtime::secret_cache::read_view;
@@ -37,19 +39,7 @@ pub async fn apply_if_changed(
     }
     check_size(desired)?;
     let name = desired.name_any();
-    let secret = match write_secret(secrets, existing, desired).await {
-        Ok(written) => written,
-        Err(kube::Error::Api(status)) if is_refusal(status.code) => {
-            return Err(Error::SecretWriteFailed {
-                namespace: desired.namespace().unwrap_or_default(),
-                fix: refusal_fix(status.code, &conn.name_any(), &name),
-                name,
-                code: status.code,
-                message: status.message,
-            });
-        }
-        Err(error) => return Err(error.into()),
-    };
+    let secret = write_secret(conn, secrets, existing, desired).await?;
     let verb = if existing.is_some() {
         "Updated"
     } else {
@@ -94,22 +84,29 @@ fn refusal_fix(code: u16, connection: &str, secret: &str) -> String {
 /// it, first removing what the create set and is no longer wanted (see
 /// `decide::secrets::stale_fields`).
 async fn write_secret(
+    conn: &SourceConnection,
     secrets: &Api<Secret>,
     existing: Option<&ReadSecret>,
     desired: &Secret,
-) -> Result<ReadSecret, kube::Error> {
+) -> Result<ReadSecret, Error> {
     let name = desired.name_any();
+    let refused = |error| write_error(conn, desired, error);
     match existing {
         None => {
+            #[cfg(feature = "fault-injection")]
+            crate::fault::create_in_the_way(conn, secrets, &name).await;
             let params = PostParams {
                 field_manager: Some(FIELD_MANAGER.to_owned()),
                 ..Default::default()
             };
             match secrets.create(&params, desired).await {
-                // Created meanwhile by someone else (the watch had not told
-                // yet): applied over, as a server-side apply create would.
-                Err(kube::Error::Api(status)) if status.code == 409 => {}
-                other => return other.map(ReadSecret::new),
+                // Created meanwhile (the watch had not told yet): applied
+                // over only when it is this connection's, never taken over.
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    let found = secrets.get_opt(&name).await?;
+                    check_ownership(conn, found.as_ref())?;
+                }
+                other => return other.map(ReadSecret::new).map_err(refused),
             }
         }
         Some(existing) => {
@@ -121,7 +118,8 @@ async fn write_secret(
                 };
                 secrets
                     .patch(&name, &params, &Patch::Merge(stale.removal_patch()))
-                    .await?;
+                    .await
+                    .map_err(refused)?;
             }
         }
     }
@@ -129,24 +127,133 @@ async fn write_secret(
     read_view(secrets)
         .patch(&name, &params, &Patch::Apply(desired))
         .await
+        .map_err(refused)
 }
 
-/// Creates the state Secret, or replaces the version `resource_version`
-/// names: a write that lost a race fails with 409 instead of overwriting.
+/// A failed write as the connection reports it: a refusal says why and
+/// what to do; anything else is retried.
+fn write_error(conn: &SourceConnection, desired: &Secret, error: kube::Error) -> Error {
+    match error {
+        kube::Error::Api(status) if is_refusal(status.code) => {
+            let name = desired.name_any();
+            Error::SecretWriteFailed {
+                namespace: desired.namespace().unwrap_or_default(),
+                fix: refusal_fix(status.code, &conn.name_any(), &name),
+                name,
+                code: status.code,
+                message: status.message,
+            }
+        }
+        error => error.into(),
+    }
+}
+
+/// Deletes Secret `old`, which `conn` wrote before its target was renamed
+/// and which still holds live credentials; only when it is exactly that
+/// Secret (owned by `conn`, labelled as its credentials, unchanged since
+/// read). `None` when there was nothing to delete.
+pub async fn delete_renamed_target(
+    conn: &SourceConnection,
+    secrets: &Api<Secret>,
+    old: &str,
+) -> Result<Option<Note>, Error> {
+    let Some(found) = secrets.get_opt(old).await? else {
+        return Ok(None);
+    };
+    if !is_own_target(conn, &found) {
+        return Ok(None);
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: found.uid(),
+            resource_version: found.resource_version(),
+        }),
+        ..Default::default()
+    };
+    match secrets.delete(old, &params).await {
+        Ok(_) => Ok(Some(Note::normal(
+            Reason::RenamedSecretDeleted,
+            format!(
+                "Deleted Secret {old}: spec.target.name now names {}, and the old Secret still \
+                 held live credentials",
+                conn.target_secret_name()
+            ),
+        ))),
+        Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Creates the state Secret, or changes the version `existing` is to hold
+/// exactly `data`: a write that lost a race fails with 409 instead of
+/// overwriting. A merge patch carrying the resourceVersion does that with
+/// the `patch` verb, so the operator needs no `update` on Secrets.
 pub async fn store_state_secret(
     secrets: &Api<Secret>,
     conn: &SourceConnection,
-    resource_version: Option<String>,
+    existing: Option<&Secret>,
     data: BTreeMap<String, ByteString>,
 ) -> Result<Secret, kube::Error> {
-    let mut desired = state_secret(conn, data);
-    match resource_version {
-        None => secrets.create(&PostParams::default(), &desired).await,
-        Some(version) => {
-            desired.metadata.resource_version = Some(version);
-            secrets
-                .replace(&desired.name_any(), &PostParams::default(), &desired)
-                .await
-        }
+    let desired = state_secret(conn, data);
+    let Some(existing) = existing else {
+        return secrets.create(&PostParams::default(), &desired).await;
+    };
+    let patch = state_patch(existing, &desired);
+    secrets
+        .patch(
+            &desired.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+}
+
+/// The merge patch that turns `existing` into `desired` (data, labels,
+/// annotations, owners), conditional on `existing`'s version.
+fn state_patch(existing: &Secret, desired: &Secret) -> serde_json::Value {
+    let mut data = serde_json::Map::new();
+    for key in existing.data.iter().flat_map(|d| d.keys()) {
+        data.insert(key.clone(), serde_json::Value::Null);
+    }
+    for (key, value) in desired.data.iter().flatten() {
+        data.insert(
+            key.clone(),
+            serde_json::to_value(value).expect("bytes serialize"),
+        );
+    }
+    serde_json::json!({
+        "metadata": {
+            "resourceVersion": existing.resource_version(),
+            "labels": desired.metadata.labels,
+            "annotations": desired.metadata.annotations,
+            "ownerReferences": desired.metadata.owner_references,
+        },
+        "data": data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_patch_removes_what_is_no_longer_wanted_and_is_conditional() {
+        let mut existing = Secret::default();
+        existing.metadata.resource_version = Some("41".into());
+        existing.data = Some(BTreeMap::from([
+            ("old".to_owned(), ByteString(b"x".to_vec())),
+            ("kept".to_owned(), ByteString(b"y".to_vec())),
+        ]));
+        let desired = Secret {
+            data: Some(BTreeMap::from([(
+                "kept".to_owned(),
+                ByteString(b"z".to_vec()),
+            )])),
+            ..Default::default()
+        };
+        let patch = state_patch(&existing, &desired);
+        assert_eq!(patch["metadata"]["resourceVersion"], "41");
+        assert_eq!(patch["data"]["old"], serde_json::Value::Null);
+        assert_eq!(patch["data"]["kept"], "eg==");
     }
 }

@@ -42,11 +42,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: [sourceconnections/finalizers]
   verbs: [update]
 # get: input and managed Secrets; list/watch: metadata of referenced Secrets
-# and the managed ones; create/update: the state Secret (optimistic
-# concurrency); patch: server-side apply of the target Secret.
+# and the managed ones; create: target and state Secrets (which lets the
+# operator create any Secret in a watched namespace: see README, Security);
+# patch: server-side apply of the target Secret, and the state Secret with
+# its resourceVersion; delete: the Secret a renamed target no longer names
+# (only one the connection owns, preconditioned on its uid).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, update, patch]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
