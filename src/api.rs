@@ -194,7 +194,27 @@ pub struct SecretKeyRef {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OAuth2Auth {
-    /// The provider's token endpoint (RFC 6749 section 3.2).
+    /// A preset of the provider catalogue (`kubectl tokenkeeper providers`),
+    /// for example `salesforce`, `google` or `hubspot`: it fills in the
+    /// endpoints, client authentication, scopes, parameters, response fields
+    /// and the provider's error dialect. Any field set here overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub provider: Option<String>,
+    /// Values of the preset that differ per customer (a subdomain, a
+    /// tenant, an account), as the preset names them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 16,
+        "additionalProperties" = {"type": "string", "maxLength": 253},
+    ))]
+    pub provider_params: BTreeMap<String, String>,
+    /// The provider's token endpoint (RFC 6749 section 3.2). Required
+    /// unless `provider` fills it in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1, max = URL_MAX), regex(pattern = URL_PATTERN))]
     pub token_url: String,
     /// The provider's authorization endpoint, for the authorizationCode grant.
@@ -297,9 +317,10 @@ pub enum OAuth2Grant {
 pub struct OAuth2Client {
     /// Secret holding the client id and client secret.
     pub secret_ref: OAuth2ClientSecretRef,
-    /// How the client authenticates at the token endpoint.
-    #[serde(default)]
-    pub auth_method: ClientAuthMethod,
+    /// How the client authenticates at the token endpoint. Default: the
+    /// preset's, else clientSecretBasic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<ClientAuthMethod>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -407,6 +428,14 @@ pub struct SourceConnectionStatus {
     /// sub).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorized_account: Option<String>,
+    /// The endpoints in use when `spec.oauth2.provider` fills them in
+    /// (`tokenUrl`, `authorizationUrl`, `revocationUrl`, `verificationUrl`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provider_endpoints: BTreeMap<String, String>,
+    /// When the grant ends whatever is refreshed (a provider's absolute
+    /// limit, or the refresh token's lifetime), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_expires_at: Option<Time>,
 }
 
 fn default_username_key() -> String {
@@ -444,10 +473,14 @@ pub const FINALIZER_REVOKE: &str = "tokenkeeper.dev/revoke-tokens";
 impl SourceConnection {
     /// Whether deleting this connection must first revoke its tokens.
     pub fn revokes_on_delete(&self) -> bool {
-        self.spec
-            .oauth2
-            .as_ref()
-            .is_some_and(|o| o.revocation_url.is_some() && o.revoke_on_delete != Some(false))
+        self.spec.oauth2.as_ref().is_some_and(|o| {
+            let preset_revokes = o
+                .provider
+                .as_deref()
+                .and_then(crate::providers::preset)
+                .is_some_and(|p| p.revocation.is_some());
+            (o.revocation_url.is_some() || preset_revokes) && o.revoke_on_delete != Some(false)
+        })
     }
 
     pub fn has_revoke_finalizer(&self) -> bool {

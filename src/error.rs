@@ -29,6 +29,10 @@ pub enum Reason {
     SecretWriteFailed,
     /// A bug in tokenkeeper (a panic) stopped this connection's reconcile.
     InternalError,
+    /// GrantExpiring=True: the grant's known end is near.
+    GrantExpiring,
+    /// GrantExpiring=False: the grant's end is known and not near.
+    GrantValid,
     /// Only in the `tokenkeeper_reconcile_errors_total` metric and logs:
     /// API trouble is retried, never a condition.
     KubernetesApiError,
@@ -49,7 +53,7 @@ pub enum Reason {
 
 impl Reason {
     /// The reasons a `Ready` or `AuthFailed` condition can carry.
-    pub const CONDITIONS: [Reason; 15] = [
+    pub const CONDITIONS: [Reason; 17] = [
         Reason::SecretSynced,
         Reason::NotRejected,
         Reason::SecretNotFound,
@@ -65,6 +69,8 @@ impl Reason {
         Reason::AccessTokenExpired,
         Reason::SecretWriteFailed,
         Reason::InternalError,
+        Reason::GrantExpiring,
+        Reason::GrantValid,
     ];
 
     /// The reasons only events carry.
@@ -94,6 +100,8 @@ impl Reason {
             Reason::AccessTokenExpired => "AccessTokenExpired",
             Reason::SecretWriteFailed => "SecretWriteFailed",
             Reason::InternalError => "InternalError",
+            Reason::GrantExpiring => "GrantExpiring",
+            Reason::GrantValid => "GrantValid",
             Reason::KubernetesApiError => "KubernetesApiError",
             Reason::NotLeading => "NotLeading",
             Reason::TokenIssued => "TokenIssued",

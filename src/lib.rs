@@ -13,6 +13,7 @@ pub mod fault;
 pub mod leader;
 pub mod metrics;
 pub mod oauth;
+pub mod providers;
 pub mod reconcile;
 pub mod runtime;
 pub mod server;

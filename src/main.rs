@@ -133,6 +133,11 @@ struct RunArgs {
     /// provider (on in the chart).
     #[arg(long)]
     require_source_label: bool,
+    /// Days before a grant's known end (a provider's absolute limit, or the
+    /// refresh token's lifetime) that GrantExpiring turns True; at most a
+    /// third of the grant's life.
+    #[arg(long, default_value_t = 14)]
+    grant_expiry_warning_days: u32,
     /// The Secret, in the operator's namespace (--leader-election-namespace,
     /// POD_NAMESPACE), holding the key that seals refresh tokens; created on
     /// first start. Back it up: without it every OAuth connection must be
@@ -237,6 +242,9 @@ async fn main() -> anyhow::Result<()> {
                         &args.deny_networks,
                     )),
                     require_source_label: args.require_source_label,
+                    grant_expiry_warning: SignedDuration::from_hours(
+                        i64::from(args.grant_expiry_warning_days) * 24,
+                    ),
                 },
                 operator_namespace: args.leader_election_namespace.clone(),
                 sealing_key_secret: args.sealing_key_secret,

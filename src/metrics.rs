@@ -187,6 +187,7 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let expiry = Family::<ConnectionLabels, Gauge<f64, AtomicU64>>::default();
         let next_refresh = Family::<ConnectionLabels, Gauge<f64, AtomicU64>>::default();
+        let grant_expiry = Family::<ConnectionLabels, Gauge<f64, AtomicU64>>::default();
         let failed_attempts = Family::<ConnectionLabels, Gauge>::default();
         let conditions = Family::<ConditionLabels, Gauge>::default();
         let stores = self.stores.lock().expect("not poisoned").clone();
@@ -215,6 +216,11 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
             failed_attempts
                 .get_or_create(&labels)
                 .set(i64::from(status.failed_refresh_attempts.unwrap_or(0)));
+            if let Some(end) = &status.grant_expires_at {
+                grant_expiry
+                    .get_or_create(&labels)
+                    .set(end.0.as_second() as f64);
+            }
             for condition in &status.conditions {
                 conditions
                     .get_or_create(&ConditionLabels {
@@ -240,6 +246,11 @@ impl prometheus_client::collector::Collector for ConnectionCollector {
                 "connection_next_refresh_timestamp_seconds",
                 "When the connection's token is refreshed next, or retried (Unix time)",
                 &next_refresh,
+            ),
+            (
+                "connection_grant_expiry_timestamp_seconds",
+                "When the connection's grant ends whatever is refreshed, when known (Unix time)",
+                &grant_expiry,
             ),
         ] {
             family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;

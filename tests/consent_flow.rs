@@ -818,3 +818,62 @@ fn a_consent_by_another_account_is_named_and_the_replaced_grant_revoked() {
     });
     assert_ne!(bob, revoked[0]);
 }
+
+/// A preset's consent in headless Chromium: the google preset asks for
+/// offline access and a fresh consent (without which Google sends no
+/// refresh token), against an emulator of Google's documented behaviour.
+#[test]
+fn a_preset_consent_in_a_real_browser_asks_for_offline_access() {
+    let emulator = common::ProviderEmulator::start("google", 6);
+    let port = free_port();
+    let external = format!("http://127.0.0.1:{port}");
+    let ns = TestNamespace::new("preset-consent");
+    let bind = format!("127.0.0.1:{port}");
+    let _operator = Operator::start_with(
+        &ns,
+        &[
+            "--authorization-bind-address",
+            &bind,
+            "--external-url",
+            &external,
+        ],
+    );
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "app-client",
+        "--from-literal=client_id=client-1",
+        "--from-literal=client_secret=secret-1",
+    ]);
+    ns.apply_ok(&format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: analytics\nspec:\n  oauth2:\n    \
+         provider: google\n    tokenUrl: \"{token}\"\n    authorizationUrl: \"{authorize}\"\n    revocationUrl: \"{revoke}\"\n    \
+         verification:\n      url: \"{me}\"\n    grant: authorizationCode\n    client:\n      secretRef:\n        name: app-client\n",
+        token = emulator.url("/token"),
+        authorize = emulator.url("/authorize"),
+        revoke = emulator.url("/revoke"),
+        me = emulator.url("/me"),
+    ));
+    ns.wait_ready("analytics", "False", "AuthorizationRequired", READY);
+    let link = wait_for("the authorization link", READY, || {
+        let link = ns.jsonpath("srcconn", "analytics", "{.status.authorizationUrl}");
+        link.starts_with(&external)
+            .then_some(link.clone())
+            .ok_or(link)
+    });
+    let browser = Chromium::start();
+    browser.open(&link);
+    wait_for("the success page", READY, || {
+        let page = browser.source();
+        page.contains("<h1>Connected</h1>")
+            .then_some(())
+            .ok_or(page)
+    });
+    ns.wait_ready("analytics", "True", "SecretSynced", READY);
+    let asked = emulator.stats()["authorizeRequests"][0].clone();
+    assert_eq!(asked["access_type"], "offline", "{asked}");
+    assert_eq!(asked["prompt"], "consent", "{asked}");
+    assert_eq!(asked["scope"], "openid email", "{asked}");
+    assert_eq!(asked["code_challenge_method"], "S256", "{asked}");
+}

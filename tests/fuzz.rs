@@ -25,6 +25,15 @@ use tokenkeeper::error::Error;
 use tokenkeeper::oauth::client::read_token_answer;
 use tokenkeeper::oauth::token::{Lifetimes, TokenRecord};
 
+/// Every error rule of the catalogue, tried on every generated body.
+static ALL_RULES: std::sync::LazyLock<Vec<tokenkeeper::providers::ErrorRule>> =
+    std::sync::LazyLock::new(|| {
+        tokenkeeper::providers::catalogue()
+            .values()
+            .flat_map(|p| p.errors.iter().cloned())
+            .collect()
+    });
+
 fn config() -> Config {
     let cases = std::env::var("FUZZ_CASES")
         .ok()
@@ -276,6 +285,8 @@ fn answer_then_schedule(
                 client_secret_namespace: "ns",
                 client_secret_name: "client",
                 max_retry_after: settings.max_retry_after,
+                // Every rule of the catalogue is tried on every body.
+                dialect: &ALL_RULES,
             };
             let error = classify(&failure, &context);
             let _ = (error.to_string(), error.reason(), error.retry());

@@ -757,7 +757,8 @@ fn the_namespaced_mode_serves_its_namespaces_only() {
         !manifest.contains("kind: ClusterRole"),
         "namespaced mode grants nothing cluster-wide"
     );
-    let applied = common::kubectl_stdin(&["-n", &home.name, "apply", "-f", "-"], &manifest);
+    // Every object of the chart names its namespace.
+    let applied = common::kubectl_stdin(&["apply", "-f", "-"], &manifest);
     assert!(applied.status.success(), "{}", common::stderr(&applied));
     let account = "tk-nsmode-tokenkeeper";
     let user = format!("system:serviceaccount:{}:{account}", home.name);

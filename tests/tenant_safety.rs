@@ -152,6 +152,24 @@ fn a_grant_goes_only_to_the_endpoints_it_was_given_for() {
     ));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
+    // A verification URL of theirs would receive each new access token.
+    let (port, accepted) = listener();
+    let original = refresh_token_grant("crm", &provider.token_url(), &revocation);
+    ns.apply_ok(&format!(
+        "{original}    verification:\n      url: \"http://127.0.0.1:{port}/me\"\n"
+    ));
+    let message = ns.wait_ready_saying("crm", "False", "AuthorizationRequired", READY);
+    assert!(message.contains("verification endpoint"), "{message}");
+    ns.force_refresh("crm", "after-verification-redirect");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "no access token sent there"
+    );
+    ns.apply_ok(&original);
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+
     // The revocation endpoint is redirected, then the connection deleted:
     // nothing is revoked anywhere, and an event says so.
     let elsewhere = format!("{}/revocation", attacker.token_url());

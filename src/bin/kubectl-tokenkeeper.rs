@@ -16,6 +16,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use tokenkeeper::api::{ANNOTATION_FORCE_REFRESH, SourceConnection};
+use tokenkeeper::decide::preset::resolve;
 use tokenkeeper::decide::refresh::Limits;
 use tokenkeeper::decide::secrets::{check_state_ownership, client_credentials};
 use tokenkeeper::decide::validate::oauth_settings;
@@ -59,6 +60,8 @@ enum Command {
     Status { name: String },
     /// Ask tokenkeeper to refresh the connection's token now.
     Refresh { name: String },
+    /// List the provider presets, or show what one fills in.
+    Providers { name: Option<String> },
     /// Add a new sealing key to the operator's key Secret (in the namespace
     /// given with -n, the operator's). New grants are sealed with it from
     /// their next write; the older keys stay, so every grant still opens.
@@ -90,6 +93,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::RotateKey { secret } => rotate_key(&client, &namespace, &secret).await,
+        Command::Providers { name } => {
+            print!("{}", providers_text(name.as_deref())?);
+            Ok(())
+        }
         Command::Authorize {
             name,
             no_browser,
@@ -228,10 +235,10 @@ async fn authorize(
     limits: &Limits,
 ) -> anyhow::Result<()> {
     let conn = connections.get(name).await?;
-    let oauth = conn
-        .spec
-        .oauth2
+    let resolved = conn.spec.oauth2.as_ref().map(resolve).transpose()?;
+    let oauth = resolved
         .as_ref()
+        .map(|r| &r.oauth)
         .filter(|o| o.authorization_url.is_some())
         .ok_or_else(|| {
             anyhow::anyhow!(
@@ -331,7 +338,7 @@ async fn authorize(
         token_url: &oauth.token_url,
         client_id: &client_id,
         client_secret: &client_secret,
-        auth_method: oauth.client.auth_method,
+        auth_method: oauth.client.auth_method.unwrap_or_default(),
         redirect_url: &redirect,
         code: &code,
         pkce_verifier: &started.pkce_verifier,
@@ -427,6 +434,104 @@ async fn rotate_key(client: &Client, namespace: &str, name: &str) -> anyhow::Res
     Ok(())
 }
 
+/// The catalogue as `kubectl tokenkeeper providers [NAME]` prints it.
+fn providers_text(name: Option<&str>) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let catalogue = tokenkeeper::providers::catalogue();
+    let mut out = String::new();
+    let Some(id) = name else {
+        writeln!(out, "{:<12} {:<28} PARAMETERS", "PRESET", "PROVIDER")?;
+        for (id, preset) in catalogue {
+            let params: Vec<&str> = preset.params.keys().map(String::as_str).collect();
+            writeln!(out, "{id:<12} {:<28} {}", preset.name, params.join(", "))?;
+        }
+        return Ok(out);
+    };
+    let preset = catalogue.get(id).ok_or_else(|| {
+        anyhow::anyhow!("no preset {id:?}; kubectl tokenkeeper providers lists them")
+    })?;
+    writeln!(out, "{} (spec.oauth2.provider: {id})", preset.name)?;
+    if let Some(docs) = &preset.docs {
+        writeln!(out, "  docs:                 {docs}")?;
+    }
+    for (param, spec) in &preset.params {
+        let default = spec
+            .default
+            .as_deref()
+            .map(|d| format!(" (default {d})"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  providerParams.{param}: {}{default}",
+            spec.description
+        )?;
+    }
+    writeln!(out, "  tokenUrl:             {}", preset.token_url)?;
+    writeln!(out, "  authorizationUrl:     {}", preset.authorization_url)?;
+    if let Some(revocation) = &preset.revocation {
+        writeln!(
+            out,
+            "  revocationUrl:        {} ({:?})",
+            revocation.url, revocation.style
+        )?;
+    }
+    if let Some(url) = &preset.verification_url {
+        writeln!(out, "  verification.url:     {url}")?;
+    }
+    writeln!(out, "  client.authMethod:    {:?}", preset.client_auth)?;
+    writeln!(out, "  scopes:               {}", preset.scopes.join(" "))?;
+    for (key, value) in &preset.authorization_params {
+        writeln!(out, "  authorizationParams:  {key}={value}")?;
+    }
+    for (key, value) in &preset.token_params {
+        writeln!(out, "  extraTokenParams:     {key}={value}")?;
+    }
+    if !preset.response_fields.is_empty() {
+        writeln!(
+            out,
+            "  responseFields:       {}",
+            preset.response_fields.join(", ")
+        )?;
+    }
+    if let Some(lifetime) = &preset.default_token_lifetime {
+        writeln!(out, "  defaultTokenLifetime: {lifetime}")?;
+    }
+    let policy = &preset.refresh_token;
+    writeln!(
+        out,
+        "  refresh tokens:       rotation {:?}",
+        policy.rotation
+    )?;
+    if let Some(days) = policy.idle_expiry_days {
+        writeln!(
+            out,
+            "                        end after {days} days unused (refreshing keeps them alive)"
+        )?;
+    }
+    if let Some(days) = policy.absolute_expiry_days {
+        writeln!(
+            out,
+            "                        end {days} days after consent (GrantExpiring warns ahead)"
+        )?;
+    }
+    for rule in &preset.errors {
+        let test = match (&rule.equals, &rule.contains) {
+            (Some(value), _) => format!("= {value}"),
+            (None, Some(text)) => format!("contains {text}"),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "  error dialect:        {} {test} -> {:?}",
+            rule.field, rule.reason
+        )?;
+    }
+    if let Some(notes) = &preset.notes {
+        writeln!(out, "  notes:                {notes}")?;
+    }
+    Ok(out)
+}
+
 /// `text` as it may go to a terminal: what a provider or a status says
 /// could carry escape sequences that rewrite the screen or the title, so
 /// control characters are shown as their escapes instead.
@@ -444,7 +549,23 @@ fn printable(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{printable, providers_text};
+
+    #[test]
+    fn providers_lists_the_presets_and_shows_one() {
+        let list = providers_text(None).unwrap();
+        assert!(list.lines().count() > 20, "{list}");
+        assert!(
+            list.contains("salesforce") && list.contains("domain"),
+            "{list}"
+        );
+        let one = providers_text(Some("salesforce")).unwrap();
+        assert!(
+            one.contains("providerParams.domain") && one.contains("instance_url"),
+            "{one}"
+        );
+        assert!(providers_text(Some("nowhere")).is_err());
+    }
 
     #[test]
     fn control_characters_are_shown_not_sent_to_the_terminal() {

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::oauth::token::TokenFailure;
+use crate::providers::{ErrorRule, dialect_reason};
 use crate::time::rfc3339;
 
 /// What the classifier needs to know besides the failure.
@@ -22,6 +23,8 @@ pub struct FailureContext<'a> {
     /// A longer `Retry-After` is clamped to this, so that no provider
     /// parks a connection for days.
     pub max_retry_after: Duration,
+    /// The provider's error dialect (its preset's rules).
+    pub dialect: &'a [ErrorRule],
 }
 
 pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
@@ -35,60 +38,52 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
             status,
             code,
             description,
+            fields,
         } => {
             // The provider's words are shown, but no more of them than a
             // person needs: a code is clipped like a description.
             let detail = |code: &str| match description {
-                Some(text) if !text.is_empty() => format!("{}: {}", clip(code), clip(text)),
+                Some(text) if !text.is_empty() && !code.is_empty() => {
+                    format!("{}: {}", clip(code), clip(text))
+                }
+                Some(text) if !text.is_empty() => clip(text),
                 _ => clip(code),
             };
+            if let Some((reason, rule)) = dialect_reason(context.dialect, *status, fields) {
+                let said = fields
+                    .get(&rule.field)
+                    .and_then(|values| values.first())
+                    .map(|value| format!("{} {}", rule.field, clip(value)))
+                    .unwrap_or_default();
+                let words = match description {
+                    Some(text) if !text.is_empty() => format!("{said}: {}", clip(text)),
+                    _ => said,
+                };
+                return rejection(reason.reason(), &words, context);
+            }
             match code.as_str() {
-                "invalid_grant" => {
-                    let said_expired = description
-                        .as_deref()
-                        .is_some_and(|d| d.to_lowercase().contains("expired"));
-                    let known_expired = context
-                        .refresh_token_expires_at
-                        .filter(|at| *at <= context.now);
-                    if said_expired || known_expired.is_some() {
-                        Error::RefreshTokenExpired {
-                            detail: match known_expired {
-                                Some(at) => format!(" at {} (invalid_grant)", rfc3339(at)),
-                                None => format!(" ({})", detail("invalid_grant")),
-                            },
-                            fix: context.reauthorize_fix.to_owned(),
-                        }
-                    } else {
-                        Error::InvalidGrant {
-                            detail: description
-                                .as_deref()
-                                .filter(|d| !d.is_empty())
-                                .map(|d| format!(": {}", clip(d)))
-                                .unwrap_or_default(),
-                            fix: context.reauthorize_fix.to_owned(),
-                        }
-                    }
-                }
+                "invalid_grant" => invalid_grant(description.as_deref(), context),
                 "invalid_scope" | "insufficient_scope" | "insufficient_permissions" => {
-                    Error::InsufficientPermissions {
-                        detail: format!("the provider answered {}", detail(code)),
-                        fix: context.reauthorize_fix.to_owned(),
-                    }
+                    rejection(Reason::InsufficientPermissions, &detail(code), context)
                 }
-                "invalid_client" | "unauthorized_client" => Error::InvalidClient {
-                    detail: detail(code),
-                    namespace: context.client_secret_namespace.to_owned(),
-                    secret: context.client_secret_name.to_owned(),
-                },
+                "invalid_client" | "unauthorized_client" => {
+                    rejection(Reason::InvalidClient, &detail(code), context)
+                }
                 "temporarily_unavailable" | "server_error" => {
                     unavailable(format!("HTTP {status}, {}", detail(code)), None)
                 }
                 _ if *status >= 500 => {
                     unavailable(format!("HTTP {status}, {}", detail(code)), None)
                 }
-                _ => Error::RequestRefused {
-                    endpoint: context.token_endpoint.to_owned(),
-                    detail: detail(code),
+                _ => match words_say(code, description.as_deref(), fields) {
+                    Some(Reason::ProviderUnavailable) => {
+                        unavailable(format!("HTTP {status}, {}", detail(code)), None)
+                    }
+                    Some(reason) => rejection(reason, &detail(code), context),
+                    None => Error::RequestRefused {
+                        endpoint: context.token_endpoint.to_owned(),
+                        detail: format!("HTTP {status}, {}", detail(code)),
+                    },
                 },
             }
         }
@@ -113,6 +108,13 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
             if let Some(kind) = content_type.as_deref().filter(|t| !t.contains("json")) {
                 detail.push_str(&format!(", answered with a non-JSON body ({kind})"));
             }
+            // Only 5xx, 429 and a timeout are worth asking again unchanged.
+            if (400..500).contains(status) && !matches!(status, 408 | 429) {
+                return Error::RequestRefused {
+                    endpoint: context.token_endpoint.to_owned(),
+                    detail,
+                };
+            }
             unavailable(detail, *retry_after)
         }
         TokenFailure::Transport { detail } => unavailable(detail.clone(), None),
@@ -122,6 +124,100 @@ pub fn classify(failure: &TokenFailure, context: &FailureContext<'_>) -> Error {
         )),
         TokenFailure::Malformed { what, .. } => unavailable(format!("it answered {what}"), None),
     }
+}
+
+/// `invalid_grant`: the grant is dead, or its refresh token expired (as
+/// the provider says, or as its known lifetime says).
+fn invalid_grant(description: Option<&str>, context: &FailureContext<'_>) -> Error {
+    let said_expired = description.is_some_and(|d| d.to_lowercase().contains("expired"));
+    let known_expired = context
+        .refresh_token_expires_at
+        .filter(|at| *at <= context.now);
+    if said_expired || known_expired.is_some() {
+        let detail = match (known_expired, description.filter(|d| !d.is_empty())) {
+            (Some(at), _) => format!(" at {} (invalid_grant)", rfc3339(at)),
+            (None, Some(d)) => format!(" (invalid_grant: {})", clip(d)),
+            (None, None) => " (invalid_grant)".to_owned(),
+        };
+        return Error::RefreshTokenExpired {
+            detail,
+            fix: context.reauthorize_fix.to_owned(),
+        };
+    }
+    Error::InvalidGrant {
+        detail: description
+            .filter(|d| !d.is_empty())
+            .map(|d| format!(": {}", clip(d)))
+            .unwrap_or_default(),
+        fix: context.reauthorize_fix.to_owned(),
+    }
+}
+
+/// The error of a rejection with `reason`, in the provider's `words`.
+fn rejection(reason: Reason, words: &str, context: &FailureContext<'_>) -> Error {
+    match reason {
+        Reason::InvalidGrant => Error::InvalidGrant {
+            detail: format!(": {words}"),
+            fix: context.reauthorize_fix.to_owned(),
+        },
+        Reason::RefreshTokenExpired => Error::RefreshTokenExpired {
+            detail: format!(" ({words})"),
+            fix: context.reauthorize_fix.to_owned(),
+        },
+        Reason::InsufficientPermissions => Error::InsufficientPermissions {
+            detail: format!("the provider answered {words}"),
+            fix: context.reauthorize_fix.to_owned(),
+        },
+        _ => Error::InvalidClient {
+            detail: words.to_owned(),
+            namespace: context.client_secret_namespace.to_owned(),
+            secret: context.client_secret_name.to_owned(),
+        },
+    }
+}
+
+/// What a 4xx body without a standard code says in words: a client that
+/// is refused (the whole app, not one grant), or a refresh token or grant
+/// that is missing, unknown, invalid, expired or revoked.
+fn words_say(
+    code: &str,
+    description: Option<&str>,
+    fields: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Option<Reason> {
+    let mut text = format!("{code} {}", description.unwrap_or_default());
+    for values in fields.values() {
+        for value in values {
+            text.push(' ');
+            text.push_str(value);
+        }
+    }
+    let text = text.to_lowercase().replace(['_', '-'], " ");
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    if has(&["too many requests", "rate limit", "throttl"]) {
+        return Some(Reason::ProviderUnavailable);
+    }
+    let dead = [
+        "missing",
+        "unknown",
+        "invalid",
+        "incorrect",
+        "expired",
+        "revoked",
+        "bad ",
+    ];
+    if has(&[
+        "client secret",
+        "client id",
+        "client credentials",
+        "bad client",
+    ]) && has(&dead)
+    {
+        return Some(Reason::InvalidClient);
+    }
+    if has(&["refresh token", "grant"]) && has(&dead) {
+        return Some(Reason::InvalidGrant);
+    }
+    None
 }
 
 /// Provider texts go into conditions and events: keep them short.
@@ -205,6 +301,7 @@ mod tests {
             client_secret_namespace: "extract",
             client_secret_name: "crm-client",
             max_retry_after: Duration::from_secs(3600),
+            dialect: &[],
         }
     }
 
@@ -213,7 +310,130 @@ mod tests {
             status,
             code: code.into(),
             description: description.map(Into::into),
+            fields: Default::default(),
         }
+    }
+
+    /// A body as a provider sent it, read as the operator reads it.
+    fn answered(status: u16, body: &str) -> TokenFailure {
+        use crate::oauth::response::{parse_error, parse_success};
+        let json = Some("application/json");
+        match status {
+            200..=299 => parse_success(status, body.as_bytes(), json).unwrap_err(),
+            _ => parse_error(status, body.as_bytes(), json).unwrap(),
+        }
+    }
+
+    #[test]
+    fn provider_dialects_name_the_rejection() {
+        let preset = |id: &str| crate::providers::preset(id).unwrap().errors.as_slice();
+        let with = |dialect| FailureContext {
+            dialect,
+            ..context(100, None)
+        };
+        let cases = [
+            (
+                "hubspot",
+                400,
+                r#"{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}"#,
+                "InvalidGrant",
+            ),
+            (
+                "slack",
+                200,
+                r#"{"ok":false,"error":"invalid_refresh_token"}"#,
+                "InvalidGrant",
+            ),
+            (
+                "github",
+                200,
+                r#"{"error":"bad_refresh_token","error_description":"The refresh token passed is incorrect or expired."}"#,
+                "InvalidGrant",
+            ),
+            (
+                "microsoft",
+                400,
+                r#"{"error":"invalid_grant","error_description":"AADSTS700082: The refresh token has expired due to inactivity.","error_codes":[700082]}"#,
+                "RefreshTokenExpired",
+            ),
+            (
+                "microsoft",
+                401,
+                r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#,
+                "InvalidClient",
+            ),
+        ];
+        for (id, status, body, reason) in cases {
+            let error = classify(&answered(status, body), &with(preset(id)));
+            assert_eq!(error.reason(), reason, "{id}: {body} -> {error}");
+        }
+    }
+
+    #[test]
+    fn without_a_preset_the_words_of_a_4xx_body_decide() {
+        let ctx = context(100, None);
+        let cases = [
+            (
+                400,
+                r#"{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}"#,
+                "InvalidGrant",
+            ),
+            (
+                200,
+                r#"{"ok":false,"error":"invalid_refresh_token"}"#,
+                "InvalidGrant",
+            ),
+            (
+                200,
+                r#"{"error":"bad_refresh_token","error_description":"The refresh token passed is incorrect or expired."}"#,
+                "InvalidGrant",
+            ),
+            (
+                200,
+                r#"{"error":"incorrect_client_credentials","error_description":"The client_id and/or client_secret passed are incorrect."}"#,
+                "InvalidClient",
+            ),
+            (
+                400,
+                r#"{"status":"BAD_CLIENT_SECRET","message":"bad client secret"}"#,
+                "InvalidClient",
+            ),
+            (
+                400,
+                r#"{"error":"invalid_request","error_description":"The provided authorization grant or refresh token is invalid, expired or revoked"}"#,
+                "InvalidGrant",
+            ),
+            (
+                400,
+                r#"{"status":"error","message":"something else"}"#,
+                "InvalidSpec",
+            ),
+            (
+                503,
+                r#"{"status":"error","message":"down"}"#,
+                "ProviderUnavailable",
+            ),
+            (
+                400,
+                r#"{"error_description":"You have made too many requests continuously. Please try again after some time.","error":"Access Denied","status":"failure"}"#,
+                "ProviderUnavailable",
+            ),
+        ];
+        for (status, body, reason) in cases {
+            let error = classify(&answered(status, body), &ctx);
+            assert_eq!(error.reason(), reason, "{body} -> {error}");
+            assert!(!error.to_string().is_empty());
+        }
+        let html = TokenFailure::Http {
+            status: 404,
+            retry_after: None,
+            content_type: Some("text/html".into()),
+        };
+        assert_eq!(
+            classify(&html, &ctx).reason(),
+            "InvalidSpec",
+            "a 4xx page is no retry loop"
+        );
     }
 
     #[test]

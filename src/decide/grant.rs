@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::api::{ANNOTATION_FORCE_REFRESH, OAuth2Auth, OAuth2Grant, SourceConnection};
 use crate::decide::refresh::{Plan, PlanInput, RefreshReason, plan};
-use crate::decide::status::{TokenStatus, display_name};
+use crate::decide::status::{GrantExpiry, TokenStatus, display_name};
 use crate::decide::validate::OAuthSettings;
 use crate::error::Error;
 use crate::oauth::seal::{Binding, OpenError, Opened, SealedGrant};
@@ -108,6 +108,7 @@ pub fn adopt_consented_grant(inputs: &mut OAuthInputs) -> bool {
             .or_else(|| consented.imported_hash.clone()),
         account: consented.account.clone(),
         consent: consented.consent_id.clone(),
+        granted_at: Some(token.issued_at),
     });
     inputs.current = Some(token.clone());
     true
@@ -148,6 +149,25 @@ pub struct TokenAsk {
     pub refresh_token_expires_at: Option<Timestamp>,
 }
 
+/// The endpoints a preset filled in, as the status shows them.
+fn provider_endpoints(oauth: &OAuth2Auth) -> std::collections::BTreeMap<String, String> {
+    if oauth.provider.is_none() {
+        return Default::default();
+    }
+    [
+        ("tokenUrl", Some(&oauth.token_url)),
+        ("authorizationUrl", oauth.authorization_url.as_ref()),
+        ("revocationUrl", oauth.revocation_url.as_ref()),
+        (
+            "verificationUrl",
+            oauth.verification.as_ref().map(|v| &v.url),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, url)| Some((name.to_owned(), url?.clone())))
+    .collect()
+}
+
 /// Spreads one connection's refreshes and retries: its uid, stable for its
 /// life.
 pub fn jitter_key(conn: &SourceConnection) -> String {
@@ -183,6 +203,8 @@ pub fn decide_refresh(
         authorization_url: authorization_link.clone(),
         grant_sealing_key: inputs.grant_sealing_key.clone(),
         authorized_account: inputs.grant.as_ref().and_then(|g| g.account.clone()),
+        provider_endpoints: provider_endpoints(oauth),
+        reauthorize_fix: Some(crate::decide::outcome::reauthorize_fix(conn, oauth)),
         ..TokenStatus::current(conn)
     };
     let jitter_key = jitter_key(conn);
@@ -267,6 +289,51 @@ pub fn decide_refresh(
     decision(token_status, Action::Request(ask))
 }
 
+/// When a grant dies whatever is refreshed: its refresh token's known
+/// expiry, or the provider's absolute lifetime counted from the consent;
+/// the earlier. `None` when neither is known.
+pub fn grant_expiry(
+    grant: &SealedGrant,
+    absolute_expiry_days: Option<u32>,
+    warning: SignedDuration,
+) -> Option<GrantExpiry> {
+    let by_policy = absolute_expiry_days
+        .zip(grant.granted_at)
+        .and_then(|(days, at)| {
+            at.checked_add(SignedDuration::from_hours(
+                i64::from(days).saturating_mul(24),
+            ))
+            .ok()
+            .map(|end| {
+                (
+                    end,
+                    format!("the provider's limit of {days} days after consent"),
+                )
+            })
+        });
+    let by_token = grant.refresh_token_expires_at.map(|end| {
+        (
+            end,
+            "the refresh token's lifetime the provider sent".to_owned(),
+        )
+    });
+    let (expires_at, source) = [by_policy, by_token]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(end, _)| *end)?;
+    // A third of the grant's life when that is shorter than the warning.
+    let lifetime = grant
+        .granted_at
+        .map(|at| expires_at.duration_since(at))
+        .unwrap_or(warning);
+    let lead = warning.min(lifetime / 3).max(SignedDuration::ZERO);
+    Some(GrantExpiry {
+        expires_at,
+        warn_at: expires_at.checked_sub(lead).unwrap_or(expires_at),
+        source,
+    })
+}
+
 /// The grant after a successful refresh: a refresh token the provider did
 /// not rotate stays, and so does its known expiry.
 pub fn next_grant(
@@ -289,6 +356,10 @@ pub fn next_grant(
             .filter(|p| p.imported_hash == import_hash)
             .and_then(|p| p.account.clone()),
         consent: previous.and_then(|p| p.consent.clone()),
+        granted_at: match previous.filter(|p| p.imported_hash == import_hash) {
+            Some(kept) => kept.granted_at,
+            None => Some(issued_at),
+        },
         imported_hash: import_hash,
     }
 }
@@ -325,6 +396,7 @@ mod tests {
                 token_origin: "https://login.example.com".into(),
                 client_id: "id".into(),
                 revocation_origin: None,
+                verification_origin: None,
             },
             grant_sealing_key: None,
             client_secret: "secret".into(),
@@ -477,6 +549,7 @@ mod tests {
             token_origin: token.into(),
             client_id: "id".into(),
             revocation_origin: None,
+            verification_origin: None,
         };
         let opened = Opened {
             grant: SealedGrant {
@@ -515,6 +588,33 @@ mod tests {
             binding: Some(binding("https://login.example.com")),
         };
         assert!(usable_grant(same, &binding("https://login.example.com")).is_ok());
+    }
+
+    #[test]
+    fn a_grant_expiry_comes_from_the_policy_or_the_token_and_warns_ahead() {
+        let at = |s: i64| Timestamp::from_second(s).unwrap();
+        let day = 86_400;
+        let grant = SealedGrant {
+            granted_at: Some(at(0)),
+            ..Default::default()
+        };
+        let fortnight = SignedDuration::from_hours(14 * 24);
+        assert_eq!(grant_expiry(&grant, None, fortnight), None);
+        let yearly = grant_expiry(&grant, Some(365), fortnight).unwrap();
+        assert_eq!(yearly.expires_at, at(365 * day));
+        assert_eq!(yearly.warn_at, at(351 * day));
+        assert!(yearly.source.contains("365 days"));
+        // A week-long grant warns a third of its life ahead.
+        let weekly = grant_expiry(&grant, Some(7), fortnight).unwrap();
+        assert_eq!(weekly.warn_at.as_second(), 7 * day - 7 * day / 3);
+        // The refresh token's own end, when sooner, wins.
+        let told = SealedGrant {
+            refresh_token_expires_at: Some(at(30 * day)),
+            ..grant
+        };
+        let soon = grant_expiry(&told, Some(365), fortnight).unwrap();
+        assert_eq!(soon.expires_at, at(30 * day));
+        assert!(soon.source.contains("refresh token"));
     }
 
     #[test]
@@ -592,6 +692,7 @@ mod tests {
             imported_hash: None,
             account: None,
             consent: None,
+            granted_at: None,
         };
         let issued_at = Timestamp::from_second(1_000).unwrap();
         let mut issued = IssuedToken {

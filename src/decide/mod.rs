@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod grant;
 pub mod outcome;
+pub mod preset;
 pub mod refresh;
 pub mod secrets;
 pub mod status;

@@ -62,6 +62,9 @@ pub struct Limits {
     pub endpoints: Arc<EndpointPolicy>,
     /// Only Secrets marked as sources are read (`--require-source-label`).
     pub require_source_label: bool,
+    /// How long before a grant's known end GrantExpiring turns True
+    /// (`--grant-expiry-warning-days`).
+    pub grant_expiry_warning: SignedDuration,
 }
 
 impl Default for Limits {
@@ -72,6 +75,7 @@ impl Default for Limits {
             max_retry_after: Duration::from_secs(3600),
             endpoints: Arc::default(),
             require_source_label: false,
+            grant_expiry_warning: SignedDuration::from_hours(14 * 24),
         }
     }
 }

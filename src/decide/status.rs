@@ -2,6 +2,8 @@
 //! did not change keep their `lastTransitionTime`, so an unchanged outcome
 //! yields an identical status and the controller writes nothing.
 
+use std::collections::BTreeMap;
+
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -14,6 +16,18 @@ use crate::time::truncate_to_seconds;
 
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_AUTH_FAILED: &str = "AuthFailed";
+/// True from shortly before a grant's known end (a provider's absolute
+/// limit, or the refresh token's lifetime): a person must re-authorize.
+pub const CONDITION_GRANT_EXPIRING: &str = "GrantExpiring";
+
+/// When a grant dies whatever is refreshed, and when to say so.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantExpiry {
+    pub expires_at: Timestamp,
+    pub warn_at: Timestamp,
+    /// Where the end comes from, in words.
+    pub source: String,
+}
 
 /// What the conditions say.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +104,10 @@ pub struct TokenStatus {
     pub authorization_url: Option<String>,
     pub grant_sealing_key: Option<String>,
     pub authorized_account: Option<String>,
+    pub provider_endpoints: BTreeMap<String, String>,
+    pub grant_expiry: Option<GrantExpiry>,
+    /// How to re-authorize, for the GrantExpiring condition.
+    pub reauthorize_fix: Option<String>,
 }
 
 impl TokenStatus {
@@ -111,6 +129,9 @@ impl TokenStatus {
             authorization_url: status.authorization_url.clone(),
             grant_sealing_key: status.grant_sealing_key.clone(),
             authorized_account: status.authorized_account.clone(),
+            provider_endpoints: status.provider_endpoints.clone(),
+            grant_expiry: None,
+            reauthorize_fix: None,
         }
     }
 }
@@ -161,8 +182,14 @@ pub fn desired_status(
                     "No credential of this connection has been rejected.",
                 ),
             };
-            [ready, auth_failed]
+            let expiring = report
+                .token
+                .as_ref()
+                .and_then(|t| Some((t.grant_expiry.as_ref()?, t.reauthorize_fix.as_deref())))
+                .map(|(expiry, fix)| grant_condition(expiry, fix, now.0));
+            [Some(ready), Some(auth_failed), expiring]
                 .into_iter()
+                .flatten()
                 .map(|mut wanted| {
                     wanted.observed_generation = generation;
                     wanted.last_transition_time = current
@@ -194,6 +221,59 @@ pub fn desired_status(
         authorization_url: token.authorization_url,
         grant_sealing_key: token.grant_sealing_key,
         authorized_account: token.authorized_account,
+        provider_endpoints: token.provider_endpoints,
+        grant_expires_at: match (&report.verdict, &token.grant_expiry) {
+            (Some(_), expiry) => time(expiry.as_ref().map(|e| e.expires_at)),
+            (None, _) => current.grant_expires_at,
+        },
+    }
+}
+
+/// The GrantExpiring condition for `expiry` at `now`.
+fn grant_condition(expiry: &GrantExpiry, fix: Option<&str>, now: Timestamp) -> Condition {
+    let end = crate::time::rfc3339(expiry.expires_at);
+    if now >= expiry.warn_at {
+        let fix = fix.unwrap_or("authorize it again");
+        condition(
+            CONDITION_GRANT_EXPIRING,
+            true,
+            Reason::GrantExpiring,
+            &format!(
+                "The grant ends at {end} ({}); no refresh can extend it. Re-authorize before \
+                 then: {fix}",
+                expiry.source
+            ),
+        )
+    } else {
+        condition(
+            CONDITION_GRANT_EXPIRING,
+            false,
+            Reason::GrantValid,
+            &format!(
+                "The grant ends at {end} ({}); this condition turns True at {}.",
+                expiry.source,
+                crate::time::rfc3339(expiry.warn_at)
+            ),
+        )
+    }
+}
+
+/// Whether `desired` turns the GrantExpiring condition True, which
+/// `conn`'s status did not have: the moment for a Warning event.
+pub fn grant_expiry_began(
+    conn: &SourceConnection,
+    desired: &SourceConnectionStatus,
+) -> Option<String> {
+    let expiring = |conditions: &[Condition]| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_GRANT_EXPIRING && c.status == "True")
+            .map(|c| c.message.clone())
+    };
+    let before = conn.status.as_ref().and_then(|s| expiring(&s.conditions));
+    match (before, expiring(&desired.conditions)) {
+        (None, Some(message)) => Some(message),
+        _ => None,
     }
 }
 

@@ -40,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::api::{OAuth2Auth, SourceConnection};
 use crate::decide::classify::missing_scopes;
+use crate::decide::preset::resolve;
 use crate::decide::refresh::Limits;
 use crate::decide::secrets::{check_source, check_state_ownership, client_credentials};
 use crate::decide::validate::oauth_settings;
@@ -198,12 +199,14 @@ async fn begin(
         .await
         .map_err(unavailable)?
         .ok_or_else(link_not_valid)?;
-    let oauth = conn
+    let resolved = conn
         .spec
         .oauth2
         .as_ref()
-        .filter(|o| o.authorization_url.is_some())
+        .and_then(|o| resolve(o).ok())
+        .filter(|r| r.oauth.authorization_url.is_some())
         .ok_or_else(link_not_valid)?;
+    let oauth = &resolved.oauth;
     let secrets: Api<Secret> = Api::namespaced(flow.client.clone(), namespace);
     let existing = secrets
         .get_opt(&conn.state_secret_name())
@@ -316,7 +319,13 @@ async fn finish(
         .await
         .map_err(unavailable)?
         .ok_or_else(nothing_pending)?;
-    let oauth = conn.spec.oauth2.as_ref().ok_or_else(nothing_pending)?;
+    let resolved = conn
+        .spec
+        .oauth2
+        .as_ref()
+        .and_then(|o| resolve(o).ok())
+        .ok_or_else(nothing_pending)?;
+    let oauth = &resolved.oauth;
     let secrets: Api<Secret> = Api::namespaced(flow.client.clone(), namespace);
     let existing = secrets
         .get_opt(&conn.state_secret_name())
@@ -347,7 +356,7 @@ async fn finish(
         .as_deref()
         .ok_or_else(|| refused("The provider's answer has no code."))?;
     let uid = uid.unwrap_or_default();
-    let (issued, client_id) = exchange(flow, &secrets, &conn, code, &pending.pkce_verifier)
+    let (issued, client_id) = exchange(flow, &secrets, &conn, oauth, code, &pending.pkce_verifier)
         .await?
         .map_err(|failure| {
             warn!(connection = %format!("{namespace}/{name}"), ?failure, "code exchange failed");
@@ -361,15 +370,64 @@ async fn finish(
     let consented = consented_grant(oauth, &flow.limits, &issued, refresh_token, &client_id, now)
         .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     let binding = Binding::new(&uid, oauth, &client_id);
-    // Single use: this write fails if another callback or writer got there
-    // first, because it carries the version read above. The leader takes
-    // the grant from there into the target Secret, sealed, moments later:
-    // this replica may be a follower, and only the leader writes grants.
+    // The leader takes the grant from there into the target Secret moments
+    // later: this replica may be a follower, and only the leader writes grants.
     let data = consented.to_data(|grant| flow.keyring.current().seal(grant, &binding));
-    write_state(&secrets, &conn, existing.as_ref(), data).await?;
+    let answer = Answer { state, browser };
+    store_consent(flow, &secrets, &conn, existing, data, answer).await?;
     info!(connection = %format!("{namespace}/{name}"), "authorized through the consent page");
     Ok(connected_page(&conn, oauth, consented))
 }
+
+/// What identifies the provider's answer a callback completes.
+struct Answer<'a> {
+    state: &'a str,
+    browser: Option<&'a str>,
+}
+
+/// Stores a consent in the state Secret read as `existing`. Single use:
+/// the write carries the version read, so a callback replayed meanwhile
+/// finds nothing pending. A write that lost only to another change of the
+/// state Secret (the leader renewing the link's ticket) is made again,
+/// while the same authorization is still pending: the code is spent, and
+/// the grant exists nowhere else.
+async fn store_consent(
+    flow: &Flow,
+    secrets: &Api<Secret>,
+    conn: &SourceConnection,
+    mut existing: Option<Secret>,
+    data: BTreeMap<String, ByteString>,
+    answer: Answer<'_>,
+) -> Result<(), PageError> {
+    let uid = conn.uid();
+    for _ in 0..STORE_ATTEMPTS {
+        match write_state(secrets, conn, existing.as_ref(), data.clone()).await {
+            Err((StatusCode::CONFLICT, message)) => {
+                existing = secrets
+                    .get_opt(&conn.state_secret_name())
+                    .await
+                    .map_err(unavailable)?;
+                let fresh = existing
+                    .as_ref()
+                    .and_then(|s| s.data.clone())
+                    .unwrap_or_default();
+                let now = flow.clock.now();
+                if check_callback(&fresh, answer.state, uid.as_deref(), answer.browser, now)
+                    .is_err()
+                {
+                    return Err((StatusCode::CONFLICT, message));
+                }
+            }
+            other => return other,
+        }
+    }
+    Err(unavailable(kube::Error::Service(
+        "the state Secret kept changing".into(),
+    )))
+}
+
+/// Writes of a consent that lost a race with another change.
+const STORE_ATTEMPTS: usize = 3;
 
 /// Exchanges the authorization code with the client's credentials and the
 /// PKCE verifier sealed for `conn`; the tokens issued, and the client id
@@ -378,10 +436,10 @@ async fn exchange(
     flow: &Flow,
     secrets: &Api<Secret>,
     conn: &SourceConnection,
+    oauth: &OAuth2Auth,
     code: &str,
     sealed_verifier: &str,
 ) -> Result<Result<(IssuedToken, String), TokenFailure>, PageError> {
-    let oauth = conn.spec.oauth2.as_ref().ok_or_else(nothing_pending)?;
     let uid = conn.uid().unwrap_or_default();
     let pkce_verifier = &flow
         .keyring
@@ -393,7 +451,7 @@ async fn exchange(
         token_url: &oauth.token_url,
         client_id: &client_id,
         client_secret: &client_secret,
-        auth_method: oauth.client.auth_method,
+        auth_method: oauth.client.auth_method.unwrap_or_default(),
         redirect_url: &flow.callback_url,
         code,
         pkce_verifier,

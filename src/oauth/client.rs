@@ -318,6 +318,24 @@ pub async fn revoke(
     }
 }
 
+/// Revokes an access token with it as the Bearer credential of a POST
+/// without a body (Dropbox's `/2/auth/token/revoke`).
+pub async fn revoke_bearer(
+    http: &reqwest::Client,
+    revocation_url: &str,
+    access_token: &str,
+) -> Result<(), TokenFailure> {
+    let answer = send(http.post(revocation_url).bearer_auth(access_token)).await?;
+    match answer.status {
+        200..=299 => Ok(()),
+        status if status >= 500 || status == 429 => Err(answer.http_failure()),
+        status => Err(
+            parse_error(status, &answer.body, answer.content_type.as_deref())
+                .unwrap_or_else(|| answer.http_failure()),
+        ),
+    }
+}
+
 /// Timeout of one verification request.
 const VERIFICATION_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -36,17 +36,14 @@ pub fn parse_success(
             content_type: content_type.map(str::to_owned),
         });
     };
+    // An error in a 2xx body (GitHub's `error`, Slack's `ok: false`) is
+    // an error, whatever else the body holds.
+    if text(fields.get("error")).is_some() || fields.get("ok") == Some(&Value::Bool(false)) {
+        return Err(oauth_failure(status, &fields));
+    }
     let refresh_token = text(fields.get("refresh_token"));
     let access_token = text(fields.get("access_token"));
     let Some(access_token) = access_token else {
-        if let Some(code) = text(fields.get("error")) {
-            return Err(TokenFailure::OAuth {
-                status,
-                code,
-                description: text(fields.get("error_description"))
-                    .or_else(|| text(fields.get("message"))),
-            });
-        }
         return Err(TokenFailure::Malformed {
             what: "an answer without an access_token".to_owned(),
             refresh_token: refresh_token.map(RotatedRefreshToken),
@@ -88,16 +85,48 @@ pub fn parse_success(
     })
 }
 
-/// Reads a 4xx answer: an OAuth error (RFC 6749 section 5.2) when the body
-/// says which, `None` otherwise.
+/// Reads a 4xx answer: an OAuth error (RFC 6749 section 5.2), or the
+/// provider's own error envelope, when the body is JSON or a form; `None`
+/// when it is neither.
 pub fn parse_error(status: u16, body: &[u8], content_type: Option<&str>) -> Option<TokenFailure> {
     let fields = fields_of(body, content_type)?;
-    let code = text(fields.get("error"))?;
-    Some(TokenFailure::OAuth {
+    Some(oauth_failure(status, &fields))
+}
+
+/// Fields of an error body kept for the dialect rules, and the longest
+/// value kept of each.
+const ERROR_FIELDS_MAX: usize = 32;
+const ERROR_VALUE_MAX: usize = 512;
+
+fn oauth_failure(status: u16, fields: &Map<String, Value>) -> TokenFailure {
+    let scalar = |value: &Value| match value {
+        Value::String(text) => Some(text.chars().take(ERROR_VALUE_MAX).collect()),
+        Value::Number(number) => Some(number.to_string()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        _ => None,
+    };
+    let kept = fields
+        .iter()
+        .take(ERROR_FIELDS_MAX)
+        .map(|(name, value)| {
+            let values: Vec<String> = match value {
+                Value::Array(items) => items
+                    .iter()
+                    .take(ERROR_FIELDS_MAX)
+                    .filter_map(scalar)
+                    .collect(),
+                other => scalar(other).into_iter().collect(),
+            };
+            (name.clone(), values)
+        })
+        .filter(|(_, values)| !values.is_empty())
+        .collect();
+    TokenFailure::OAuth {
         status,
-        code,
-        description: text(fields.get("error_description")),
-    })
+        code: text(fields.get("error")).unwrap_or_default(),
+        description: text(fields.get("error_description")).or_else(|| text(fields.get("message"))),
+        fields: kept,
+    }
 }
 
 /// The members of a JSON object, or of a form-encoded body.
@@ -280,7 +309,12 @@ mod tests {
             TokenFailure::OAuth {
                 status: 200,
                 code: "invalid_refresh_token".into(),
-                description: None
+                description: None,
+                fields: [
+                    ("error".to_owned(), vec!["invalid_refresh_token".to_owned()]),
+                    ("ok".to_owned(), vec!["false".to_owned()]),
+                ]
+                .into(),
             }
         );
         let form = parse_success(
@@ -336,9 +370,32 @@ mod tests {
             Some(TokenFailure::OAuth {
                 status: 400,
                 code: "invalid_grant".into(),
-                description: Some("revoked".into())
+                description: Some("revoked".into()),
+                fields: [
+                    ("error".to_owned(), vec!["invalid_grant".to_owned()]),
+                    ("error_description".to_owned(), vec!["revoked".to_owned()]),
+                ]
+                .into(),
             })
         );
+        // A provider's own envelope, without an `error` field.
+        let hubspot =
+            br#"{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}"#;
+        let Some(TokenFailure::OAuth {
+            code,
+            description,
+            fields,
+            ..
+        }) = parse_error(400, hubspot, Some("application/json"))
+        else {
+            panic!("an error");
+        };
+        assert_eq!(code, "");
+        assert_eq!(
+            description.as_deref(),
+            Some("missing or unknown refresh token")
+        );
+        assert_eq!(fields["status"], ["BAD_REFRESH_TOKEN"]);
         assert_eq!(parse_error(401, b"nope", Some("text/plain")), None);
     }
 }

@@ -71,6 +71,10 @@ pub struct SealedGrant {
     /// consent is adopted once, and a later one always.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent: Option<String>,
+    /// When the grant was given (consent) or its refresh token imported:
+    /// where a provider's absolute grant lifetime counts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<Timestamp>,
 }
 
 impl fmt::Debug for SealedGrant {
@@ -83,7 +87,8 @@ impl fmt::Debug for SealedGrant {
 }
 
 /// What a sealed grant was given for. The refresh token is only ever sent
-/// to endpoints with these origins, by this client, for this connection.
+/// to endpoints with these origins, by this client, for this connection,
+/// and the access tokens it yields only to the verification endpoint named.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     pub uid: String,
@@ -91,6 +96,8 @@ pub struct Binding {
     pub client_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation_origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_origin: Option<String>,
 }
 
 impl Binding {
@@ -100,6 +107,7 @@ impl Binding {
             token_origin: origin_of(&oauth.token_url),
             client_id: client_id.to_owned(),
             revocation_origin: oauth.revocation_url.as_deref().map(origin_of),
+            verification_origin: oauth.verification.as_ref().map(|v| origin_of(&v.url)),
         }
     }
 
@@ -122,17 +130,21 @@ impl Binding {
                 self.client_id, now.client_id
             ));
         }
+        let name = |origin: &Option<String>| origin.clone().unwrap_or_else(|| "none".to_owned());
         if self.revocation_origin != now.revocation_origin {
-            let name = |origin: &Option<String>| {
-                origin
-                    .clone()
-                    .unwrap_or_else(|| "no revocation endpoint".to_owned())
-            };
             changes.push(format!(
-                "it was granted with {} as revocation endpoint, and spec.oauth2.revocationUrl now \
+                "it was granted with revocation endpoint {}, and spec.oauth2.revocationUrl now \
                  names {}",
                 name(&self.revocation_origin),
                 name(&now.revocation_origin)
+            ));
+        }
+        if self.verification_origin != now.verification_origin {
+            changes.push(format!(
+                "it was granted with verification endpoint {}, and \
+                 spec.oauth2.verification.url now names {}",
+                name(&self.verification_origin),
+                name(&now.verification_origin)
             ));
         }
         changes
@@ -571,6 +583,7 @@ mod tests {
             imported_hash: None,
             account: Some("ann@example.com".into()),
             consent: None,
+            granted_at: None,
         }
     }
 
@@ -580,6 +593,7 @@ mod tests {
             token_origin: "https://idp.example".into(),
             client_id: "client".into(),
             revocation_origin: None,
+            verification_origin: None,
         }
     }
 
@@ -617,10 +631,11 @@ mod tests {
             token_origin: "https://attacker.example".into(),
             client_id: "other".into(),
             revocation_origin: Some("https://attacker.example".into()),
+            verification_origin: Some("https://attacker.example".into()),
             ..binding("uid")
         };
         let changes = sealed_for.changes_to(&now);
-        assert_eq!(changes.len(), 3, "{changes:?}");
+        assert_eq!(changes.len(), 4, "{changes:?}");
         assert!(changes[0].contains("https://attacker.example"));
     }
 

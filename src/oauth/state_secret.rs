@@ -85,6 +85,7 @@ impl GrantState {
             imported_hash: self.imported_hash.clone(),
             account: self.account.clone(),
             consent: None,
+            granted_at: None,
         })
     }
 

@@ -137,8 +137,13 @@ pub enum TokenFailure {
     /// An OAuth error response (RFC 6749 section 5.2).
     OAuth {
         status: u16,
+        /// The `error` field; empty when the body has none (a provider's
+        /// own envelope, such as HubSpot's `status`/`message`).
         code: String,
         description: Option<String>,
+        /// The body's top-level fields as text (arrays as their elements),
+        /// for the provider's error dialect; bounded.
+        fields: BTreeMap<String, Vec<String>>,
     },
     /// An HTTP answer that is not an OAuth response: 5xx, 429, or a body
     /// that is not JSON.
@@ -223,11 +228,14 @@ impl fmt::Debug for TokenRecord {
 }
 
 impl TokenRecord {
+    /// The scopes granted; split at spaces, and at commas for the
+    /// providers that separate scopes with them (Slack, Shopify, Zoom).
     pub fn granted_scopes(&self) -> Vec<String> {
         self.scope
             .as_deref()
             .unwrap_or_default()
-            .split_whitespace()
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect()
     }

@@ -111,7 +111,7 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, 
         return Ok(next);
     }
     revocation::ensure_finalizer(conn, ctx).await?;
-    let synced = match sync(conn, ctx, now).await {
+    let mut synced = match sync(conn, ctx, now).await {
         Ok(mut synced) => {
             ctx.clear_transient_failures(conn);
             let wrote_new =
@@ -146,6 +146,11 @@ async fn reconcile_once(conn: &SourceConnection, ctx: &Context) -> Result<Next, 
             .report_token_times(&namespace, &conn.name_any(), times);
     }
     let desired = status::desired_status(conn, &synced.report, now);
+    if let Some(message) = status::grant_expiry_began(conn, &desired) {
+        synced
+            .notes
+            .push(status::Note::warning(Reason::GrantExpiring, message));
+    }
     if !status::is_current(conn, &desired) {
         ctx.status.write(conn, &desired).await?;
         ctx.api.answered();

@@ -24,9 +24,10 @@ use crate::api::{OAuth2Auth, OAuth2Grant, SourceConnection};
 use crate::decide::classify::{self, FailureContext, VerificationAnswer};
 use crate::decide::grant::{
     Action, OAuthInputs, RefreshDecision, TokenAsk, adopt_consented_grant, decide_refresh,
-    jitter_key, next_grant, usable_grant,
+    grant_expiry, jitter_key, next_grant, usable_grant,
 };
 use crate::decide::outcome::{self, Next, Refreshed, Synced, reauthorize_fix};
+use crate::decide::preset::{Resolved, resolve};
 use crate::decide::refresh::refresh_due_at;
 use crate::decide::secrets::{
     check_ownership, check_source, check_state_ownership, client_credentials, is_own_target,
@@ -41,6 +42,7 @@ use crate::oauth::state_secret::{
     GrantState, new_ticket, only_pending, store_ticket, ticket_valid,
 };
 use crate::oauth::token::{IssuedToken, TokenRecord};
+use crate::providers::RevocationStyle;
 use crate::reconcile::{Context, PendingGrant};
 use crate::runtime::object_key::{Key, key_of};
 use crate::runtime::throttle::Slot;
@@ -57,6 +59,8 @@ pub async fn sync(
     ctx: &Context,
     now: Timestamp,
 ) -> Result<Synced, Error> {
+    let resolved = resolve(oauth)?;
+    let oauth = &resolved.oauth;
     let settings = oauth_settings(oauth, &ctx.limits)?;
     let namespace = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -65,6 +69,7 @@ pub async fn sync(
         key: key_of(conn),
         jitter_key: jitter_key(conn),
         oauth,
+        resolved: &resolved,
         ctx,
         secrets: &secrets,
         settings: &settings,
@@ -84,7 +89,14 @@ pub async fn sync(
         inputs.inbox = None;
     }
     let link = sync.authorization_link(&mut inputs).await?;
-    let (decision, action) = decide_refresh(conn, oauth, &settings, &inputs, link, now);
+    let (mut decision, action) = decide_refresh(conn, oauth, &settings, &inputs, link, now);
+    decision.token_status.grant_expiry = inputs.grant.as_ref().and_then(|grant| {
+        grant_expiry(
+            grant,
+            resolved.absolute_expiry_days(),
+            ctx.limits.grant_expiry_warning,
+        )
+    });
     let mut synced = sync.act(&inputs, decision, action, adopted).await?;
     if adopted {
         sync.after_consent(&inputs, replaced, &mut synced).await;
@@ -158,14 +170,15 @@ impl OAuthSync<'_> {
             return;
         };
         let replaced = replaced.filter(|old| old.refresh_token != grant.refresh_token);
+        let rfc7009 = self.resolved.revocation_style() == RevocationStyle::Rfc7009;
         let revoked = match (&replaced, &self.oauth.revocation_url) {
-            (Some(old), Some(url)) => {
+            (Some(old), Some(url)) if rfc7009 => {
                 let answer = client::revoke(
                     &self.ctx.http,
                     url,
                     &inputs.client_id,
                     &inputs.client_secret,
-                    self.oauth.client.auth_method,
+                    self.oauth.client.auth_method.unwrap_or_default(),
                     Revocable::RefreshToken(&old.refresh_token),
                 )
                 .await;
@@ -225,7 +238,9 @@ struct OAuthSync<'a> {
     key: Key,
     /// Spreads this connection's refreshes (`decide::grant::jitter_key`).
     jitter_key: String,
+    /// The spec with its preset filled in.
     oauth: &'a OAuth2Auth,
+    resolved: &'a Resolved,
     ctx: &'a Context,
     secrets: &'a Api<Secret>,
     settings: &'a OAuthSettings,
@@ -302,6 +317,7 @@ impl OAuthSync<'_> {
                         imported_hash: ask.import_hash.clone(),
                         account: inputs.grant.as_ref().and_then(|g| g.account.clone()),
                         consent: inputs.grant.as_ref().and_then(|g| g.consent.clone()),
+                        granted_at: inputs.grant.as_ref().and_then(|g| g.granted_at),
                     };
                     let (current, due) = self.current_and_due(inputs);
                     self.write_token(inputs, current, Some(&grant), due).await?;
@@ -371,7 +387,7 @@ impl OAuthSync<'_> {
             token_url: &oauth.token_url,
             client_id: &inputs.client_id,
             client_secret: &inputs.client_secret,
-            auth_method: oauth.client.auth_method,
+            auth_method: oauth.client.auth_method.unwrap_or_default(),
             scopes: &oauth.scopes,
             extra_params: &oauth.extra_token_params,
             grant: match &ask.refresh_token {
@@ -393,6 +409,7 @@ impl OAuthSync<'_> {
                 client_secret_namespace: &namespace,
                 client_secret_name: &oauth.client.secret_ref.name,
                 max_retry_after: self.settings.max_retry_after,
+                dialect: self.resolved.dialect(),
             };
             (classify::classify(&failure, &context), rotated)
         })

@@ -13,15 +13,17 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::api::{FINALIZER_REVOKE, OAuth2Auth, SourceConnection};
+use crate::api::{ClientAuthMethod, FINALIZER_REVOKE, OAuth2Auth, SourceConnection};
 use crate::decide::classify::{self, FailureContext};
+use crate::decide::preset::{Resolved, resolve};
 use crate::decide::refresh::backoff;
 use crate::decide::secrets::{check_source, client_credentials};
 use crate::decide::status::{Note, display_name};
 use crate::error::{Error, Reason};
 use crate::oauth::client::{self, Revocable};
 use crate::oauth::seal::Binding;
-use crate::oauth::token::KEY_ACCESS_TOKEN;
+use crate::oauth::token::{KEY_ACCESS_TOKEN, TokenFailure};
+use crate::providers::RevocationStyle;
 use crate::reconcile::{Context, Next};
 
 /// What to do about revocation once the revocation attempt is known. Pure.
@@ -208,6 +210,8 @@ async fn revoke_all(
     ctx: &Context,
     now: Timestamp,
 ) -> Result<Revoked, Error> {
+    let resolved = resolve(oauth)?;
+    let oauth = &resolved.oauth;
     let namespace = conn.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let client_ref = &oauth.client.secret_ref;
@@ -235,17 +239,13 @@ async fn revoke_all(
         .chain(stored.consented.iter())
         .map(|t| Revocable::RefreshToken(t))
         .chain(access_token.as_deref().map(Revocable::AccessToken));
+    let client = Client {
+        id: &client_id,
+        secret: &client_secret,
+        method: oauth.client.auth_method.unwrap_or_default(),
+    };
     for token in tokens {
-        let result = client::revoke(
-            &ctx.http,
-            revocation_url,
-            &client_id,
-            &client_secret,
-            oauth.client.auth_method,
-            token,
-        )
-        .await;
-        if let Err(failure) = result {
+        if let Err(failure) = revoke_one(ctx, &resolved, revocation_url, &client, token).await {
             let error = classify::classify(
                 &failure,
                 &FailureContext {
@@ -256,12 +256,52 @@ async fn revoke_all(
                     client_secret_namespace: &namespace,
                     client_secret_name: &client_ref.name,
                     max_retry_after: ctx.limits.max_retry_after,
+                    dialect: resolved.dialect(),
                 },
             );
             return Err(error);
         }
     }
     Ok(Revoked::All)
+}
+
+/// The client as it authenticates at the revocation endpoint.
+struct Client<'a> {
+    id: &'a str,
+    secret: &'a str,
+    method: ClientAuthMethod,
+}
+
+/// Revokes one token the provider's way. A token the provider no longer
+/// knows counts as revoked: Salesforce answers 400 invalid_token for one
+/// that went with its grant.
+async fn revoke_one(
+    ctx: &Context,
+    resolved: &Resolved,
+    url: &str,
+    client: &Client<'_>,
+    token: Revocable<'_>,
+) -> Result<(), TokenFailure> {
+    let bearer = resolved.revocation_style() == RevocationStyle::Bearer;
+    let result = match token {
+        // Revoking with the access token as credential ends the grant.
+        Revocable::AccessToken(access_token) if bearer => {
+            client::revoke_bearer(&ctx.http, url, access_token).await
+        }
+        _ if bearer => return Ok(()),
+        token => {
+            let (id, secret, method) = (client.id, client.secret, client.method);
+            client::revoke(&ctx.http, url, id, secret, method, token).await
+        }
+    };
+    match result {
+        Err(TokenFailure::OAuth { code, .. })
+            if code == "invalid_token" || code == "invalid_grant" =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// The event that says how revoking went.

@@ -22,6 +22,7 @@ use kube::api::{Api, GetParams};
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 
+use crate::decide::secrets::ANNOTATION_SOURCE_FOR;
 use crate::runtime::object_key::{Key, key, key_of, split};
 use crate::runtime::relist::Relisting;
 use crate::runtime::wire::secret::is_managed;
@@ -97,10 +98,18 @@ impl Entry {
         let metadata = secret.metadata;
         let kept = Kept {
             metadata: ObjectMeta {
-                // What reconciling never reads.
+                // What reconciling never reads: of an input Secret's
+                // annotations, only which connections may read it.
                 creation_timestamp: None,
                 uid: None,
-                annotations: metadata.annotations.filter(|_| managed),
+                annotations: match managed {
+                    true => metadata.annotations,
+                    false => metadata.annotations.map(|all| {
+                        all.into_iter()
+                            .filter(|(key, _)| key == ANNOTATION_SOURCE_FOR)
+                            .collect()
+                    }),
+                },
                 // What the cache's key and the entry hold.
                 name: None,
                 namespace: None,

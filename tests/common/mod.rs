@@ -916,3 +916,85 @@ pub fn kubectl_plugin(namespace: &str) -> Command {
         .args(["tokenkeeper", "-n", namespace]);
     command
 }
+
+/// An emulator of one provider family's documented token endpoint
+/// (`tests/providers/emulator.mjs`): its success and error bodies, rotation,
+/// revocation; stopped on drop (and when this process dies: its stdin
+/// closes).
+pub struct ProviderEmulator {
+    child: Child,
+    pub port: u16,
+    http: reqwest::blocking::Client,
+}
+
+impl ProviderEmulator {
+    /// `family` as the emulator names it (hubspot, slack, github, ...),
+    /// with access tokens that live `access_ttl` seconds.
+    pub fn start(family: &str, access_ttl: u32) -> Self {
+        use std::io::BufRead;
+        let log = File::create(artifacts_dir().join(format!(
+            "emulator-{family}-{}-{}.log",
+            std::process::id(),
+            free_port()
+        )))
+        .expect("create the emulator's log");
+        let mut child = Command::new("node")
+            .arg(format!("{REPO}/tests/providers/emulator.mjs"))
+            .args(["--family", family, "--access-ttl", &access_ttl.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start node tests/providers/emulator.mjs");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the emulator's port");
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("the {family} emulator did not start: {line:?}"));
+        ProviderEmulator {
+            child,
+            port: ready["port"].as_u64().unwrap() as u16,
+            http: reqwest::blocking::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(2))
+                .build()
+                .expect("an HTTP client"),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.http
+            .post(self.url(&format!("/control/{path}")))
+            .json(&body)
+            .send()
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("emulator control {path}: {e}"))
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.http
+            .get(self.url("/control/stats"))
+            .send()
+            .and_then(|r| r.json())
+            .expect("emulator stats")
+    }
+
+    /// A live grant, as if a person consented elsewhere.
+    pub fn mint(&self, scope: &str) -> String {
+        self.control("mint", serde_json::json!({ "scope": scope }))["refresh_token"]
+            .as_str()
+            .expect("a refresh token")
+            .to_owned()
+    }
+}
+
+impl Drop for ProviderEmulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
