@@ -362,7 +362,33 @@ mod tests {
                 r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#,
                 "InvalidClient",
             ),
+            // Where the generic rules alone would say otherwise: a grant
+            // revoked by a password reset says "expired" ...
+            (
+                "microsoft",
+                400,
+                r#"{"error":"invalid_grant","error_description":"AADSTS50173: The provided grant has expired due to it being revoked, a fresh auth token is needed.","error_codes":[50173]}"#,
+                "InvalidGrant",
+            ),
+            // ... Atlassian refuses a dead refresh token as a client error ...
+            (
+                "atlassian",
+                403,
+                r#"{"error":"unauthorized_client","error_description":"refresh_token is invalid"}"#,
+                "InvalidGrant",
+            ),
+            // ... and Zoho names a revoked one with its own code.
+            ("zoho", 400, r#"{"error":"invalid_code"}"#, "InvalidGrant"),
         ];
+        // Those three differ without the dialect.
+        let generic = context(100, None);
+        let differ = cases[5..]
+            .iter()
+            .filter(|(_, status, body, reason)| {
+                classify(&answered(*status, body), &generic).reason() != *reason
+            })
+            .count();
+        assert_eq!(differ, 3);
         for (id, status, body, reason) in cases {
             let error = classify(&answered(status, body), &with(preset(id)));
             assert_eq!(error.reason(), reason, "{id}: {body} -> {error}");
