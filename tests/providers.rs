@@ -361,3 +361,31 @@ fn a_grant_that_ends_says_so_ahead_and_the_metric_shows_it() {
         "{describe}"
     );
 }
+
+/// The README's provider table names every preset, and the examples that
+/// use presets resolve into endpoints the operator accepts.
+#[test]
+fn the_readme_and_examples_follow_the_catalogue() {
+    let readme = std::fs::read_to_string(format!("{}/README.md", common::REPO)).unwrap();
+    for id in tokenkeeper::providers::catalogue().keys() {
+        assert!(
+            readme.contains(&format!("| `{id}` |")),
+            "README's provider table lacks {id}"
+        );
+    }
+    for name in ["salesforce", "google", "hubspot"] {
+        let path = format!("{}/deploy/examples/oauth-preset-{name}.yaml", common::REPO);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let connection = text
+            .split("\n---\n")
+            .find(|doc| doc.contains("kind: SourceConnection"))
+            .expect("a SourceConnection");
+        let conn: tokenkeeper::api::SourceConnection = serde_yaml::from_str(connection).unwrap();
+        let oauth = conn.spec.oauth2.as_ref().unwrap();
+        assert_eq!(oauth.provider.as_deref(), Some(name));
+        let resolved = tokenkeeper::decide::preset::resolve(oauth).unwrap();
+        tokenkeeper::decide::validate::oauth_settings(&resolved.oauth, &Default::default())
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(resolved.oauth.token_url.starts_with("https://"), "{path}");
+    }
+}
