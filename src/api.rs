@@ -288,6 +288,50 @@ pub struct OAuth2Auth {
     /// fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<Verification>,
+    /// The provider's token introspection endpoint (RFC 7662). When a token
+    /// answer has no `expires_in`, the real expiry is asked there instead of
+    /// assuming `defaultTokenLifetime` (Salesforce's preset sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = URL_MAX), regex(pattern = URL_PATTERN))]
+    pub introspection_url: Option<String>,
+    /// The provider's own error shapes, for a provider without a preset
+    /// (or beyond its preset's): a field of the error body and the reason
+    /// its value means. Checked first, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub error_rules: Vec<ErrorRule>,
+}
+
+/// One rule of a provider's error dialect.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorRule {
+    /// A top-level field of the error body (JSON or form), for example
+    /// `status` or `error_codes`.
+    #[schemars(length(min = 1, max = 128))]
+    pub field: String,
+    /// Matches when the field's value (or, for a list, any element) is
+    /// exactly this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub equals: Option<String>,
+    /// Matches when the field's value contains this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub contains: Option<String>,
+    /// Only for this HTTP status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub reason: ErrorRuleReason,
+}
+
+/// What an error rule says: one of the rejections users act on.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ErrorRuleReason {
+    InvalidGrant,
+    RefreshTokenExpired,
+    InvalidClient,
+    InsufficientPermissions,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

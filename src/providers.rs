@@ -52,6 +52,10 @@ pub struct Preset {
     pub response_fields: Vec<String>,
     #[serde(default)]
     pub verification_url: Option<String>,
+    /// RFC 7662 token introspection, asked for the expiry of tokens the
+    /// provider answers without `expires_in`.
+    #[serde(default)]
+    pub introspection_url: Option<String>,
     #[serde(default)]
     pub default_token_lifetime: Option<String>,
     #[serde(default)]
@@ -213,6 +217,7 @@ mod tests {
             let mut urls = vec![&preset.token_url, &preset.authorization_url];
             urls.extend(preset.revocation.as_ref().map(|r| &r.url));
             urls.extend(preset.verification_url.as_ref());
+            urls.extend(preset.introspection_url.as_ref());
             for url in urls {
                 assert!(url.starts_with("https://"), "{id}: {url}");
                 for name in placeholders(url) {

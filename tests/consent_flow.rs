@@ -474,6 +474,11 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Chromium {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A browser started with more command-line arguments.
+    fn start_with(extra_args: &[String]) -> Self {
         let port = free_port();
         let driver = std::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -511,6 +516,7 @@ impl Chromium {
         ]
         .iter()
         .map(|a| a.to_string())
+        .chain(extra_args.iter().cloned())
         .chain([format!(
             "--user-data-dir={}",
             chromium._profile.path().display()
@@ -876,4 +882,107 @@ fn a_preset_consent_in_a_real_browser_asks_for_offline_access() {
     assert_eq!(asked["prompt"], "consent", "{asked}");
     assert_eq!(asked["scope"], "openid email", "{asked}");
     assert_eq!(asked["code_challenge_method"], "S256", "{asked}");
+}
+
+/// A preset whose host is per customer (Salesforce My Domain): the browser
+/// goes to the host `providerParams` names, which the browser is told to
+/// resolve to the Salesforce emulator (serving HTTPS with a certificate of
+/// the test's own), and comes back through the operator's callback.
+#[test]
+fn a_per_customer_host_preset_consent_in_a_real_browser() {
+    let host = "acme.my.salesforce.com";
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", &format!("/CN={host}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{host}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    // A loopback address of this test's own, where port 443 is free.
+    let address = format!(
+        "127.0.{}.{}",
+        100 + std::process::id() % 100,
+        2 + free_port() % 250
+    );
+    let emulator = common::ProviderEmulator::start_with(
+        "salesforce",
+        6,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-address",
+            &format!("{address}:443"),
+        ],
+    );
+    let port = free_port();
+    let external = format!("http://127.0.0.1:{port}");
+    let ns = TestNamespace::new("preset-host");
+    let bind = format!("127.0.0.1:{port}");
+    let _operator = Operator::start_with(&ns, &["--authorization-bind-address", &bind]);
+    ns.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "app-client",
+        "--from-literal=client_id=client-1",
+        "--from-literal=client_secret=secret-1",
+    ]);
+    ns.apply_ok(&format!(
+        "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: sf\nspec:\n  oauth2:\n    \
+         provider: salesforce\n    providerParams:\n      domain: acme.my\n    tokenUrl: \"{token}\"\n    \
+         revocationUrl: \"{revoke}\"\n    introspectionUrl: \"{introspect}\"\n    grant: authorizationCode\n    \
+         client:\n      secretRef:\n        name: app-client\n",
+        token = emulator.url("/services/oauth2/token"),
+        revoke = emulator.url("/services/oauth2/revoke"),
+        introspect = emulator.url("/services/oauth2/introspect"),
+    ));
+    ns.wait_ready("sf", "False", "AuthorizationRequired", READY);
+    assert_eq!(
+        ns.jsonpath(
+            "srcconn",
+            "sf",
+            "{.status.providerEndpoints.authorizationUrl}"
+        ),
+        format!("https://{host}/services/oauth2/authorize")
+    );
+    let link = wait_for("the authorization link", READY, || {
+        let link = ns.jsonpath("srcconn", "sf", "{.status.authorizationUrl}");
+        link.starts_with(&external)
+            .then_some(link.clone())
+            .ok_or(link)
+    });
+    let browser = Chromium::start_with(&[
+        format!("--host-resolver-rules=MAP {host} {address}"),
+        "--ignore-certificate-errors".to_owned(),
+    ]);
+    browser.open(&link);
+    wait_for("the success page", READY, || {
+        let page = browser.source();
+        page.contains("<h1>Connected</h1>")
+            .then_some(())
+            .ok_or(page)
+    });
+    ns.wait_ready("sf", "True", "SecretSynced", READY);
+    let asked = emulator.stats()["authorizeRequests"][0].clone();
+    assert_eq!(asked["client_id"], "client-1", "{asked}");
+    assert_eq!(asked["prompt"], "consent", "{asked}");
+    assert_eq!(asked["scope"], "api refresh_token", "{asked}");
+    assert_eq!(
+        ns.secret_value("sf-credentials", "instance_url").as_deref(),
+        Some("https://acme.my.salesforce.com")
+    );
 }

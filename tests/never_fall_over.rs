@@ -240,7 +240,9 @@ fn an_answer_beyond_a_mebibyte_is_refused_without_reading_it_whole() {
     let ns = TestNamespace::new("oversized");
     let _operator = Operator::start(&ns);
     ns.create_client_secret("crm-client", "crm-client-secret");
-    server.control("answer-shape", json!({ "shape": "oversized", "times": 1 }));
+    // Three oversized answers: the first and its retries (after 5 and 10 s)
+    // leave time to see that none was written, even on a loaded machine.
+    server.control("answer-shape", json!({ "shape": "oversized", "times": 3 }));
     ns.apply_ok(&client_credentials("crm", &server.token_url()));
     let message = ns.wait_ready_saying("crm", "False", "ProviderUnavailable", READY);
     assert!(message.contains("larger than 1024 KiB"), "{message}");
@@ -248,7 +250,7 @@ fn an_answer_beyond_a_mebibyte_is_refused_without_reading_it_whole() {
         ns.jsonpath("secret", "crm-credentials", "{.metadata.name}"),
         ""
     );
-    // The next answer is whole again: the retry after the backoff takes it.
+    // The answers are whole again: the retry after the backoff takes one.
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     let token = ns
         .secret_value("crm-credentials", "access_token")

@@ -36,19 +36,44 @@ fn connection(name: &str, family: &Family, emulator: &ProviderEmulator, preset: 
     } else {
         String::new()
     };
+    // An introspection endpoint that answers 404 at first: the preset's
+    // assumed lifetime applies until the test names the real one (the same
+    // origin, so the grant stays bound to it).
+    let introspection = match family.assumed_lifetime {
+        Some(_) => format!("    introspectionUrl: \"{}\"\n", emulator.url("/nowhere")),
+        None => String::new(),
+    };
     let revocation = match family.revocation_path {
         Some(path) => format!("    revocationUrl: \"{}\"\n", emulator.url(path)),
         None => "    revokeOnDelete: false\n".to_owned(),
     };
     format!(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: {name}\nspec:\n  oauth2:\n\
-         {provider}    tokenUrl: \"{token}\"\n    authorizationUrl: \"{authorize}\"\n{revocation}    \
+         {provider}    tokenUrl: \"{token}\"\n    authorizationUrl: \"{authorize}\"\n{revocation}{introspection}    \
          verification:\n      url: \"{me}\"\n    grant: refreshToken\n    client:\n      secretRef:\n        \
          name: app-client\n    refreshTokenSecretRef:\n      name: crm-grant\n      key: refresh_token\n",
         token = emulator.url(family.token_path),
         authorize = emulator.url("/authorize"),
         me = emulator.url("/me"),
     )
+}
+
+/// When the target Secret's token was issued and expires (Unix seconds).
+fn token_times(ns: &TestNamespace) -> (i64, i64) {
+    let issued: jiff::Timestamp = ns
+        .jsonpath(
+            "secret",
+            "crm-credentials",
+            "{.metadata.annotations.tokenkeeper\\.dev/issued-at}",
+        )
+        .parse()
+        .expect("issued-at");
+    let expires: jiff::Timestamp = ns
+        .secret_value("crm-credentials", "expires_at")
+        .expect("expires_at")
+        .parse()
+        .expect("a time");
+    (issued.as_second(), expires.as_second())
 }
 
 fn stat(emulator: &ProviderEmulator, name: &str) -> u64 {
@@ -76,27 +101,21 @@ fn exercise(family: Family) {
     ns.apply_ok(&manifest);
     ns.wait_ready("crm", "True", "SecretSynced", READY);
     if let Some(assumed) = family.assumed_lifetime {
-        let issued: jiff::Timestamp = ns
-            .jsonpath(
-                "secret",
-                "crm-credentials",
-                "{.metadata.annotations.tokenkeeper\\.dev/issued-at}",
-            )
-            .parse()
-            .expect("issued-at");
-        let expires: jiff::Timestamp = ns
-            .secret_value("crm-credentials", "expires_at")
-            .expect("expires_at")
-            .parse()
-            .expect("a time");
-        assert_eq!(expires.as_second() - issued.as_second(), assumed);
-        // The emulator's tokens live seconds: say so, as a user whose org
-        // has a short session timeout would.
-        ns.apply_ok(&manifest.replace(
-            "    grant: refreshToken\n",
-            "    grant: refreshToken\n    defaultTokenLifetime: 6s\n",
-        ));
-        ns.force_refresh("crm", "short-lifetime");
+        let (issued, expires) = token_times(&ns);
+        assert_eq!(expires - issued, assumed);
+        // With the provider's introspection endpoint, the real end.
+        ns.apply_ok(&manifest.replace("/nowhere", "/services/oauth2/introspect"));
+        ns.force_refresh("crm", "introspected");
+        let message = ns.wait_ready_saying("crm", "True", "SecretSynced", READY);
+        wait_for("the introspected expiry", READY, || {
+            let message = ns.condition("crm", "Ready", "message");
+            message
+                .contains("introspection")
+                .then_some(())
+                .ok_or(message)
+        });
+        let (issued, expires) = token_times(&ns);
+        assert!(expires - issued <= 7, "{message}");
     }
     if let Some(field) = family.response_field {
         assert!(
@@ -360,6 +379,17 @@ fn a_grant_that_ends_says_so_ahead_and_the_metric_shows_it() {
         describes_event(&describe, "Warning", "GrantExpiring"),
         "{describe}"
     );
+    // Re-authorized: a new grant, whose end is far again.
+    emulator.control(
+        "grant-deadline",
+        serde_json::json!({"seconds": 100_000_000}),
+    );
+    ns.put_refresh_token(&emulator.mint("read"));
+    wait_for("GrantExpiring cleared", READY, || {
+        let status = ns.condition("crm", "GrantExpiring", "status");
+        (status == "False").then_some(()).ok_or(status)
+    });
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
 }
 
 /// The README's provider table names every preset, and the examples that

@@ -397,6 +397,7 @@ mod tests {
                 client_id: "id".into(),
                 revocation_origin: None,
                 verification_origin: None,
+                introspection_origin: None,
             },
             grant_sealing_key: None,
             client_secret: "secret".into(),
@@ -550,6 +551,7 @@ mod tests {
             client_id: "id".into(),
             revocation_origin: None,
             verification_origin: None,
+            introspection_origin: None,
         };
         let opened = Opened {
             grant: SealedGrant {

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{ClientAuthMethod, OAuth2Auth, Verification};
+use crate::api::{ClientAuthMethod, ErrorRuleReason, OAuth2Auth, Verification};
 use crate::error::Error;
-use crate::providers::{self, ClientAuth, ErrorRule, Preset, RevocationStyle};
+use crate::providers::{self, ClientAuth, DialectReason, ErrorRule, Preset, RevocationStyle};
 
 /// An `oauth2` spec as the operator uses it.
 #[derive(Debug, Clone)]
@@ -13,14 +13,16 @@ pub struct Resolved {
     /// The spec with the preset's values where it says nothing.
     pub oauth: OAuth2Auth,
     pub preset: Option<&'static Preset>,
+    /// The spec's error rules, then the preset's.
+    rules: Vec<ErrorRule>,
     /// How the preset's provider revokes.
     preset_revocation: Option<RevocationStyle>,
 }
 
 impl Resolved {
     /// The provider's own error shapes, checked before the generic rules.
-    pub fn dialect(&self) -> &'static [ErrorRule] {
-        self.preset.map_or(&[], |p| p.errors.as_slice())
+    pub fn dialect(&self) -> &[ErrorRule] {
+        &self.rules
     }
 
     /// How tokens are revoked at `oauth.revocation_url`.
@@ -55,6 +57,7 @@ pub fn resolve(oauth: &OAuth2Auth) -> Result<Resolved, Error> {
         return Ok(Resolved {
             oauth: oauth.clone(),
             preset: None,
+            rules: spec_rules(oauth)?,
             preset_revocation: None,
         });
     };
@@ -87,6 +90,9 @@ pub fn resolve(oauth: &OAuth2Auth) -> Result<Resolved, Error> {
             .as_ref()
             .map(|url| Verification { url: render(url) });
     }
+    if resolved.introspection_url.is_none() {
+        resolved.introspection_url = preset.introspection_url.as_ref().map(|url| render(url));
+    }
     if resolved.client.auth_method.is_none() {
         resolved.client.auth_method = Some(match preset.client_auth {
             ClientAuth::Basic => ClientAuthMethod::ClientSecretBasic,
@@ -112,11 +118,44 @@ pub fn resolve(oauth: &OAuth2Auth) -> Result<Resolved, Error> {
     if resolved.default_token_lifetime.is_none() {
         resolved.default_token_lifetime = preset.default_token_lifetime.clone();
     }
+    let mut rules = spec_rules(oauth)?;
+    rules.extend(preset.errors.iter().cloned());
     Ok(Resolved {
         oauth: resolved,
         preset: Some(preset),
+        rules,
         preset_revocation,
     })
+}
+
+/// The spec's error rules, as the classifier reads them.
+fn spec_rules(oauth: &OAuth2Auth) -> Result<Vec<ErrorRule>, Error> {
+    oauth
+        .error_rules
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| {
+            if rule.equals.is_some() == rule.contains.is_some() {
+                return Err(Error::InvalidSpec(format!(
+                    "spec.oauth2.errorRules[{index}] needs exactly one of equals and contains"
+                )));
+            }
+            Ok(ErrorRule {
+                field: rule.field.clone(),
+                equals: rule.equals.clone(),
+                contains: rule.contains.clone(),
+                status: rule.status,
+                reason: match rule.reason {
+                    ErrorRuleReason::InvalidGrant => DialectReason::InvalidGrant,
+                    ErrorRuleReason::RefreshTokenExpired => DialectReason::RefreshTokenExpired,
+                    ErrorRuleReason::InvalidClient => DialectReason::InvalidClient,
+                    ErrorRuleReason::InsufficientPermissions => {
+                        DialectReason::InsufficientPermissions
+                    }
+                },
+            })
+        })
+        .collect()
 }
 
 /// The value of each of the preset's parameters: the spec's, else the
@@ -270,6 +309,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(no_such.contains("salesforce"), "{no_such}");
+    }
+
+    #[test]
+    fn a_custom_providers_rules_come_first() {
+        let resolved = resolve(&spec(&format!(
+            "tokenUrl: https://idp.example/token\ngrant: clientCredentials\n{CLIENT}\
+             errorRules:\n- field: status\n  equals: DEAD\n  reason: InvalidGrant\n"
+        )))
+        .unwrap();
+        assert_eq!(resolved.dialect().len(), 1);
+        assert_eq!(resolved.dialect()[0].reason, DialectReason::InvalidGrant);
+        let both = resolve(&spec(&format!(
+            "tokenUrl: https://idp.example/token\ngrant: clientCredentials\n{CLIENT}\
+             errorRules:\n- field: status\n  equals: DEAD\n  contains: D\n  reason: InvalidGrant\n"
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("exactly one"), "{both}");
+        let with_preset = resolve(&spec(&format!(
+            "provider: hubspot\ngrant: clientCredentials\n{CLIENT}\
+             errorRules:\n- field: status\n  equals: DEAD\n  reason: InvalidClient\n"
+        )))
+        .unwrap();
+        assert_eq!(with_preset.dialect()[0].equals.as_deref(), Some("DEAD"));
+        assert!(with_preset.dialect().len() > 1);
     }
 
     #[test]

@@ -164,6 +164,12 @@ pub fn oauth_settings(oauth: &OAuth2Auth, limits: &Limits) -> Result<OAuthSettin
             .check_url("spec.oauth2.revocationUrl", revocation)
             .map_err(invalid)?;
     }
+    if let Some(introspection) = &oauth.introspection_url {
+        limits
+            .endpoints
+            .check_url("spec.oauth2.introspectionUrl", introspection)
+            .map_err(invalid)?;
+    }
     if let Some(verification) = &oauth.verification {
         limits
             .endpoints

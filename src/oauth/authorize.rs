@@ -36,7 +36,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{OAuth2Auth, SourceConnection};
 use crate::decide::classify::missing_scopes;
@@ -203,7 +203,11 @@ async fn begin(
         .spec
         .oauth2
         .as_ref()
-        .and_then(|o| resolve(o).ok())
+        .and_then(|o| {
+            resolve(o)
+                .inspect_err(|e| debug!(%e, "an authorization link of a connection whose spec does not resolve"))
+                .ok()
+        })
         .filter(|r| r.oauth.authorization_url.is_some())
         .ok_or_else(link_not_valid)?;
     let oauth = &resolved.oauth;
@@ -219,6 +223,7 @@ async fn begin(
     let now = flow.clock.now();
     let owned = check_state_ownership(&conn, existing.as_ref()).is_ok();
     if ticket.is_empty() || !owned || !ticket_valid(&data, ticket, now, SignedDuration::ZERO) {
+        debug!(connection = %format!("{namespace}/{name}"), owned, "an authorization link that is not valid");
         return Err(link_not_valid());
     }
     // The person holds the connection's link from here on.

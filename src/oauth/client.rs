@@ -318,6 +318,41 @@ pub async fn revoke(
     }
 }
 
+/// The expiry of `access_token` as the provider's introspection endpoint
+/// (RFC 7662) tells it: `None` when the token is inactive or the answer has
+/// no `exp`.
+pub async fn introspect(
+    http: &reqwest::Client,
+    url: &str,
+    client_id: &str,
+    client_secret: &str,
+    auth_method: ClientAuthMethod,
+    access_token: &str,
+) -> Result<Option<jiff::Timestamp>, TokenFailure> {
+    let client = ClientAuth {
+        id: client_id,
+        secret: client_secret,
+        method: auth_method,
+    };
+    let form = vec![("token", access_token), ("token_type_hint", "access_token")];
+    let answer = send(client.post(http, url, form).timeout(REQUEST_TIMEOUT)).await?;
+    if !(200..300).contains(&answer.status) {
+        return Err(answer.http_failure());
+    }
+    let body: serde_json::Value =
+        serde_json::from_slice(&answer.body).map_err(|_| TokenFailure::Malformed {
+            what: "an introspection answer that is not JSON".to_owned(),
+            refresh_token: None,
+        })?;
+    if body.get("active") != Some(&serde_json::Value::Bool(true)) {
+        return Ok(None);
+    }
+    Ok(body
+        .get("exp")
+        .and_then(serde_json::Value::as_i64)
+        .and_then(|exp| jiff::Timestamp::from_second(exp).ok()))
+}
+
 /// Revokes an access token with it as the Bearer credential of a POST
 /// without a body (Dropbox's `/2/auth/token/revoke`).
 pub async fn revoke_bearer(

@@ -98,6 +98,8 @@ pub struct Binding {
     pub revocation_origin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification_origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introspection_origin: Option<String>,
 }
 
 impl Binding {
@@ -108,6 +110,7 @@ impl Binding {
             client_id: client_id.to_owned(),
             revocation_origin: oauth.revocation_url.as_deref().map(origin_of),
             verification_origin: oauth.verification.as_ref().map(|v| origin_of(&v.url)),
+            introspection_origin: oauth.introspection_url.as_deref().map(origin_of),
         }
     }
 
@@ -137,6 +140,14 @@ impl Binding {
                  names {}",
                 name(&self.revocation_origin),
                 name(&now.revocation_origin)
+            ));
+        }
+        if self.introspection_origin != now.introspection_origin {
+            changes.push(format!(
+                "it was granted with introspection endpoint {}, and \
+                 spec.oauth2.introspectionUrl now names {}",
+                name(&self.introspection_origin),
+                name(&now.introspection_origin)
             ));
         }
         if self.verification_origin != now.verification_origin {
@@ -594,6 +605,7 @@ mod tests {
             client_id: "client".into(),
             revocation_origin: None,
             verification_origin: None,
+            introspection_origin: None,
         }
     }
 

@@ -45,6 +45,10 @@ const PENDING_KEYS: [&str; 5] = [
 const TICKET_PREFIX: &str = "authorization_ticket_";
 const TICKET_HASH: &str = "authorization_ticket_sha256";
 const TICKET_EXPIRES_AT: &str = "authorization_ticket_expires_at";
+/// The ticket itself, sealed with the operator's key, so that a reconcile
+/// that does not see the status with the link yet shows the same link
+/// instead of a new one that would void it.
+const TICKET_SEALED: &str = "authorization_ticket_sealed";
 
 /// What the operator keeps for a grant with a refresh token.
 #[derive(Clone, Default, PartialEq)]
@@ -350,13 +354,24 @@ pub fn new_ticket() -> String {
 }
 
 /// Keeps `ticket` as the connection's link ticket until `expires_at`.
-pub fn store_ticket(data: &mut BTreeMap<String, ByteString>, ticket: &str, expires_at: Timestamp) {
+pub fn store_ticket(
+    data: &mut BTreeMap<String, ByteString>,
+    ticket: &str,
+    sealed: &str,
+    expires_at: Timestamp,
+) {
     put(
         data,
         TICKET_HASH,
         &fingerprint(&["authorization-ticket", ticket]),
     );
+    put(data, TICKET_SEALED, sealed);
     put(data, TICKET_EXPIRES_AT, &rfc3339(expires_at));
+}
+
+/// The sealed ticket `store_ticket` kept.
+pub fn sealed_ticket(data: &BTreeMap<String, ByteString>) -> Option<String> {
+    get(data, TICKET_SEALED)
 }
 
 /// Whether `ticket` is the connection's link ticket and valid for at
@@ -380,6 +395,7 @@ pub fn ticket_valid(
 pub fn remove_ticket(data: &mut BTreeMap<String, ByteString>) {
     data.remove(TICKET_HASH);
     data.remove(TICKET_EXPIRES_AT);
+    data.remove(TICKET_SEALED);
 }
 
 /// Compares without telling, by its timing, how much of a guess was right.
@@ -478,7 +494,7 @@ mod tests {
         let mut data = started("s");
         let hour = SignedDuration::from_hours(1);
         assert!(!ticket_valid(&data, "t-1", at(0), hour), "none stored");
-        store_ticket(&mut data, "t-1", at(7_200));
+        store_ticket(&mut data, "t-1", "sealed-t-1", at(7_200));
         assert!(ticket_valid(&data, "t-1", at(0), hour));
         assert!(!ticket_valid(&data, "t-2", at(0), hour));
         assert!(
@@ -487,7 +503,8 @@ mod tests {
         );
         assert!(ticket_valid(&data, "t-1", at(3_600), SignedDuration::ZERO));
         assert!(!ticket_valid(&data, "t-1", at(7_200), SignedDuration::ZERO));
-        assert_eq!(only_pending(&data).len(), PENDING_KEYS.len() + 2);
+        assert_eq!(sealed_ticket(&data).as_deref(), Some("sealed-t-1"));
+        assert_eq!(only_pending(&data).len(), PENDING_KEYS.len() + 3);
         remove_ticket(&mut data);
         assert!(!ticket_valid(&data, "t-1", at(0), hour), "used");
         assert_ne!(new_ticket(), new_ticket());

@@ -39,7 +39,7 @@ use crate::error::{Error, Retry};
 use crate::oauth::client::{self, Grant, Revocable, TokenRequest};
 use crate::oauth::seal::{ANNOTATION_SEALED_GRANT, Binding, SealedGrant};
 use crate::oauth::state_secret::{
-    GrantState, new_ticket, only_pending, store_ticket, ticket_valid,
+    GrantState, new_ticket, only_pending, sealed_ticket, store_ticket, ticket_valid,
 };
 use crate::oauth::token::{IssuedToken, TokenRecord};
 use crate::providers::RevocationStyle;
@@ -201,6 +201,8 @@ impl OAuthSync<'_> {
 /// end the status shows a new one.
 const TICKET_LIFETIME: SignedDuration = SignedDuration::from_hours(7 * 24);
 const TICKET_RENEWAL: SignedDuration = SignedDuration::from_hours(24);
+/// What the link ticket kept in the state Secret is sealed for.
+const TICKET_PURPOSE: &str = "authorization-ticket";
 
 /// The state Secret, and the consented grant it holds.
 type StateAndInbox = (
@@ -325,6 +327,7 @@ impl OAuthSync<'_> {
                 return self.after_failure(inputs, decision, &ask, error).await;
             }
         };
+        let issued = self.introspected(inputs, issued).await;
         let mut record = self.record_of(inputs, &issued, &decision.request_hash);
         let grant = ask.refresh_token.map(|used| {
             let previous = inputs.grant.as_ref();
@@ -437,6 +440,47 @@ impl OAuthSync<'_> {
             &oauth.response_fields,
             request_hash,
         )
+    }
+
+    /// A token answered without `expires_in` gets its real end from the
+    /// provider's introspection endpoint, when it has one; otherwise (or
+    /// when that fails) the default lifetime applies, as the status says.
+    async fn introspected(&self, inputs: &OAuthInputs, mut issued: IssuedToken) -> IssuedToken {
+        let Some(url) = self.oauth.introspection_url.as_deref() else {
+            return issued;
+        };
+        if issued.expires_in.is_some() {
+            return issued;
+        }
+        let Some(_slot) = self.ctx.throttle.acquire_unless_busy(url).await else {
+            return issued;
+        };
+        let answer = client::introspect(
+            &self.ctx.http,
+            url,
+            &inputs.client_id,
+            &inputs.client_secret,
+            self.oauth.client.auth_method.unwrap_or_default(),
+            &issued.access_token,
+        )
+        .await;
+        match answer {
+            Ok(Some(end)) if end > self.now => {
+                let left = end.duration_since(self.now);
+                issued.expires_in = Duration::try_from(left).ok();
+                issued.oddities.push(
+                    "expires_in was absent; the expiry is the introspection endpoint's exp"
+                        .to_owned(),
+                );
+            }
+            Ok(_) => {
+                warn!(connection = %display_name(self.conn), "the introspection endpoint gave no expiry for the new token");
+            }
+            Err(failure) => {
+                warn!(connection = %display_name(self.conn), ?failure, "the introspection endpoint did not answer; the default lifetime applies");
+            }
+        }
+        issued
     }
 
     /// Asks the verification URL, when set, whether the provider accepts
@@ -692,9 +736,17 @@ impl OAuthSync<'_> {
             .status
             .as_ref()
             .and_then(|s| s.authorization_url.as_deref());
-        if let Some(ticket) = shown.and_then(|link| ticket_of(link, &start))
-            && ticket_valid(&data, &ticket, self.now, TICKET_RENEWAL)
-        {
+        // The link the status shows, or else the one given out last (the
+        // status read may predate it): a new one would void it.
+        let uid = conn.uid().unwrap_or_default();
+        let keyring = ctx.keyring.current();
+        let given = sealed_ticket(&data).and_then(|t| keyring.open_text(TICKET_PURPOSE, &uid, &t));
+        let kept = shown
+            .and_then(|link| ticket_of(link, &start))
+            .into_iter()
+            .chain(given)
+            .find(|ticket| ticket_valid(&data, ticket, self.now, TICKET_RENEWAL));
+        if let Some(ticket) = kept {
             return Ok(Some(link_with(&start, &ticket)));
         }
         let ticket = new_ticket();
@@ -702,6 +754,7 @@ impl OAuthSync<'_> {
         store_ticket(
             &mut data,
             &ticket,
+            &keyring.seal_text(TICKET_PURPOSE, &uid, &ticket),
             self.now.saturating_add(TICKET_LIFETIME).unwrap_or(self.now),
         );
         let existing = inputs.state.as_deref().map(ReadSecret::secret);

@@ -931,6 +931,11 @@ impl ProviderEmulator {
     /// `family` as the emulator names it (hubspot, slack, github, ...),
     /// with access tokens that live `access_ttl` seconds.
     pub fn start(family: &str, access_ttl: u32) -> Self {
+        Self::start_with(family, access_ttl, &[])
+    }
+
+    /// `start` with more of the emulator's arguments (`--tls-*`).
+    pub fn start_with(family: &str, access_ttl: u32, extra: &[&str]) -> Self {
         use std::io::BufRead;
         let log = File::create(artifacts_dir().join(format!(
             "emulator-{family}-{}-{}.log",
@@ -941,6 +946,7 @@ impl ProviderEmulator {
         let mut child = Command::new("node")
             .arg(format!("{REPO}/tests/providers/emulator.mjs"))
             .args(["--family", family, "--access-ttl", &access_ttl.to_string()])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)

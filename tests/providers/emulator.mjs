@@ -15,6 +15,8 @@
 //
 // Node 20, ES module, no npm dependencies.
 import http from 'node:http';
+import https from 'node:https';
+import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { URL, URLSearchParams } from 'node:url';
 
@@ -30,7 +32,8 @@ function die(message) {
 }
 
 function parseArgs(argv) {
-  const opts = { family: null, accessTtl: 6, grace: 0, clientId: 'client-1', clientSecret: 'secret-1', verbose: false };
+  const opts = { family: null, accessTtl: 6, grace: 0, clientId: 'client-1', clientSecret: 'secret-1', verbose: false,
+    tlsCert: null, tlsKey: null, tlsAddress: null };
   const number = (name, value, min) => {
     const n = Number(value);
     if (value === '' || !Number.isFinite(n) || n < min) die(`${name} needs a number >= ${min}, got ${JSON.stringify(value)}`);
@@ -53,6 +56,12 @@ function parseArgs(argv) {
       case '--client-id': opts.clientId = value(); break;
       case '--client-secret': opts.clientSecret = value(); break;
       case '--verbose': opts.verbose = true; break;
+      // Also serve HTTPS at host:port with this certificate, so that a
+      // browser told to resolve the provider's own host name here (for a
+      // per-customer host such as acme.my.salesforce.com) reaches us.
+      case '--tls-cert': opts.tlsCert = value(); break;
+      case '--tls-key': opts.tlsKey = value(); break;
+      case '--tls-address': opts.tlsAddress = value(); break;
       case '-h': case '--help': process.stderr.write(`${USAGE}\n`); process.exit(0); break;
       default: die(`unknown argument ${arg}`);
     }
@@ -850,7 +859,20 @@ const server = http.createServer((req, res) => {
 server.keepAliveTimeout = 65_000;
 server.headersTimeout = 66_000;
 server.on('error', (err) => { process.stderr.write(`emulator: ${err.stack ?? err}\n`); process.exit(1); });
-server.listen(0, '127.0.0.1', () => {
+const listening = [new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))];
+if (OPTS.tlsAddress) {
+  const [host, port] = [OPTS.tlsAddress.slice(0, OPTS.tlsAddress.lastIndexOf(':')), Number(OPTS.tlsAddress.slice(OPTS.tlsAddress.lastIndexOf(':') + 1))];
+  const tls = https.createServer({ cert: fs.readFileSync(OPTS.tlsCert), key: fs.readFileSync(OPTS.tlsKey) }, (req, res) => {
+    route(req, res).catch((err) => {
+      process.stderr.write(`emulator: ${req.method} ${req.url}: ${err?.stack ?? err}\n`);
+      if (!res.headersSent) send(res, 500, 'internal error\n', 'text/plain; charset=utf-8');
+      else res.destroy();
+    });
+  });
+  tls.on('error', (err) => { process.stderr.write(`emulator (tls): ${err.stack ?? err}\n`); process.exit(1); });
+  listening.push(new Promise((resolve) => tls.listen(port, host, resolve)));
+}
+Promise.all(listening).then(() => {
   process.stdout.write(`{"port": ${server.address().port}}\n`);
 });
 
