@@ -283,6 +283,15 @@ pub struct OAuth2Auth {
         inner(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))
     )]
     pub response_fields: Vec<String>,
+    /// Values the provider sends in the consent's redirect rather than in
+    /// the token answer (QuickBooks' `realmId`), copied into the target
+    /// Secret under their names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = RESPONSE_FIELDS_MAX),
+        inner(length(min = 1, max = SECRET_KEY_MAX), regex(pattern = SECRET_KEY_PATTERN))
+    )]
+    pub redirect_fields: Vec<String>,
     /// A cheap API request made with every new access token, so that a
     /// role change surfaces as InsufficientPermissions before an extraction
     /// fails.

@@ -50,6 +50,9 @@ pub struct Preset {
     pub token_params: BTreeMap<String, String>,
     #[serde(default)]
     pub response_fields: Vec<String>,
+    /// Values sent in the consent's redirect, kept with the grant.
+    #[serde(default)]
+    pub redirect_fields: Vec<String>,
     #[serde(default)]
     pub verification_url: Option<String>,
     /// RFC 7662 token introspection, asked for the expiry of tokens the

@@ -385,30 +385,38 @@ fn plugin(ns: &TestNamespace) -> std::process::Command {
     common::kubectl_plugin(&ns.name)
 }
 
-#[test]
-fn kubectl_tokenkeeper_authorizes_from_the_terminal_then_shows_and_refreshes() {
-    use std::io::{BufRead, BufReader};
-    let setup = setup("plugin", &[]);
-    let ns = &setup.ns;
-    link_of(&setup);
+/// The lines a running plugin prints.
+type PluginLines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
 
-    let mut authorize = plugin(ns)
+/// `kubectl tokenkeeper authorize crm` started as a user starts it; the
+/// process, the rest of what it prints, and the consent URL it printed.
+fn plugin_authorize(setup: &Setup) -> (std::process::Child, PluginLines, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = plugin(&setup.ns)
         .args(["authorize", "crm", "--no-browser", "--timeout", "60"])
         .arg("--allow-plain-http-loopback")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(authorize.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let prefix = format!("{}/auth?", setup.server.issuer);
     let url = loop {
         let line = lines.next().expect("the plugin prints the URL").unwrap();
-        if let Some(url) = line
-            .trim()
-            .strip_prefix(&format!("{}/auth?", setup.server.issuer))
-        {
-            break format!("{}/auth?{url}", setup.server.issuer);
+        if let Some(query) = line.trim().strip_prefix(&prefix) {
+            break format!("{prefix}{query}");
         }
     };
+    (child, lines, url)
+}
+
+#[test]
+fn kubectl_tokenkeeper_authorizes_from_the_terminal_then_shows_and_refreshes() {
+    let setup = setup("plugin", &[]);
+    let ns = &setup.ns;
+    link_of(&setup);
+
+    let (mut authorize, lines, url) = plugin_authorize(&setup);
     assert!(
         url.contains("code_challenge_method=S256")
             && url.contains("redirect_uri=http%3A%2F%2F127.0.0.1%3A"),
@@ -654,7 +662,6 @@ fn code_challenge(verifier: &str) -> String {
 
 #[test]
 fn consented_grants_and_verifiers_never_sit_in_a_secret_in_plaintext() {
-    use std::io::{BufRead, BufReader};
     let setup = setup("sealed-consent", &[]);
     let ns = &setup.ns;
     let link = link_of(&setup);
@@ -722,23 +729,7 @@ fn consented_grants_and_verifiers_never_sit_in_a_secret_in_plaintext() {
     // `kubectl tokenkeeper authorize` seals to the operator's public key.
     let public_key = ns.jsonpath("srcconn", "crm", "{.status.grantSealingKey}");
     assert!(public_key.starts_with("x25519:"), "{public_key}");
-    let mut authorize_cmd = plugin(ns)
-        .args(["authorize", "crm", "--no-browser", "--timeout", "60"])
-        .arg("--allow-plain-http-loopback")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(authorize_cmd.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("the plugin prints the URL").unwrap();
-        if let Some(url) = line
-            .trim()
-            .strip_prefix(&format!("{}/auth?", setup.server.issuer))
-        {
-            break format!("{}/auth?{url}", setup.server.issuer);
-        }
-    };
+    let (authorize_cmd, mut lines, url) = plugin_authorize(&setup);
     let before = setup.server.grant_secrets_seen().len();
     let (status, page) = authorize_at(&url);
     assert_eq!(status, 200, "{page}");
@@ -844,18 +835,12 @@ fn a_preset_consent_in_a_real_browser_asks_for_offline_access() {
             &external,
         ],
     );
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "app-client",
-        "--from-literal=client_id=client-1",
-        "--from-literal=client_secret=secret-1",
-    ]);
+    ns.create_app_client();
     ns.apply_ok(&format!(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: analytics\nspec:\n  oauth2:\n    \
          provider: google\n    tokenUrl: \"{token}\"\n    authorizationUrl: \"{authorize}\"\n    revocationUrl: \"{revoke}\"\n    \
-         verification:\n      url: \"{me}\"\n    grant: authorizationCode\n    client:\n      secretRef:\n        name: app-client\n",
+         verification:\n      url: \"{me}\"\n    redirectFields: [realmId]\n    grant: authorizationCode\n    \
+         client:\n      secretRef:\n        name: app-client\n",
         token = emulator.url("/token"),
         authorize = emulator.url("/authorize"),
         revoke = emulator.url("/revoke"),
@@ -868,6 +853,9 @@ fn a_preset_consent_in_a_real_browser_asks_for_offline_access() {
             .then_some(link.clone())
             .ok_or(link)
     });
+    // A value sent in the redirect rather than the token answer, as
+    // QuickBooks sends realmId.
+    emulator.control("redirect-extra", json!({"realmId": "9130357"}));
     let browser = Chromium::start();
     browser.open(&link);
     wait_for("the success page", READY, || {
@@ -877,6 +865,17 @@ fn a_preset_consent_in_a_real_browser_asks_for_offline_access() {
             .ok_or(page)
     });
     ns.wait_ready("analytics", "True", "SecretSynced", READY);
+    // Kept with the grant: still there after refreshes (6 s tokens).
+    let issued = ns.secret_value("analytics-credentials", "access_token");
+    wait_for("a refresh", READY, || {
+        let now = ns.secret_value("analytics-credentials", "access_token");
+        (now != issued).then_some(()).ok_or("not yet".to_owned())
+    });
+    assert_eq!(
+        ns.secret_value("analytics-credentials", "realmId")
+            .as_deref(),
+        Some("9130357")
+    );
     let asked = emulator.stats()["authorizeRequests"][0].clone();
     assert_eq!(asked["access_type"], "offline", "{asked}");
     assert_eq!(asked["prompt"], "consent", "{asked}");
@@ -933,14 +932,7 @@ fn a_per_customer_host_preset_consent_in_a_real_browser() {
     let ns = TestNamespace::new("preset-host");
     let bind = format!("127.0.0.1:{port}");
     let _operator = Operator::start_with(&ns, &["--authorization-bind-address", &bind]);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "app-client",
-        "--from-literal=client_id=client-1",
-        "--from-literal=client_secret=secret-1",
-    ]);
+    ns.create_app_client();
     ns.apply_ok(&format!(
         "apiVersion: tokenkeeper.dev/v1alpha1\nkind: SourceConnection\nmetadata:\n  name: sf\nspec:\n  oauth2:\n    \
          provider: salesforce\n    providerParams:\n      domain: acme.my\n    tokenUrl: \"{token}\"\n    \

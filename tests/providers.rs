@@ -76,6 +76,17 @@ fn token_times(ns: &TestNamespace) -> (i64, i64) {
     (issued.as_second(), expires.as_second())
 }
 
+/// `family`'s emulator, a namespace `test` with the emulator's client and a
+/// refresh token it issued, and the operator.
+fn started(family: &str, test: &str) -> (ProviderEmulator, TestNamespace, Operator) {
+    let emulator = ProviderEmulator::start(family, 6);
+    let ns = TestNamespace::new(test);
+    let operator = Operator::start(&ns);
+    ns.create_app_client();
+    ns.put_refresh_token(&emulator.mint("read"));
+    (emulator, ns, operator)
+}
+
 fn stat(emulator: &ProviderEmulator, name: &str) -> u64 {
     emulator.stats()[name].as_u64().unwrap_or_default()
 }
@@ -85,18 +96,7 @@ fn stat(emulator: &ProviderEmulator, name: &str) -> u64 {
 /// rotation; a dead grant and a rotated client secret are the rejections
 /// users act on, with the fix; deleting it revokes the provider's way.
 fn exercise(family: Family) {
-    let emulator = ProviderEmulator::start(family.preset, 6);
-    let ns = TestNamespace::new(&format!("preset-{}", family.preset));
-    let _operator = Operator::start(&ns);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "app-client",
-        "--from-literal=client_id=client-1",
-        "--from-literal=client_secret=secret-1",
-    ]);
-    ns.put_refresh_token(&emulator.mint("read"));
+    let (emulator, ns, _operator) = started(family.preset, &format!("preset-{}", family.preset));
     let manifest = connection("crm", &family, &emulator, true);
     ns.apply_ok(&manifest);
     ns.wait_ready("crm", "True", "SecretSynced", READY);
@@ -240,18 +240,7 @@ fn salesforce_answers_without_expires_in_and_revokes_on_delete() {
 
 #[test]
 fn dropbox_revokes_with_the_access_token() {
-    let emulator = ProviderEmulator::start("dropbox", 6);
-    let ns = TestNamespace::new("preset-dropbox");
-    let _operator = Operator::start(&ns);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "app-client",
-        "--from-literal=client_id=client-1",
-        "--from-literal=client_secret=secret-1",
-    ]);
-    ns.put_refresh_token(&emulator.mint("files.content.read"));
+    let (emulator, ns, _operator) = started("dropbox", "preset-dropbox");
     let family = Family {
         preset: "dropbox",
         token_path: "/oauth2/token",
@@ -284,18 +273,7 @@ fn without_a_preset_dead_grants_are_still_rejections() {
         ("slack", "/api/oauth.v2.access"),
         ("github", "/login/oauth/access_token"),
     ] {
-        let emulator = ProviderEmulator::start(family, 6);
-        let ns = TestNamespace::new(&format!("generic-{family}"));
-        let _operator = Operator::start(&ns);
-        ns.kubectl_ok(&[
-            "create",
-            "secret",
-            "generic",
-            "app-client",
-            "--from-literal=client_id=client-1",
-            "--from-literal=client_secret=secret-1",
-        ]);
-        ns.put_refresh_token(&emulator.mint("read"));
+        let (emulator, ns, _operator) = started(family, &format!("generic-{family}"));
         let custom = Family {
             preset: family,
             token_path: path,
@@ -331,14 +309,7 @@ fn a_grant_that_ends_says_so_ahead_and_the_metric_shows_it() {
     let emulator = ProviderEmulator::start("github", 6);
     let ns = TestNamespace::new("grant-expiry");
     let (_operator, port) = Operator::with_metrics(&ns);
-    ns.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "app-client",
-        "--from-literal=client_id=client-1",
-        "--from-literal=client_secret=secret-1",
-    ]);
+    ns.create_app_client();
     ns.put_refresh_token(&emulator.mint("read"));
     let family = Family {
         preset: "github",

@@ -23,7 +23,7 @@ use tokenkeeper::decide::validate::oauth_settings;
 use tokenkeeper::oauth::client::{self as token_client, CodeExchange};
 use tokenkeeper::oauth::destination::EndpointPolicy;
 use tokenkeeper::oauth::seal::{Binding, key_number, seal_to_public_key};
-use tokenkeeper::oauth::state_secret::consented_grant;
+use tokenkeeper::oauth::state_secret::{consented_grant, redirect_values};
 use tokenkeeper::oauth::token::{ANNOTATION_ISSUED_AT, ANNOTATION_NEXT_REFRESH_AT, KEY_EXPIRES_AT};
 use tokenkeeper::write::secret::store_state_secret;
 use tokio::sync::mpsc;
@@ -223,6 +223,9 @@ struct Callback {
     code: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
+    /// What else the provider sent (values of `redirectFields`).
+    #[serde(flatten)]
+    rest: std::collections::BTreeMap<String, String>,
 }
 
 async fn authorize(
@@ -353,7 +356,7 @@ async fn authorize(
     })?;
     let existing = secrets.get_opt(&conn.state_secret_name()).await?;
     check_state_ownership(&conn, existing.as_ref())?;
-    let state_after = consented_grant(
+    let mut state_after = consented_grant(
         oauth,
         limits,
         &issued,
@@ -361,6 +364,7 @@ async fn authorize(
         &client_id,
         Timestamp::now(),
     )?;
+    state_after.redirect_values = redirect_values(&oauth.redirect_fields, &callback.rest);
     let binding = Binding::new(&conn.uid().unwrap_or_default(), oauth, &client_id);
     let grant = state_after
         .grant()

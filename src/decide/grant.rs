@@ -109,6 +109,7 @@ pub fn adopt_consented_grant(inputs: &mut OAuthInputs) -> bool {
         account: consented.account.clone(),
         consent: consented.consent_id.clone(),
         granted_at: Some(token.issued_at),
+        redirect_values: consented.redirect_values.clone(),
     });
     inputs.current = Some(token.clone());
     true
@@ -360,6 +361,9 @@ pub fn next_grant(
             Some(kept) => kept.granted_at,
             None => Some(issued_at),
         },
+        redirect_values: previous
+            .map(|p| p.redirect_values.clone())
+            .unwrap_or_default(),
         imported_hash: import_hash,
     }
 }
@@ -695,6 +699,7 @@ mod tests {
             account: None,
             consent: None,
             granted_at: None,
+            redirect_values: Default::default(),
         };
         let issued_at = Timestamp::from_second(1_000).unwrap();
         let mut issued = IssuedToken {

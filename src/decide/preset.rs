@@ -115,6 +115,9 @@ pub fn resolve(oauth: &OAuth2Auth) -> Result<Resolved, Error> {
     if resolved.response_fields.is_empty() {
         resolved.response_fields = preset.response_fields.clone();
     }
+    if resolved.redirect_fields.is_empty() {
+        resolved.redirect_fields = preset.redirect_fields.clone();
+    }
     if resolved.default_token_lifetime.is_none() {
         resolved.default_token_lifetime = preset.default_token_lifetime.clone();
     }

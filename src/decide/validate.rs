@@ -193,7 +193,7 @@ pub fn oauth_settings(oauth: &OAuth2Auth, limits: &Limits) -> Result<OAuthSettin
         }
         _ => {}
     }
-    for field in &oauth.response_fields {
+    for field in oauth.response_fields.iter().chain(&oauth.redirect_fields) {
         let reserved = RESERVED_TARGET_KEYS.contains(&field.as_str()) || field == KEY_REFRESH_TOKEN;
         let valid_key = !field.is_empty()
             && field

@@ -49,7 +49,7 @@ use crate::oauth::client::{self, CodeExchange};
 use crate::oauth::seal::{Binding, SharedKeyring};
 use crate::oauth::state_secret::{
     CallbackRefusal, GrantState, PendingAuthorization, check_callback, clear_pending,
-    consented_grant, new_ticket, remove_ticket, ticket_valid,
+    consented_grant, new_ticket, redirect_values, remove_ticket, ticket_valid,
 };
 use crate::oauth::token::{IssuedToken, TokenFailure};
 use crate::runtime::throttle::EventBudget;
@@ -267,6 +267,9 @@ struct CallbackQuery {
     code: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
+    /// What else the provider sent (values of `redirectFields`).
+    #[serde(flatten)]
+    rest: BTreeMap<String, String>,
 }
 
 async fn callback(
@@ -372,8 +375,10 @@ async fn finish(
         return Err(no_refresh_token());
     };
     let now = flow.clock.now();
-    let consented = consented_grant(oauth, &flow.limits, &issued, refresh_token, &client_id, now)
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let mut consented =
+        consented_grant(oauth, &flow.limits, &issued, refresh_token, &client_id, now)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    consented.redirect_values = redirect_values(&oauth.redirect_fields, &query.rest);
     let binding = Binding::new(&uid, oauth, &client_id);
     // The leader takes the grant from there into the target Secret moments
     // later: this replica may be a follower, and only the leader writes grants.

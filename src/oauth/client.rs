@@ -308,6 +308,11 @@ pub async fn revoke(
         method: auth_method,
     };
     let answer = send(client.post(http, revocation_url, form)).await?;
+    revocation_answer(&answer)
+}
+
+/// What a revocation endpoint's answer says: done, or why not.
+fn revocation_answer(answer: &Answer) -> Result<(), TokenFailure> {
     match answer.status {
         200..=299 => Ok(()),
         status if status >= 500 || status == 429 => Err(answer.http_failure()),
@@ -361,14 +366,7 @@ pub async fn revoke_bearer(
     access_token: &str,
 ) -> Result<(), TokenFailure> {
     let answer = send(http.post(revocation_url).bearer_auth(access_token)).await?;
-    match answer.status {
-        200..=299 => Ok(()),
-        status if status >= 500 || status == 429 => Err(answer.http_failure()),
-        status => Err(
-            parse_error(status, &answer.body, answer.content_type.as_deref())
-                .unwrap_or_else(|| answer.http_failure()),
-        ),
-    }
+    revocation_answer(&answer)
 }
 
 /// Timeout of one verification request.

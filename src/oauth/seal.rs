@@ -75,6 +75,10 @@ pub struct SealedGrant {
     /// where a provider's absolute grant lifetime counts from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granted_at: Option<Timestamp>,
+    /// What the provider sent in the consent's redirect (`redirectFields`),
+    /// written into the target Secret with every token.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub redirect_values: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for SealedGrant {
@@ -595,6 +599,7 @@ mod tests {
             account: Some("ann@example.com".into()),
             consent: None,
             granted_at: None,
+            redirect_values: BTreeMap::new(),
         }
     }
 

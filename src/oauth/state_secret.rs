@@ -63,6 +63,8 @@ pub struct GrantState {
     /// Fingerprint of the sealed grant as stored (`from_data`): which
     /// consent this is.
     pub consent_id: Option<String>,
+    /// What the provider sent in the consent's redirect (`redirectFields`).
+    pub redirect_values: BTreeMap<String, String>,
     /// The newest access token, persisted together with the refresh token.
     pub token: Option<TokenRecord>,
 }
@@ -90,6 +92,7 @@ impl GrantState {
             account: self.account.clone(),
             consent: None,
             granted_at: None,
+            redirect_values: self.redirect_values.clone(),
         })
     }
 
@@ -155,6 +158,10 @@ impl GrantState {
             refresh_token_expires_at: grant.as_ref().and_then(|g| g.refresh_token_expires_at),
             imported_hash: grant.as_ref().and_then(|g| g.imported_hash.clone()),
             account: grant.as_ref().and_then(|g| g.account.clone()),
+            redirect_values: grant
+                .as_ref()
+                .map(|g| g.redirect_values.clone())
+                .unwrap_or_default(),
             consent_id: grant.and(consent_id),
             token,
         }
@@ -187,8 +194,32 @@ pub fn consented_grant(
         imported_hash: None,
         account: issued.account(),
         consent_id: None,
+        redirect_values: BTreeMap::new(),
         token: Some(record),
     })
+}
+
+/// The longest value kept of what a redirect carried.
+const REDIRECT_VALUE_MAX: usize = 256;
+
+/// The values of `fields` a consent's redirect carried in its `query`:
+/// bounded, without control characters.
+pub fn redirect_values(
+    fields: &[String],
+    query: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    fields
+        .iter()
+        .filter_map(|field| {
+            let value: String = query
+                .get(field)?
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(REDIRECT_VALUE_MAX)
+                .collect();
+            (!value.is_empty()).then(|| (field.clone(), value))
+        })
+        .collect()
 }
 
 /// The state Secret's data less any pending authorization.
@@ -464,6 +495,19 @@ mod tests {
             Err(CallbackRefusal::NothingPending)
         );
         assert_eq!(get(&done, KEY_SEALED_GRANT).as_deref(), Some("kept"));
+    }
+
+    #[test]
+    fn only_the_named_redirect_values_are_kept_bounded() {
+        let query = BTreeMap::from([
+            ("realmId".to_owned(), "9130\u{1b}3".to_owned()),
+            ("code".to_owned(), "secret-code".to_owned()),
+            ("long".to_owned(), "x".repeat(1000)),
+        ]);
+        let kept = redirect_values(&["realmId".into(), "long".into(), "absent".into()], &query);
+        assert_eq!(kept["realmId"], "91303");
+        assert_eq!(kept["long"].len(), 256);
+        assert_eq!(kept.len(), 2);
     }
 
     #[test]

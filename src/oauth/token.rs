@@ -546,6 +546,7 @@ mod tests {
             imported_hash: Some(fingerprint(&["rt0"])),
             account: Some("ann@example.com".into()),
             consent_id: None,
+            redirect_values: BTreeMap::from([("realmId".to_owned(), "9130".to_owned())]),
             token: Some(TokenRecord {
                 lifetime_assumed: true,
                 ..record()

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -320,6 +321,11 @@ impl OAuthSync<'_> {
                         account: inputs.grant.as_ref().and_then(|g| g.account.clone()),
                         consent: inputs.grant.as_ref().and_then(|g| g.consent.clone()),
                         granted_at: inputs.grant.as_ref().and_then(|g| g.granted_at),
+                        redirect_values: inputs
+                            .grant
+                            .as_ref()
+                            .map(|g| g.redirect_values.clone())
+                            .unwrap_or_default(),
                     };
                     let (current, due) = self.current_and_due(inputs);
                     self.write_token(inputs, current, Some(&grant), due).await?;
@@ -812,7 +818,14 @@ impl OAuthSync<'_> {
             let sealed = kept_seal.unwrap_or_else(|| keyring.seal(grant, &inputs.binding));
             annotations.insert(ANNOTATION_SEALED_GRANT.to_owned(), sealed);
         }
-        let data = record.map(TokenRecord::target_data).unwrap_or_default();
+        let mut data = record.map(TokenRecord::target_data).unwrap_or_default();
+        // What the provider sent in the consent's redirect, for API calls.
+        if let Some(grant) = grant {
+            for (name, value) in &grant.redirect_values {
+                data.entry(name.clone())
+                    .or_insert_with(|| ByteString(value.clone().into_bytes()));
+            }
+        }
         target_secret(conn, data, annotations)
     }
 

@@ -175,6 +175,19 @@ impl TestNamespace {
         ]);
     }
 
+    /// Secret `app-client` with the client of the provider emulators
+    /// (`client-1` / `secret-1`).
+    pub fn create_app_client(&self) {
+        self.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "app-client",
+            "--from-literal=client_id=client-1",
+            "--from-literal=client_secret=secret-1",
+        ]);
+    }
+
     /// Secret `crm-grant` holding `token` under `refresh_token`, created or
     /// replaced as a user does (`kubectl create --dry-run | kubectl apply`).
     pub fn put_refresh_token(&self, token: &str) {

@@ -688,6 +688,9 @@ function handleAuthorize(req, res, url) {
     target.searchParams.set('code', code);
   }
   if (q.state !== undefined) target.searchParams.set('state', q.state);
+  // Values a provider sends in the redirect rather than the token answer
+  // (QuickBooks' realmId), set by a test.
+  for (const [name, value] of Object.entries(state.redirectExtra ?? {})) target.searchParams.set(name, value);
   send(res, 302, '', null, { Location: target.toString() });
 }
 
@@ -810,6 +813,9 @@ function handleControl(req, res, pathname, body) {
     case '/control/grant-deadline':
       if (!Number.isInteger(input.seconds) || input.seconds < 0) return json(res, 400, { error: 'seconds must be a non-negative integer' });
       state.grantDeadline = Date.now() + input.seconds * 1000;
+      return json(res, 200, { ok: true });
+    case '/control/redirect-extra':
+      state.redirectExtra = input;
       return json(res, 200, { ok: true });
     case '/control/client-secret':
       if (typeof input.secret !== 'string' || input.secret === '') return json(res, 400, { error: 'secret must be a non-empty string' });
