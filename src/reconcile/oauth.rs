@@ -318,14 +318,7 @@ impl OAuthSync<'_> {
                         refresh_token: rotated,
                         refresh_token_expires_at: None,
                         imported_hash: ask.import_hash.clone(),
-                        account: inputs.grant.as_ref().and_then(|g| g.account.clone()),
-                        consent: inputs.grant.as_ref().and_then(|g| g.consent.clone()),
-                        granted_at: inputs.grant.as_ref().and_then(|g| g.granted_at),
-                        redirect_values: inputs
-                            .grant
-                            .as_ref()
-                            .map(|g| g.redirect_values.clone())
-                            .unwrap_or_default(),
+                        ..inputs.grant.clone().unwrap_or_default()
                     };
                     let (current, due) = self.current_and_due(inputs);
                     self.write_token(inputs, current, Some(&grant), due).await?;
