@@ -105,8 +105,18 @@ fn oauth_failure(status: u16, fields: &Map<String, Value>) -> TokenFailure {
         Value::Bool(flag) => Some(flag.to_string()),
         _ => None,
     };
+    // Fields that may echo a credential are never kept: the failure is
+    // logged and may be shown.
+    let credential = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        name == "code"
+            || ["token", "secret", "password", "assertion", "verifier"]
+                .iter()
+                .any(|word| name.contains(word))
+    };
     let kept = fields
         .iter()
+        .filter(|(name, _)| !credential(name))
         .take(ERROR_FIELDS_MAX)
         .map(|(name, value)| {
             let values: Vec<String> = match value {
@@ -396,6 +406,15 @@ mod tests {
             Some("missing or unknown refresh token")
         );
         assert_eq!(fields["status"], ["BAD_REFRESH_TOKEN"]);
+        let echoing =
+            br#"{"error":"invalid_grant","refresh_token":"rt-echoed","client_secret":"s"}"#;
+        let Some(TokenFailure::OAuth { fields, .. }) =
+            parse_error(400, echoing, Some("application/json"))
+        else {
+            panic!("an error");
+        };
+        assert!(!format!("{fields:?}").contains("rt-echoed"), "{fields:?}");
+        assert!(!fields.contains_key("client_secret"));
         assert_eq!(parse_error(401, b"nope", Some("text/plain")), None);
     }
 }
