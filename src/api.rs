@@ -105,7 +105,11 @@ const RESPONSE_FIELDS_MAX: u32 = 32;
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Provider","type":"string","priority":1,"jsonPath":".spec.oauth2.provider"}"#,
+    printcolumn = r#"{"name":"Grant","type":"string","priority":1,"jsonPath":".spec.oauth2.grant"}"#,
+    printcolumn = r#"{"name":"Token URL","type":"string","priority":1,"jsonPath":".spec.oauth2.tokenUrl"}"#,
+    printcolumn = r#"{"name":"Grant Expiring","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"GrantExpiring\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SourceConnectionSpec {

@@ -811,3 +811,59 @@ fn the_namespaced_mode_serves_its_namespaces_only() {
     assert_eq!(other.jsonpath("srcconn", "stripe", "{.status}"), "");
     assert_eq!(other.secret_value("stripe-credentials", "api_key"), None);
 }
+
+/// The pods of `deploy/examples/extraction-*.yaml` read the target Secret
+/// as files of a volume (a refreshed token reaches them), never through an
+/// environment variable or a subPath mount (which keep the first token).
+#[test]
+fn the_extraction_examples_read_the_secret_as_files() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::batch::v1::CronJob;
+    use k8s_openapi::api::core::v1::PodSpec;
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("{REPO}/deploy/examples/{file}")).expect("example exists")
+    };
+    let checked = |spec: &PodSpec, file: &str| {
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| {
+                v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+                    == Some("salesforce-preset-credentials")
+            })
+            .unwrap_or_else(|| panic!("{file}: the target Secret as a volume"));
+        for container in &spec.containers {
+            let mount = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == volume.name)
+                .unwrap_or_else(|| panic!("{file}: {} mounts it", container.name));
+            assert!(mount.sub_path.is_none(), "{file}: no subPath");
+            let from_secret = container.env.iter().flatten().any(|e| {
+                e.value_from
+                    .as_ref()
+                    .is_some_and(|v| v.secret_key_ref.is_some())
+            });
+            assert!(!from_secret, "{file}: no token in an environment variable");
+        }
+    };
+    let deployment: Deployment = serde_yaml::from_str(&read("extraction-deployment.yaml")).unwrap();
+    checked(
+        deployment.spec.unwrap().template.spec.as_ref().unwrap(),
+        "extraction-deployment.yaml",
+    );
+    let cronjob: CronJob = serde_yaml::from_str(&read("extraction-cronjob.yaml")).unwrap();
+    let job = cronjob.spec.unwrap().job_template.spec.unwrap();
+    checked(
+        job.template.spec.as_ref().unwrap(),
+        "extraction-cronjob.yaml",
+    );
+    // The API server here serves Deployments: check it there too (batch/v1
+    // CronJob needs 1.21; the typed parse above is its check).
+    let ns = TestNamespace::new("extraction-examples");
+    let path = format!("{REPO}/deploy/examples/extraction-deployment.yaml");
+    let out = ns.kubectl(&["apply", "--dry-run=server", "-f", &path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

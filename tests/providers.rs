@@ -330,6 +330,12 @@ fn a_grant_that_ends_says_so_ahead_and_the_metric_shows_it() {
     });
     assert_eq!(ns.condition("crm", "GrantExpiring", "status"), "False");
     assert_eq!(ns.condition("crm", "GrantExpiring", "reason"), "GrantValid");
+    // `kubectl get -o wide` shows the preset and the grant's state.
+    let wide = ns.kubectl_ok(&["get", "srcconn", "crm", "-o", "wide"]);
+    assert!(
+        wide.contains("PROVIDER") && wide.contains("GRANT EXPIRING") && wide.contains("github"),
+        "{wide}"
+    );
     let (_, metrics) = common::http_get(port, "/metrics");
     assert!(
         metrics.contains("tokenkeeper_connection_grant_expiry_timestamp_seconds{"),
