@@ -867,3 +867,61 @@ fn the_extraction_examples_read_the_secret_as_files() {
     let out = ns.kubectl(&["apply", "--dry-run=server", "-f", &path]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The krew manifest that `deploy/krew/package.sh` writes names an archive
+/// that exists, with its sha256, holding the plugin and the license, and
+/// has the fields krew requires.
+#[test]
+fn the_krew_manifest_names_the_packaged_plugin() {
+    let out = tempfile::tempdir().unwrap();
+    let made = Command::new(format!("{REPO}/deploy/krew/package.sh"))
+        .arg(env!("CARGO_BIN_EXE_kubectl-tokenkeeper"))
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let path = String::from_utf8(made.stdout).unwrap();
+    let manifest: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path.trim()).unwrap()).unwrap();
+    assert_eq!(
+        manifest["apiVersion"],
+        "krew.googlecontainertools.github.com/v1alpha2"
+    );
+    assert_eq!(manifest["kind"], "Plugin");
+    assert_eq!(manifest["metadata"]["name"], "tokenkeeper");
+    let spec = &manifest["spec"];
+    let version = spec["version"].as_str().unwrap();
+    assert!(
+        version.starts_with('v') && version[1..].split('.').count() == 3,
+        "{version}"
+    );
+    for field in ["homepage", "shortDescription"] {
+        assert!(
+            spec[field].as_str().is_some_and(|v| !v.is_empty()),
+            "{field}"
+        );
+    }
+    let platform = &spec["platforms"][0];
+    assert_eq!(platform["bin"], "kubectl-tokenkeeper");
+    assert_eq!(platform["selector"]["matchLabels"]["os"], "linux");
+    let uri = platform["uri"].as_str().unwrap();
+    let archive = uri.strip_prefix("file://").expect("a local archive");
+    let bytes = std::fs::read(archive).unwrap();
+    let sha = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(platform["sha256"], sha.as_str());
+    let listed = Command::new("tar")
+        .args(["-tzf", archive])
+        .output()
+        .unwrap();
+    let names = String::from_utf8(listed.stdout).unwrap();
+    assert!(
+        names.lines().any(|l| l == "kubectl-tokenkeeper") && names.lines().any(|l| l == "LICENSE"),
+        "{names}"
+    );
+}
