@@ -431,6 +431,16 @@ fn kubectl_tokenkeeper_authorizes_from_the_terminal_then_shows_and_refreshes() {
     assert!(rest.iter().any(|l| l.contains("is Ready")), "{rest:?}");
     ns.wait_ready("crm", "True", "SecretSynced", READY);
 
+    let listed = plugin(ns).args(["status"]).output().unwrap();
+    let list = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed.status.success() && list.contains("crm") && list.contains("SecretSynced"),
+        "{list}"
+    );
+    let json = plugin(ns).args(["status", "-o", "json"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(rows[0]["name"], "crm", "{rows}");
+    assert!(rows[0]["tokenExpires"].is_string(), "{rows}");
     let status = plugin(ns).args(["status", "crm"]).output().unwrap();
     let text = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(status.status.success(), "{text}");

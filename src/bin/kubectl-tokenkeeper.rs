@@ -56,8 +56,20 @@ enum Command {
         #[arg(long)]
         allow_plain_http_loopback: bool,
     },
-    /// Conditions with cause and fix, token times, and recent events.
-    Status { name: String },
+    /// Conditions with cause and fix, token times, and recent events; without
+    /// a name, every connection of the namespace (or of all, with -A) with
+    /// its state, token expiry and grant expiry.
+    Status {
+        name: Option<String>,
+        /// Every namespace (the list only).
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// `json` for the list as JSON.
+        #[arg(short, long)]
+        output: Option<String>,
+    },
+    /// Shell completion for bash, zsh or fish.
+    Completion { shell: clap_complete::Shell },
     /// Ask tokenkeeper to refresh the connection's token now.
     Refresh { name: String },
     /// List the provider presets, or show what one fills in.
@@ -81,7 +93,27 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| client.default_namespace().to_owned());
     let connections: Api<SourceConnection> = Api::namespaced(client.clone(), &namespace);
     match cli.command {
-        Command::Status { name } => status(&client, &connections, &namespace, &name).await,
+        Command::Status {
+            name: Some(name), ..
+        } => status(&client, &connections, &namespace, &name).await,
+        Command::Status {
+            name: None,
+            all_namespaces,
+            output,
+        } => {
+            let scope = (!all_namespaces).then_some(namespace.as_str());
+            list(&client, scope, output.as_deref() == Some("json")).await
+        }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "kubectl-tokenkeeper",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Refresh { name } => {
             let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_FORCE_REFRESH: Timestamp::now().to_string()}}});
             connections
@@ -213,6 +245,98 @@ async fn status(
             printable(event.reason.as_deref().unwrap_or_default()),
             printable(event.message.as_deref().unwrap_or_default())
         );
+    }
+    Ok(())
+}
+
+/// One connection as `kubectl tokenkeeper status` lists it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Row {
+    namespace: String,
+    name: String,
+    method: String,
+    ready: String,
+    reason: String,
+    token_expires: Option<String>,
+    grant_expires: Option<String>,
+}
+
+/// The row of `conn`, with the token expiry its target Secret says (never
+/// its token).
+fn row(conn: &SourceConnection, target: Option<&Secret>) -> Row {
+    let status = conn.status.clone().unwrap_or_default();
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let method = match (&conn.spec.basic, &conn.spec.api_key, &conn.spec.oauth2) {
+        (Some(_), _, _) => "basic".to_owned(),
+        (_, Some(_), _) => "apiKey".to_owned(),
+        (_, _, Some(oauth)) => match &oauth.provider {
+            Some(provider) => format!("oauth2/{provider}"),
+            None => "oauth2".to_owned(),
+        },
+        _ => "-".to_owned(),
+    };
+    Row {
+        namespace: conn.namespace().unwrap_or_default(),
+        name: conn.name_any(),
+        method,
+        ready: ready.map_or("-".to_owned(), |c| c.status.clone()),
+        reason: ready.map_or("-".to_owned(), |c| c.reason.clone()),
+        token_expires: target
+            .and_then(|t| t.data.as_ref()?.get(KEY_EXPIRES_AT).cloned())
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned()),
+        grant_expires: status.grant_expires_at.map(|t| t.0.to_string()),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "{:<20} {:<24} {:<20} {:<6} {:<24} {:<22} {}\n",
+        "NAMESPACE", "NAME", "METHOD", "READY", "REASON", "TOKEN EXPIRES", "GRANT EXPIRES"
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<24} {:<20} {:<6} {:<24} {:<22} {}",
+            printable(&row.namespace),
+            printable(&row.name),
+            printable(&row.method),
+            printable(&row.ready),
+            printable(&row.reason),
+            row.token_expires
+                .as_deref()
+                .map_or("-".to_owned(), printable),
+            row.grant_expires
+                .as_deref()
+                .map_or("-".to_owned(), printable),
+        );
+    }
+    out
+}
+
+/// Every connection of `namespace` (or of all), as a table or JSON.
+async fn list(client: &Client, namespace: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let connections: Api<SourceConnection> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let mut rows = Vec::new();
+    for conn in connections.list(&ListParams::default()).await?.items {
+        let secrets: Api<Secret> =
+            Api::namespaced(client.clone(), &conn.namespace().unwrap_or_default());
+        // Without the right to read Secrets, the list still shows the rest.
+        let target = secrets
+            .get_opt(&conn.target_secret_name())
+            .await
+            .ok()
+            .flatten();
+        rows.push(row(&conn, target.as_ref()));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table(&rows));
     }
     Ok(())
 }
@@ -553,7 +677,68 @@ fn printable(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{printable, providers_text};
+    use super::{Secret, SourceConnection, printable, providers_text, row, table};
+
+    #[test]
+    fn the_list_shows_state_and_times_and_never_a_token() {
+        let conn: SourceConnection = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tokenkeeper.dev/v1alpha1",
+            "kind": "SourceConnection",
+            "metadata": {"name": "crm", "namespace": "data"},
+            "spec": {"oauth2": {"provider": "hubspot", "grant": "refreshToken",
+                "client": {"secretRef": {"name": "c"}}}},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "SecretSynced",
+                "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "grantExpiresAt": "2027-01-01T00:00:00Z"}
+        }))
+        .unwrap();
+        let target = Secret {
+            data: Some(
+                [
+                    (
+                        "expires_at".to_owned(),
+                        k8s_openapi::ByteString(b"2026-12-01T18:00:00Z".to_vec()),
+                    ),
+                    (
+                        "access_token".to_owned(),
+                        k8s_openapi::ByteString(b"at-secret".to_vec()),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let rows = [row(&conn, Some(&target))];
+        let text = table(&rows);
+        for expected in [
+            "oauth2/hubspot",
+            "SecretSynced",
+            "2026-12-01T18:00:00Z",
+            "2027-01-01T00:00:00Z",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+        let json = serde_json::to_string(&rows).unwrap();
+        assert!(json.contains("\"grantExpires\""), "{json}");
+        assert!(!text.contains("at-secret") && !json.contains("at-secret"));
+    }
+
+    #[test]
+    fn completion_scripts_are_generated() {
+        let mut command = <super::Cli as clap::CommandFactory>::command();
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut command,
+            "kubectl-tokenkeeper",
+            &mut out,
+        );
+        let script = String::from_utf8(out).unwrap();
+        assert!(
+            script.contains("rotate-key") && script.contains("providers"),
+            "{script}"
+        );
+    }
 
     #[test]
     fn providers_lists_the_presets_and_shows_one() {
