@@ -229,6 +229,28 @@ fn metrics_and_health_follow_the_connections() {
             .then_some(text.clone())
             .ok_or(text)
     });
+    // promtool's lint: names, units, `_total` on counters.
+    let promtool =
+        std::env::var("TOKENKEEPER_PROMTOOL").expect("TOKENKEEPER_PROMTOOL is set by tests/run.sh");
+    let mut lint = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut lint.stdin.take().unwrap(),
+        prometheus_text(&text).as_bytes(),
+    )
+    .unwrap();
+    let linted = lint.wait_with_output().unwrap();
+    assert!(
+        linted.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&linted.stdout),
+        String::from_utf8_lossy(&linted.stderr)
+    );
     let expiry: Timestamp = ns
         .secret_value("crm-credentials", "expires_at")
         .unwrap()
@@ -924,4 +946,30 @@ fn the_krew_manifest_names_the_packaged_plugin() {
         names.lines().any(|l| l == "kubectl-tokenkeeper") && names.lines().any(|l| l == "LICENSE"),
         "{names}"
     );
+}
+
+/// OpenMetrics text (what /metrics serves) as the Prometheus text format
+/// that promtool's lint reads: a counter family's HELP and TYPE name its
+/// samples (`…_total`), and OpenMetrics' `# UNIT` and `# EOF` lines go.
+fn prometheus_text(open_metrics: &str) -> String {
+    let counters: Vec<String> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .map(str::to_owned)
+        .collect();
+    open_metrics
+        .lines()
+        .filter(|l| !l.starts_with("# UNIT ") && *l != "# EOF")
+        .map(|line| {
+            for family in &counters {
+                for kind in ["# HELP ", "# TYPE "] {
+                    if let Some(rest) = line.strip_prefix(&format!("{kind}{family} ")) {
+                        return format!("{kind}{family}_total {rest}\n");
+                    }
+                }
+            }
+            format!("{line}\n")
+        })
+        .collect()
 }

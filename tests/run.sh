@@ -45,6 +45,8 @@ kubectl --kubeconfig "$TOKENKEEPER_TEST_KUBECONFIG" wait --for condition=establi
 export TOKENKEEPER_TEST_OPERATOR_KUBECONFIG="$PWD/target/test-artifacts/operator.kubeconfig"
 tests/cluster/operator-identity.sh "$TOKENKEEPER_TEST_KUBECONFIG" "$TOKENKEEPER_TEST_OPERATOR_KUBECONFIG"
 export TOKENKEEPER_HELM="$(tests/tools/install-helm.sh)"
+# promtool, for the alert rules' unit tests and the metrics lint.
+export TOKENKEEPER_PROMTOOL="$(tests/tools/install-promtool.sh)"
 
 # fault-injection: tests/never_fall_over.rs makes one reconcile panic.
 status=0
