@@ -352,6 +352,35 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
     let out = Command::new(&helm).args(["lint", &chart]).output().unwrap();
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 
+    // Artifact Hub's metadata agrees with the chart: its CRD, its image.
+    let meta: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{chart}/Chart.yaml")).unwrap())
+            .unwrap();
+    let values: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{chart}/values.yaml")).unwrap())
+            .unwrap();
+    let annotation = |key: &str| -> serde_json::Value {
+        serde_yaml::from_str(
+            meta["annotations"][key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{key}")),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        annotation("artifacthub.io/crds")[0]["name"],
+        "sourceconnections.tokenkeeper.dev"
+    );
+    assert_eq!(
+        annotation("artifacthub.io/images")[0]["image"],
+        format!(
+            "{}:{}",
+            values["image"]["repository"].as_str().unwrap(),
+            meta["appVersion"].as_str().unwrap()
+        )
+    );
+    assert_eq!(meta["annotations"]["artifacthub.io/license"], "Apache-2.0");
+
     let everything = Command::new(&helm)
         .args(["template", "tk", &chart, "--namespace", "ops"])
         .args([
