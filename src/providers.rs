@@ -15,6 +15,32 @@ static CATALOGUE: LazyLock<BTreeMap<String, Preset>> = LazyLock::new(|| {
         .expect("src/providers.yaml is checked by the unit tests")
 });
 
+/// Each preset parameter's pattern, compiled once: resolving a preset is on
+/// every reconcile's path.
+static PATTERNS: LazyLock<BTreeMap<(String, String), Result<regex_lite::Regex, String>>> =
+    LazyLock::new(|| {
+        CATALOGUE
+            .iter()
+            .flat_map(|(id, preset)| {
+                preset.params.iter().map(move |(name, param)| {
+                    let compiled =
+                        regex_lite::Regex::new(&param.pattern).map_err(|e| e.to_string());
+                    ((id.clone(), name.clone()), compiled)
+                })
+            })
+            .collect()
+    });
+
+/// Whether `value` matches the pattern of preset `id`'s parameter `name`;
+/// an error when the catalogue's pattern does not compile.
+pub fn param_matches(id: &str, name: &str, value: &str) -> Result<bool, String> {
+    match PATTERNS.get(&(id.to_owned(), name.to_owned())) {
+        Some(Ok(pattern)) => Ok(pattern.is_match(value)),
+        Some(Err(problem)) => Err(problem.clone()),
+        None => Err(format!("preset {id} has no parameter {name}")),
+    }
+}
+
 /// Every preset, by id.
 pub fn catalogue() -> &'static BTreeMap<String, Preset> {
     &CATALOGUE
@@ -229,6 +255,12 @@ mod tests {
                         "{id}: {{{name}}} in {url}"
                     );
                 }
+            }
+            for (name, param) in &preset.params {
+                if let Some(default) = &param.default {
+                    assert_eq!(param_matches(id, name, default), Ok(true), "{id}.{name}");
+                }
+                assert!(param_matches(id, name, "").is_ok(), "{id}.{name} compiles");
             }
             for rule in &preset.errors {
                 assert!(

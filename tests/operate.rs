@@ -761,16 +761,7 @@ fn the_operator_identity_keeps_the_connection_settings_of_the_users_kubeconfig()
 /// cluster's entry with a token of that account as the only credential.
 fn service_account_kubeconfig(namespace: &str, account: &str) -> std::path::PathBuf {
     let token = common::kubectl_ok(&["create", "token", account, "-n", namespace]);
-    let view = common::kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "--raw",
-        "--flatten",
-        "-o",
-        "json",
-    ]);
-    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    let view = admin_kubeconfig_variant(|_| {});
     let config = json!({
         "apiVersion": "v1",
         "kind": "Config",

@@ -104,15 +104,9 @@ fn refresh_token_grant(name: &str, token_url: &str, revocation_url: &str) -> Str
     )
 }
 
-/// Someone who may edit the connection but not read its Secrets points
-/// its endpoints at a server of theirs: the grant is not sent there, on
-/// refresh or on deletion, and the connection asks for a new consent.
-#[test]
-fn a_grant_goes_only_to_the_endpoints_it_was_given_for() {
-    let provider = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
-    let attacker = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
-    let ns = TestNamespace::new("grant-binding");
-    let _operator = Operator::start(&ns);
+/// Connection `crm` of the refreshToken grant with `provider`, Ready; the
+/// revocation URL it names.
+fn ready_connection(ns: &TestNamespace, provider: &OAuthServer) -> String {
     ns.create_client_secret("crm-client", "crm-client-secret");
     ns.put_refresh_token(&provider.mint_refresh_token("crm.read"));
     let revocation = format!("{}/revocation", provider.token_url());
@@ -122,6 +116,19 @@ fn a_grant_goes_only_to_the_endpoints_it_was_given_for() {
         &revocation,
     ));
     ns.wait_ready("crm", "True", "SecretSynced", READY);
+    revocation
+}
+
+/// Someone who may edit the connection but not read its Secrets points
+/// its endpoints at a server of theirs: the grant is not sent there, on
+/// refresh or on deletion, and the connection asks for a new consent.
+#[test]
+fn a_grant_goes_only_to_the_endpoints_it_was_given_for() {
+    let provider = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let attacker = OAuthServer::start(json!({ "accessTokenTtl": 60 }));
+    let ns = TestNamespace::new("grant-binding");
+    let _operator = Operator::start(&ns);
+    let revocation = ready_connection(&ns, &provider);
 
     ns.apply_ok(&refresh_token_grant(
         "crm",
@@ -227,15 +234,7 @@ fn sealing_keys_rotate_and_a_deleted_key_secret_comes_back() {
         metrics.as_str(),
     ];
     let mut operator = Operator::start_with(&ns, &args);
-    ns.create_client_secret("crm-client", "crm-client-secret");
-    ns.put_refresh_token(&provider.mint_refresh_token("crm.read"));
-    let revocation = format!("{}/revocation", provider.token_url());
-    ns.apply_ok(&refresh_token_grant(
-        "crm",
-        &provider.token_url(),
-        &revocation,
-    ));
-    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    ready_connection(&ns, &provider);
     let first = common::sealing_keys(&ns.name).expect("the operator's keys");
     assert_eq!(seal_key_id(&ns, "crm-credentials"), first.sealing_key_id());
 

@@ -188,10 +188,10 @@ fn param_values(
                 param.description
             ))
         })?;
-        let pattern = regex_lite::Regex::new(&param.pattern).map_err(|e| Error::Internal {
+        let matches = providers::param_matches(id, name, value).map_err(|e| Error::Internal {
             detail: format!("the pattern of preset {id}'s parameter {name} is broken: {e}"),
         })?;
-        if !pattern.is_match(value) {
+        if !matches {
             return Err(Error::InvalidSpec(format!(
                 "spec.oauth2.providerParams.{name} is {value:?}, which preset {id} does not take \
                  ({}; it must match {})",

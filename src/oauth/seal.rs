@@ -327,17 +327,8 @@ impl Keyring {
     pub fn seal(&self, grant: &SealedGrant, binding: &Binding) -> String {
         let key = self.newest();
         let header = STANDARD_NO_PAD.encode(serde_json::to_vec(binding).expect("serializes"));
-        let nonce = random::<NONCE_LEN>();
-        let mut sealed = serde_json::to_vec(grant).expect("a grant serializes");
-        key.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(header.as_bytes()),
-                &mut sealed,
-            )
-            .expect("sealing a small message cannot fail");
-        let mut payload = nonce.to_vec();
-        payload.extend(sealed);
+        let plain = serde_json::to_vec(grant).expect("a grant serializes");
+        let payload = seal_aes(&key.key, header.as_bytes(), plain);
         format!(
             "{FORMAT}.{}.{header}.{}",
             key.id,
@@ -349,17 +340,7 @@ impl Keyring {
     /// `purpose` and the connection with UID `uid`.
     pub fn seal_text(&self, purpose: &str, uid: &str, text: &str) -> String {
         let key = self.newest();
-        let nonce = random::<NONCE_LEN>();
-        let mut sealed = text.as_bytes().to_vec();
-        key.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(text_aad(purpose, uid)),
-                &mut sealed,
-            )
-            .expect("sealing a small message cannot fail");
-        let mut payload = nonce.to_vec();
-        payload.extend(sealed);
+        let payload = seal_aes(&key.key, &text_aad(purpose, uid), text.as_bytes().to_vec());
         format!(
             "{TEXT_FORMAT}.{}.{}",
             key.id,
@@ -473,6 +454,21 @@ fn opened(header: &str, plain: &[u8]) -> Result<Opened, OpenError> {
     })
 }
 
+/// `plain` sealed with a fresh nonce, the nonce first: what `open_aes`
+/// opens.
+fn seal_aes(key: &LessSafeKey, aad: &[u8], mut plain: Vec<u8>) -> Vec<u8> {
+    let nonce = random::<NONCE_LEN>();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut plain,
+    )
+    .expect("sealing a small message cannot fail");
+    let mut payload = nonce.to_vec();
+    payload.extend(plain);
+    payload
+}
+
 fn open_aes(key: &LessSafeKey, aad: &[u8], mut payload: Vec<u8>) -> Result<Vec<u8>, OpenError> {
     if payload.len() < NONCE_LEN {
         return Err(OpenError::Malformed);
@@ -530,17 +526,9 @@ pub fn seal_to_public_key(
     let shared = ephemeral_secret.diffie_hellman(&recipient);
     let key = exchange_key(shared.as_bytes(), &ephemeral, &recipient).map_err(|_| BadPublicKey)?;
     let header = STANDARD_NO_PAD.encode(serde_json::to_vec(binding).expect("serializes"));
-    let nonce = random::<NONCE_LEN>();
-    let mut sealed = serde_json::to_vec(grant).expect("a grant serializes");
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(header.as_bytes()),
-        &mut sealed,
-    )
-    .expect("sealing a small message cannot fail");
+    let plain = serde_json::to_vec(grant).expect("a grant serializes");
     let mut payload = ephemeral.as_bytes().to_vec();
-    payload.extend(nonce);
-    payload.extend(sealed);
+    payload.extend(seal_aes(&key, header.as_bytes(), plain));
     Ok(format!(
         "{PUBLIC_FORMAT}.{}.{header}.{}",
         key_id(recipient.as_bytes()),
@@ -731,16 +719,7 @@ mod tests {
     fn legacy_seals_open_bound_to_the_uid() {
         let (data, keys) = keyring();
         let key = aes_key(&data[KEY_FIELD].0).unwrap();
-        let nonce = random::<NONCE_LEN>();
-        let mut body = serde_json::to_vec(&grant()).unwrap();
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(b"uid"),
-            &mut body,
-        )
-        .unwrap();
-        let mut payload = nonce.to_vec();
-        payload.extend(body);
+        let payload = seal_aes(&key, b"uid", serde_json::to_vec(&grant()).unwrap());
         let legacy = format!(
             "v1.{}.{}",
             keys.sealing_key_id(),
