@@ -110,6 +110,12 @@ struct RunArgs {
     /// spec asks for.
     #[arg(long, default_value_t = 30)]
     min_refresh_interval_seconds: u32,
+    /// Seconds before a token expires by which its successor is in the
+    /// Secret, so that the kubelet's next sync of a mounted Secret volume
+    /// brings it to pods in time; applied when the token lives long enough
+    /// (this plus --min-refresh-interval-seconds).
+    #[arg(long, default_value_t = 120)]
+    refresh_propagation_margin_seconds: u32,
     /// The longest token lifetime taken from a provider's answer (longer
     /// ones are clamped and said on the target Secret); also the longest
     /// refreshBefore and defaultTokenLifetime a spec may set.
@@ -244,6 +250,9 @@ async fn main() -> anyhow::Result<()> {
                     require_source_label: args.require_source_label,
                     grant_expiry_warning: SignedDuration::from_hours(
                         i64::from(args.grant_expiry_warning_days) * 24,
+                    ),
+                    propagation_margin: SignedDuration::from_secs(
+                        args.refresh_propagation_margin_seconds.into(),
                     ),
                 },
                 operator_namespace: args.leader_election_namespace.clone(),

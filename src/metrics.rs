@@ -32,6 +32,19 @@ pub struct TokenRequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabels {
+    pub host: String,
+}
+
+/// Token request latencies: from tens of milliseconds to the request timeout.
+const TOKEN_REQUEST_BUCKETS: [f64; 11] =
+    [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
+
+fn token_request_histogram() -> Histogram {
+    Histogram::new(TOKEN_REQUEST_BUCKETS)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub reason: String,
 }
@@ -54,6 +67,7 @@ struct ConditionLabels {
 pub struct Metrics {
     registry: Registry,
     pub token_requests: Family<TokenRequestLabels, Counter>,
+    token_request_duration: Family<HostLabels, Histogram, fn() -> Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub leader: Gauge,
@@ -71,6 +85,15 @@ impl Default for Metrics {
             "token_requests",
             "Token requests sent to providers, by token endpoint host and result",
             token_requests.clone(),
+        );
+        let token_request_duration =
+            Family::<HostLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                token_request_histogram,
+            );
+        registry.register(
+            "token_request_duration_seconds",
+            "Time from sending a token request to its answer (or failure), by token endpoint host",
+            token_request_duration.clone(),
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
@@ -115,6 +138,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             token_requests,
+            token_request_duration,
             reconcile_errors,
             reconcile_duration,
             leader,
@@ -149,10 +173,15 @@ impl Metrics {
         self.reconcile_duration.observe(took.as_secs_f64());
     }
 
-    pub fn token_request(&self, token_url: &str, result: &str) {
+    /// Counts a token request by its result, and how long it took.
+    pub fn token_request(&self, token_url: &str, result: &str, took: Duration) {
+        let host = host_key(token_url);
+        self.token_request_duration
+            .get_or_create(&HostLabels { host: host.clone() })
+            .observe(took.as_secs_f64());
         self.token_requests
             .get_or_create(&TokenRequestLabels {
-                host: host_key(token_url),
+                host,
                 result: result.to_owned(),
             })
             .inc();
@@ -278,8 +307,9 @@ mod tests {
     #[test]
     fn process_metrics_render_with_the_prefix() {
         let metrics = Metrics::default();
-        metrics.token_request("https://login.example.com/oauth/token", "success");
-        metrics.token_request("http://127.0.0.1:8443/token", "InvalidGrant");
+        let took = Duration::from_millis(300);
+        metrics.token_request("https://login.example.com/oauth/token", "success", took);
+        metrics.token_request("http://127.0.0.1:8443/token", "InvalidGrant", took);
         metrics.observe_reconcile(Duration::from_millis(20));
         metrics.leader.set(1);
         let text = metrics.render();
@@ -291,6 +321,12 @@ mod tests {
         );
         assert!(
             text.contains(r#"host="127.0.0.1:8443",result="InvalidGrant""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tokenkeeper_token_request_duration_seconds_bucket{le="0.5",host="login.example.com"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains("tokenkeeper_leader 1"), "{text}");

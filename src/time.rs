@@ -37,7 +37,7 @@ pub fn rfc3339(t: Timestamp) -> String {
 /// A duration in the largest whole unit that states it: `1h`, `90m`, `45s`.
 pub fn humanize(duration: SignedDuration) -> String {
     let secs = duration.as_secs();
-    if secs % 3600 == 0 {
+    if secs != 0 && secs % 3600 == 0 {
         format!("{}h", secs / 3600)
     } else if secs % 60 == 0 {
         format!("{}m", secs / 60)

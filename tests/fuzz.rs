@@ -219,21 +219,25 @@ fn settings() -> impl Strategy<Value = Settings> {
         duration_up_to(24 * 3600),
         prop::option::of(duration_up_to(100 * year)),
         0u64..=7 * 24 * 3600,
+        duration_up_to(24 * 3600),
     )
-        .prop_map(|(default, max, min_interval, refresh_before, retry)| {
-            let max = SignedDuration::from_secs(max);
-            Settings {
-                lifetimes: Lifetimes {
-                    default: default.clamp(SignedDuration::from_secs(1), max),
-                    max,
-                },
-                schedule: Schedule {
-                    refresh_before: refresh_before.map(|b| b.min(max)),
-                    min_interval,
-                },
-                max_retry_after: Duration::from_secs(retry),
-            }
-        })
+        .prop_map(
+            |(default, max, min_interval, refresh_before, retry, propagation_margin)| {
+                let max = SignedDuration::from_secs(max);
+                Settings {
+                    lifetimes: Lifetimes {
+                        default: default.clamp(SignedDuration::from_secs(1), max),
+                        max,
+                    },
+                    schedule: Schedule {
+                        refresh_before: refresh_before.map(|b| b.min(max)),
+                        min_interval,
+                        propagation_margin,
+                    },
+                    max_retry_after: Duration::from_secs(retry),
+                }
+            },
+        )
 }
 
 /// Each token request answered: read, classified or recorded, and

@@ -414,6 +414,7 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
         "--event-qps=2.5",
         "--event-burst=100",
         "--min-refresh-interval-seconds=30",
+        "--refresh-propagation-margin-seconds=120",
         "--max-token-lifetime-seconds=31536000",
         "--max-retry-after-seconds=3600",
     ] {
@@ -559,25 +560,8 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
     ]))
     .unwrap();
     assert!(args.contains(&"--leader-elect".to_owned()), "{args:?}");
-    let token = plane.kubectl_ok(&["create", "token", "tokenkeeper", "-n", "tokenkeeper"]);
-    let sa_kubeconfig = plane.dir.join("operator.kubeconfig");
-    let server_url = plane.kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ]);
-    std::fs::write(
-        &sa_kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server_url}\n    certificate-authority: {}\n\
-             users:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
-            plane.dir.join("certs/apiserver.crt").display(),
-            token.trim()
-        ),
-    )
-    .unwrap();
+    let sa_kubeconfig =
+        plane.service_account_kubeconfig("tokenkeeper", "tokenkeeper", "operator.kubeconfig");
     let port = free_port();
     let args: Vec<String> = args
         .into_iter()

@@ -2,7 +2,7 @@
 //! Secret comes back with its grant, a clean shutdown hands the Lease over
 //! at once, providers that do not rotate refresh tokens or that hang, and
 //! spec changes (token request settings, responseFields, refreshBefore)
-//! taking effect end to end.
+//! taking effect end to end, and the propagation margin before expiry.
 
 mod common;
 
@@ -220,6 +220,47 @@ fn spec_changes_take_effect_end_to_end() {
         let value = ns.secret_value("crm-credentials", "instance_url");
         value.is_none().then_some(()).ok_or(format!("{value:?}"))
     });
+}
+
+/// A new token reaches the Secret the propagation margin before the old one
+/// expires when the lifetime leaves room for it; otherwise two thirds apply
+/// and the Ready message says the margin does not fit.
+#[test]
+fn the_new_token_is_in_the_secret_the_propagation_margin_before_expiry() {
+    let roomy = OAuthServer::start(json!({ "accessTokenTtl": 90 }));
+    let short = OAuthServer::start(json!({ "accessTokenTtl": 40 }));
+    let ns = TestNamespace::new("propagation");
+    let _operator = Operator::start_with(&ns, &["--refresh-propagation-margin-seconds", "60"]);
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    ns.apply_ok(&client_credentials(&roomy, ""));
+    ns.apply_ok(&client_credentials(&short, "").replacen("name: crm\n", "name: brief\n", 1));
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    ns.wait_ready("brief", "True", "SecretSynced", READY);
+    let lead = |secret: &str| {
+        let issued: Timestamp = annotation(&ns, secret, "issued-at").parse().unwrap();
+        let due: Timestamp = annotation(&ns, secret, "next-refresh-at").parse().unwrap();
+        due.duration_since(issued).as_secs_f64()
+    };
+    // 90 s: 60 s before expiry instead of at two thirds (60 s after
+    // issue), less a jitter of at most 5 % of the lifetime.
+    let roomy_lead = lead("crm-credentials");
+    assert!(
+        (25.0..=30.5).contains(&roomy_lead),
+        "due {roomy_lead} s after issue"
+    );
+    let message = ns.condition("crm", "Ready", "message");
+    assert!(!message.contains("propagation margin"), "{message}");
+    // 40 s: replacing it 60 s early is impossible; two thirds apply.
+    let short_lead = lead("brief-credentials");
+    assert!(
+        (24.0..=27.0).contains(&short_lead),
+        "due {short_lead} s after issue"
+    );
+    let message = ns.condition("brief", "Ready", "message");
+    assert!(
+        message.contains("The token lives 40s, too short to replace it 1m before it expires"),
+        "{message}"
+    );
 }
 
 #[test]

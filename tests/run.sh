@@ -17,6 +17,11 @@ if [[ "${1:-}" == "--use-current-cluster" ]]; then use_current=true; shift; fi
 tests/cluster/build.sh
 # Headless Chromium for the browser test of the consent flow.
 tests/tools/install-chromium.sh
+# The image, built as the README says; tests/image.rs runs it.
+tests/tools/install-buildah.sh
+image_report="$(deploy/image/build.sh)"
+echo "$image_report"
+export TOKENKEEPER_IMAGE_ARCHIVE="$(sed -n 's/^archive *//p' <<<"$image_report")"
 # The OAuth 2.0 provider of the tests (oidc-provider), from the npm registry.
 if [[ ! -d tests/oauth/node_modules/oidc-provider ]]; then
   npm ci --prefix tests/oauth --no-audit --no-fund --loglevel=error
@@ -47,6 +52,8 @@ tests/cluster/operator-identity.sh "$TOKENKEEPER_TEST_KUBECONFIG" "$TOKENKEEPER_
 export TOKENKEEPER_HELM="$(tests/tools/install-helm.sh)"
 # promtool, for the alert rules' unit tests and the metrics lint.
 export TOKENKEEPER_PROMTOOL="$(tests/tools/install-promtool.sh)"
+# A registry of the tests' own, to push the image as the README says.
+export TOKENKEEPER_REGISTRY="$(tests/tools/install-registry.sh)"
 
 # fault-injection: tests/never_fall_over.rs makes one reconcile panic.
 status=0

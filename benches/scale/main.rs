@@ -1019,7 +1019,7 @@ async fn baseline(args: &[String]) -> anyhow::Result<()> {
     // The operator's client, with its development rules: the token server is on this machine.
     let http = tokenkeeper::oauth::client::http_client(Arc::new(
         tokenkeeper::oauth::destination::EndpointPolicy::new(true, &[]),
-    ));
+    ))?;
     ensure_namespace(&client, BASELINE_NAMESPACE).await?;
     let tokens = mint(&reqwest::Client::new(), &base, WORKERS).await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), BASELINE_NAMESPACE);

@@ -460,7 +460,7 @@ async fn authorize(
     let code = callback
         .code
         .ok_or_else(|| anyhow::anyhow!("the provider's answer has no code"))?;
-    let http = token_client::http_client(limits.endpoints.clone());
+    let http = token_client::http_client(limits.endpoints.clone())?;
     let exchange = CodeExchange {
         token_url: &oauth.token_url,
         client_id: &client_id,

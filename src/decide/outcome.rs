@@ -11,6 +11,7 @@ use crate::api::{ANNOTATION_FORCE_REFRESH, OAuth2Auth, OAuth2Grant, SourceConnec
 use crate::decide::classify::missing_scopes;
 use crate::decide::refresh::{RefreshReason, delay_until, retry_at};
 use crate::decide::status::{CONDITION_READY, Note, Report, TokenStatus, Verdict, find_condition};
+use crate::decide::validate::OAuthSettings;
 use crate::error::{Error, Reason, Retry};
 use crate::oauth::token::TokenRecord;
 use crate::time::{humanize, rfc3339};
@@ -96,7 +97,7 @@ impl Synced {
 pub fn healthy(
     conn: &SourceConnection,
     oauth: &OAuth2Auth,
-    default_lifetime: SignedDuration,
+    settings: &OAuthSettings,
     record: &TokenRecord,
     due: Timestamp,
     previous: TokenStatus,
@@ -110,7 +111,19 @@ pub fn healthy(
         message.push_str(&format!(
             " The provider did not say when the token expires (no expires_in); tokenkeeper \
              assumes {} (spec.oauth2.defaultTokenLifetime).",
-            humanize(default_lifetime)
+            humanize(settings.default_lifetime)
+        ));
+    }
+    let lifetime = record.expires_at.duration_since(record.issued_at);
+    let schedule = &settings.schedule;
+    if !schedule.propagation_fits(lifetime) {
+        message.push_str(&format!(
+            " The token lives {}, too short to replace it {} before it expires (the \
+             propagation margin) and still keep each token {}: a pod that reads the Secret \
+             through a volume may see the new token only after the old one expired.",
+            humanize(lifetime.max(SignedDuration::ZERO)),
+            humanize(schedule.propagation_margin),
+            humanize(schedule.min_interval),
         ));
     }
     if let Some(oddities) = &record.oddities {
@@ -292,7 +305,7 @@ pub struct Refreshed {
 pub fn after_refresh(
     conn: &SourceConnection,
     oauth: &OAuth2Auth,
-    default_lifetime: SignedDuration,
+    settings: &OAuthSettings,
     refreshed: Refreshed,
     previous: TokenStatus,
     now: Timestamp,
@@ -304,14 +317,7 @@ pub fn after_refresh(
     }
     let was_ready = find_condition(conn, CONDITION_READY)
         .is_some_and(|c| c.status == "True" && c.reason == Reason::SecretSynced.as_str());
-    let mut synced = healthy(
-        conn,
-        oauth,
-        default_lifetime,
-        record,
-        refreshed.due,
-        previous,
-    );
+    let mut synced = healthy(conn, oauth, settings, record, refreshed.due, previous);
     if !was_ready || refreshed.reason == RefreshReason::NewRefreshToken {
         synced.notes.push(token_issued(conn, record, false));
     }
@@ -400,6 +406,7 @@ pub fn reauthorize_fix(conn: &SourceConnection, oauth: &OAuth2Auth) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::refresh::Schedule;
     use std::collections::BTreeMap;
 
     fn at(second: i64) -> Timestamp {
@@ -447,6 +454,20 @@ mod tests {
         }
     }
 
+    /// Settings whose propagation margin fits the tokens of these tests.
+    fn settings(default_lifetime: SignedDuration) -> OAuthSettings {
+        OAuthSettings {
+            schedule: Schedule {
+                refresh_before: None,
+                min_interval: SignedDuration::from_secs(30),
+                propagation_margin: SignedDuration::from_mins(2),
+            },
+            default_lifetime,
+            max_lifetime: SignedDuration::from_hours(24),
+            max_retry_after: Duration::from_secs(3600),
+        }
+    }
+
     fn verdict(synced: &Synced) -> &Verdict {
         synced.report.verdict.as_ref().expect("a verdict")
     }
@@ -460,8 +481,8 @@ mod tests {
             next_refresh_time: Some(at(900)),
             ..TokenStatus::default()
         };
-        let lifetime = SignedDuration::from_hours(1);
-        let synced = healthy(&conn, &oauth, lifetime, &record, at(3_400), previous);
+        let oauth_settings = settings(SignedDuration::from_hours(1));
+        let synced = healthy(&conn, &oauth, &oauth_settings, &record, at(3_400), previous);
         assert!(verdict(&synced).ready);
         assert_eq!(verdict(&synced).reason, Reason::SecretSynced);
         assert_eq!(synced.next, Next::At(at(3_400)));
@@ -479,17 +500,51 @@ mod tests {
     }
 
     #[test]
+    fn a_token_too_short_for_the_propagation_margin_is_said() {
+        let (conn, oauth) = connection(&[]);
+        let settings = settings(SignedDuration::from_hours(1));
+        let short = healthy(
+            &conn,
+            &oauth,
+            &settings,
+            &token(1_000, 120, None),
+            at(1_080),
+            TokenStatus::default(),
+        );
+        let said = verdict(&short);
+        assert!(said.ready, "{said:?}");
+        assert!(
+            said.message
+                .contains("The token lives 2m, too short to replace it 2m before it expires"),
+            "{said:?}"
+        );
+        let long = healthy(
+            &conn,
+            &oauth,
+            &settings,
+            &token(1_000, 150, None),
+            at(1_030),
+            TokenStatus::default(),
+        );
+        assert!(
+            !verdict(&long).message.contains("propagation margin"),
+            "{:?}",
+            verdict(&long)
+        );
+    }
+
+    #[test]
     fn an_assumed_lifetime_is_said() {
         let (conn, oauth) = connection(&[]);
         let record = TokenRecord {
             lifetime_assumed: true,
             ..token(1_000, 5_400, None)
         };
-        let lifetime = SignedDuration::from_mins(90);
+        let oauth_settings = settings(SignedDuration::from_mins(90));
         let synced = healthy(
             &conn,
             &oauth,
-            lifetime,
+            &oauth_settings,
             &record,
             at(4_600),
             TokenStatus::default(),
@@ -504,12 +559,12 @@ mod tests {
     #[test]
     fn missing_scopes_or_a_denied_verification_are_insufficient_permissions() {
         let (conn, oauth) = connection(&["read", "write"]);
-        let lifetime = SignedDuration::from_hours(1);
+        let oauth_settings = settings(SignedDuration::from_hours(1));
         let narrow = token(1_000, 3_600, Some("read"));
         let synced = healthy(
             &conn,
             &oauth,
-            lifetime,
+            &oauth_settings,
             &narrow,
             at(3_400),
             TokenStatus::default(),
@@ -527,7 +582,7 @@ mod tests {
         let synced = healthy(
             &conn,
             &oauth,
-            lifetime,
+            &oauth_settings,
             &unsaid,
             at(3_400),
             TokenStatus::default(),
@@ -544,7 +599,7 @@ mod tests {
         let synced = healthy(
             &conn,
             &oauth,
-            lifetime,
+            &oauth_settings,
             &denied,
             at(3_400),
             TokenStatus::default(),
@@ -651,7 +706,7 @@ mod tests {
     #[test]
     fn a_token_issued_is_told_when_the_connection_was_not_ready() {
         let (mut conn, oauth) = connection(&[]);
-        let lifetime = SignedDuration::from_hours(1);
+        let oauth_settings = settings(SignedDuration::from_hours(1));
         let refreshed = |reason| Refreshed {
             record: token(1_000, 3_600, None),
             due: at(3_400),
@@ -661,7 +716,7 @@ mod tests {
         let first = after_refresh(
             &conn,
             &oauth,
-            lifetime,
+            &oauth_settings,
             refreshed(RefreshReason::FirstToken),
             TokenStatus::default(),
             at(1_000),
@@ -675,7 +730,7 @@ mod tests {
         let routine = after_refresh(
             &conn,
             &oauth,
-            lifetime,
+            &oauth_settings,
             refreshed(RefreshReason::Due),
             TokenStatus::default(),
             at(3_400),
@@ -685,7 +740,7 @@ mod tests {
         let rejected = after_refresh(
             &conn,
             &oauth,
-            lifetime,
+            &oauth_settings,
             Refreshed {
                 rejected: Some(Error::AccessTokenRejected {
                     url: "https://api/me".into(),

@@ -24,6 +24,10 @@ const MAX_JITTER: SignedDuration = SignedDuration::from_secs(30);
 /// released on the same grid (`throttle::RELEASE_TICK`).
 pub const DUE_TIME_GRID: SignedDuration = SignedDuration::from_millis(100);
 
+/// A kubelet syncs a pod's Secret volumes about once a minute, plus the
+/// time-to-live of its Secret cache.
+pub const DEFAULT_PROPAGATION_MARGIN: SignedDuration = SignedDuration::from_mins(2);
+
 /// Parses a duration such as `90s`, `5m` or `1h30m`.
 pub fn parse_duration(field: &str, text: &str) -> Result<SignedDuration, String> {
     match text.parse::<SignedDuration>() {
@@ -37,14 +41,30 @@ pub fn parse_duration(field: &str, text: &str) -> Result<SignedDuration, String>
     }
 }
 
-/// How a connection's refreshes are spaced: its `refreshBefore`, and the
-/// operator's floor between two refreshes.
+/// How a connection's refreshes are spaced: its `refreshBefore`, the
+/// operator's floor between two refreshes, and how long before expiry a new
+/// token must reach the Secret for pods to see it in time.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
     pub refresh_before: Option<SignedDuration>,
     /// No lifetime a provider answers and no setting makes a connection
     /// refresh sooner than this after its last token.
     pub min_interval: SignedDuration,
+    /// The kubelet updates a mounted Secret only on its next sync, so a
+    /// token written later than this before the old one expires reaches
+    /// pods too late (`--refresh-propagation-margin-seconds`).
+    pub propagation_margin: SignedDuration,
+}
+
+impl Schedule {
+    /// Whether a token living `lifetime` can be replaced
+    /// `propagation_margin` before it expires without refreshing sooner than
+    /// `min_interval` after it was issued.
+    pub fn propagation_fits(&self, lifetime: SignedDuration) -> bool {
+        lifetime
+            .checked_sub(self.propagation_margin)
+            .is_some_and(|left| left >= self.min_interval.max(SignedDuration::ZERO))
+    }
 }
 
 /// The operator's bounds on what providers and specs may ask for
@@ -65,6 +85,8 @@ pub struct Limits {
     /// How long before a grant's known end GrantExpiring turns True
     /// (`--grant-expiry-warning-days`).
     pub grant_expiry_warning: SignedDuration,
+    /// See `Schedule::propagation_margin`.
+    pub propagation_margin: SignedDuration,
 }
 
 impl Default for Limits {
@@ -76,15 +98,17 @@ impl Default for Limits {
             endpoints: Arc::default(),
             require_source_label: false,
             grant_expiry_warning: SignedDuration::from_hours(14 * 24),
+            propagation_margin: DEFAULT_PROPAGATION_MARGIN,
         }
     }
 }
 
 /// When `token` is due for refresh: at two thirds of its lifetime
 /// (cert-manager's rule), or `refresh_before` its expiry when that leaves
-/// some lifetime, less a jitter that is stable for one connection, and
-/// down to the `DUE_TIME_GRID`; never sooner than `min_interval` after it
-/// was issued.
+/// some lifetime, and at the latest `propagation_margin` before expiry when
+/// the lifetime allows it; less a jitter that is stable for one connection,
+/// and down to the `DUE_TIME_GRID`; never sooner than `min_interval` after
+/// it was issued.
 pub fn refresh_due_at(token: &TokenRecord, schedule: &Schedule, jitter_key: &str) -> Timestamp {
     let lifetime = token
         .expires_at
@@ -101,6 +125,12 @@ pub fn refresh_due_at(token: &TokenRecord, schedule: &Schedule, jitter_key: &str
         }
         _ => by_rule,
     };
+    let latest_for_pods = token
+        .expires_at
+        .checked_sub(schedule.propagation_margin)
+        .ok()
+        .filter(|_| schedule.propagation_fits(lifetime));
+    let planned = latest_for_pods.map_or(planned, |latest| planned.min(latest));
     let jitter_span = (lifetime / 20).min(MAX_JITTER);
     let jitter = jitter_span.mul_f64(stable_fraction(&[jitter_key]));
     let jittered = planned.checked_sub(jitter).unwrap_or(planned);
@@ -309,11 +339,15 @@ mod tests {
             let margin = Some(SignedDuration::from_secs(30));
             for min_interval in [SignedDuration::ZERO, SignedDuration::MAX] {
                 for refresh_before in [margin, None] {
-                    let schedule = Schedule {
-                        refresh_before,
-                        min_interval,
-                    };
-                    let _ = refresh_due_at(&token, &schedule, "k");
+                    for propagation_margin in [SignedDuration::ZERO, SignedDuration::MAX] {
+                        let schedule = Schedule {
+                            refresh_before,
+                            min_interval,
+                            propagation_margin,
+                        };
+                        let _ = refresh_due_at(&token, &schedule, "k");
+                        let _ = schedule.propagation_fits(SignedDuration::MIN);
+                    }
                 }
             }
         }
@@ -332,6 +366,7 @@ mod tests {
         let floor = Schedule {
             refresh_before: Some(SignedDuration::from_hours(1)),
             min_interval: SignedDuration::from_secs(30),
+            propagation_margin: DEFAULT_PROPAGATION_MARGIN,
         };
         for lifetime in [0, 1, 2, 10, 44] {
             let due = refresh_due_at(&token(100, 100 + lifetime), &floor, "ns/a");
@@ -367,11 +402,13 @@ mod tests {
         }
     }
 
-    /// A schedule without the floor, to see the rule alone.
+    /// A schedule without the floor or the propagation margin, to see the
+    /// rule alone.
     fn before(refresh_before: Option<SignedDuration>) -> Schedule {
         Schedule {
             refresh_before,
             min_interval: SignedDuration::ZERO,
+            propagation_margin: SignedDuration::ZERO,
         }
     }
 
@@ -470,6 +507,37 @@ mod tests {
         // A 90 s token: jitter at most 5 % (4.5 s).
         let due = secs(refresh_due_at(&token(0, 90), &before(None), "ns/a"));
         assert!((55..=60).contains(&due), "{due}");
+    }
+
+    #[test]
+    fn the_new_token_is_written_the_propagation_margin_before_expiry_when_the_lifetime_allows() {
+        let schedule = Schedule {
+            refresh_before: None,
+            min_interval: SignedDuration::from_secs(30),
+            propagation_margin: SignedDuration::from_mins(2),
+        };
+        // One hour: two thirds leave 20 min, more than the margin.
+        let due = secs(refresh_due_at(&token(0, 3600), &schedule, "ns/a"));
+        assert!((2370..=2400).contains(&due), "{due}");
+        // Five minutes: two thirds would leave 100 s; the margin moves it to 180 s.
+        let due = secs(refresh_due_at(&token(0, 300), &schedule, "ns/a"));
+        assert!((165..=180).contains(&due), "{due}");
+        // Exactly the margin plus the floor: refreshed at the floor.
+        let due = secs(refresh_due_at(&token(0, 150), &schedule, "ns/a"));
+        assert_eq!(due, 30);
+        assert!(schedule.propagation_fits(SignedDuration::from_secs(150)));
+        // Shorter: honouring the margin would refresh sooner than the
+        // floor, so the rule applies and the status says so.
+        assert!(!schedule.propagation_fits(SignedDuration::from_secs(149)));
+        let due = secs(refresh_due_at(&token(0, 90), &schedule, "ns/a"));
+        assert!((55..=60).contains(&due), "{due}");
+        // refreshBefore longer than the margin wins: the earlier of the two.
+        let longer = Schedule {
+            refresh_before: Some(SignedDuration::from_mins(4)),
+            ..schedule
+        };
+        let due = secs(refresh_due_at(&token(0, 300), &longer, "ns/a"));
+        assert!((45..=60).contains(&due), "{due}");
     }
 
     #[test]

@@ -239,6 +239,7 @@ pub fn oauth_settings(oauth: &OAuth2Auth, limits: &Limits) -> Result<OAuthSettin
         schedule: Schedule {
             refresh_before,
             min_interval: limits.min_refresh_interval,
+            propagation_margin: limits.propagation_margin,
         },
         default_lifetime,
         max_lifetime: limits.max_token_lifetime,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oauth2::{ClientId, Scope};
-use tracing::debug;
+use tracing::warn;
 
 use crate::api::ClientAuthMethod;
 use crate::decide::classify::{self, VerificationAnswer};
@@ -413,7 +413,15 @@ fn transport_failure(error: &reqwest::Error) -> TokenFailure {
     if let Some(detail) = denied {
         return TokenFailure::Denied { detail };
     }
-    debug!(%error, "request failed");
+    // reqwest's Display leaves out the cause (a refused connection, an
+    // untrusted certificate), which is what the operator's admin needs.
+    let cause = std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .map(ToString::to_string)
+    .collect::<Vec<_>>()
+    .join(": ");
+    warn!(%cause, "a request to a provider failed");
     let detail = if error.is_timeout() {
         format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
     } else if error.is_connect() {
@@ -424,15 +432,21 @@ fn transport_failure(error: &reqwest::Error) -> TokenFailure {
     TokenFailure::Transport { detail }
 }
 
-/// The HTTP client for token requests: rustls, a timeout, no redirects
-/// (a token endpoint that redirects is misconfigured, and following it
-/// would resend credentials).
-pub fn http_client(endpoints: Arc<EndpointPolicy>) -> reqwest::Client {
+/// The HTTP client for token requests: rustls trusting the system's CA
+/// certificates (`SSL_CERT_FILE`, or `/etc/ssl/certs`), a timeout, no
+/// redirects (a token endpoint that redirects is misconfigured, and
+/// following it would resend credentials). Fails when the CA certificates
+/// found are all unreadable.
+pub fn http_client(endpoints: Arc<EndpointPolicy>) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context as _;
     reqwest::Client::builder()
         .dns_resolver(Arc::new(GuardedResolver { policy: endpoints }))
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
         .build()
-        .expect("a client with these settings always builds")
+        .context(
+            "set up the HTTPS client for token endpoints: no CA certificate could be read \
+             (check the bundle at SSL_CERT_FILE or /etc/ssl/certs/ca-certificates.crt)",
+        )
 }

@@ -140,11 +140,10 @@ impl OAuthSync<'_> {
                 self.write_token(inputs, Some(&token), inputs.grant.as_ref(), Some(due))
                     .await?;
                 self.clear_inbox(inputs).await;
-                let default_lifetime = self.settings.default_lifetime;
                 let mut synced = outcome::healthy(
                     conn,
                     self.oauth,
-                    default_lifetime,
+                    self.settings,
                     &token,
                     due,
                     decision.token_status,
@@ -297,7 +296,9 @@ impl OAuthSync<'_> {
             return Ok(Synced::unchanged(Next::In(HOST_BUSY_RETRY)));
         };
         debug!(connection = %display_name(conn), reason = ?ask.reason, "requesting a token");
+        let sent = std::time::Instant::now();
         let answer = self.request_token(inputs, &ask, slot).await;
+        let took = sent.elapsed();
         // Not sent (this replica cannot prove it leads): nothing to report
         // on the connection; retried like any Kubernetes trouble.
         if let Err((error @ Error::NotLeading, _)) = answer {
@@ -307,7 +308,9 @@ impl OAuthSync<'_> {
             Ok(_) => "success",
             Err((error, _)) => error.reason().as_str(),
         };
-        self.ctx.metrics.token_request(&oauth.token_url, result);
+        self.ctx
+            .metrics
+            .token_request(&oauth.token_url, result, took);
         let issued = match answer {
             Ok(issued) => issued,
             Err((error, rotated)) => {
@@ -350,7 +353,7 @@ impl OAuthSync<'_> {
         Ok(outcome::after_refresh(
             conn,
             oauth,
-            self.settings.default_lifetime,
+            self.settings,
             refreshed,
             decision.token_status.clone(),
             self.now,

@@ -130,7 +130,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .authorization
         .as_ref()
         .map(|a| a.external_url.trim_end_matches('/').to_owned());
-    let http = token_client::http_client(settings.limits.endpoints.clone());
+    let http = token_client::http_client(settings.limits.endpoints.clone())?;
     let fence = settings
         .leader_election
         .as_ref()

@@ -403,6 +403,26 @@ impl Operator {
         }
     }
 
+    /// An operator started by `command` (a wrapper such as chroot that
+    /// execs tokenkeeper), logging to an artifact named after `label`.
+    pub fn spawn(mut command: Command, label: &str) -> Self {
+        let log_path = artifacts_dir().join(format!(
+            "operator-{label}-{}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
+        let log = File::create(&log_path).expect("create operator log");
+        let child = command
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {command:?}: {e}"));
+        Operator {
+            child: Some(child),
+            log_path,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("operator running").id()
     }
@@ -762,6 +782,36 @@ impl OwnControlPlane {
 
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         succeeded(args, self.kubectl(args))
+    }
+
+    /// A kubeconfig for ServiceAccount `account` of `namespace` on this
+    /// control plane, a token as its only credential, saved as `file`.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        account: &str,
+        file: &str,
+    ) -> PathBuf {
+        let token = self.kubectl_ok(&["create", "token", account, "-n", namespace]);
+        let server = self.kubectl_ok(&[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ]);
+        let path = self.dir.join(file);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\n\
+                 users:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+                self.dir.join("certs/apiserver.crt").display(),
+                token.trim()
+            ),
+        )
+        .unwrap();
+        path
     }
 
     /// `kubectl apply -f -` of `manifest` on this control plane.
