@@ -298,19 +298,12 @@ impl OAuthSync<'_> {
         debug!(connection = %display_name(conn), reason = ?ask.reason, "requesting a token");
         let sent = std::time::Instant::now();
         let answer = self.request_token(inputs, &ask, slot).await;
-        let took = sent.elapsed();
         // Not sent (this replica cannot prove it leads): nothing to report
         // on the connection; retried like any Kubernetes trouble.
         if let Err((error @ Error::NotLeading, _)) = answer {
             return Err(error);
         }
-        let result = match &answer {
-            Ok(_) => "success",
-            Err((error, _)) => error.reason().as_str(),
-        };
-        self.ctx
-            .metrics
-            .token_request(&oauth.token_url, result, took);
+        self.count_token_request(&answer, sent.elapsed());
         let issued = match answer {
             Ok(issued) => issued,
             Err((error, rotated)) => {
@@ -369,6 +362,17 @@ impl OAuthSync<'_> {
     ) -> (Option<&'i TokenRecord>, Option<Timestamp>) {
         let current = inputs.current.as_ref();
         (current, current.map(|c| self.due_of(c)))
+    }
+
+    /// Counts a token request that was sent, by its result, and its latency.
+    fn count_token_request<T>(&self, answer: &Result<T, (Error, Option<String>)>, took: Duration) {
+        let result = match answer {
+            Ok(_) => "success",
+            Err((error, _)) => error.reason().as_str(),
+        };
+        self.ctx
+            .metrics
+            .token_request(&self.oauth.token_url, result, took);
     }
 
     /// When `record` is to be replaced.
