@@ -5,8 +5,8 @@
 //! privileges (`podman run` is refused `setrlimit` on this kind of
 //! machine), with the chart's arguments and the chart's ServiceAccount.
 //! The API server is reached through `KUBERNETES_SERVICE_HOST`; the token
-//! endpoint by name through a DNS server and over TLS trusted through the
-//! image's CA bundle.
+//! endpoint by name through a DNS server, over TLS trusted through the
+//! image's CA bundle or the bundle the chart's `trustedCABundle` mounts.
 
 mod common;
 
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Operator, TestNamespace, free_port, stderr, stdout};
+use common::{Operator, TestNamespace, free_port, stderr, stdout, wait_for};
 use serde_json::Value;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -248,11 +248,21 @@ fn cluster() -> (String, String, Vec<u8>) {
     )
 }
 
-/// The container's arguments and environment variable names as the chart
-/// renders them, watching `namespace`, with free ports.
-fn chart_container(namespace: &str) -> (Vec<String>, Vec<String>) {
+/// The chart's container, as rendered with `sets`.
+struct ChartContainer {
+    args: Vec<String>,
+    /// Each variable, with its value when the chart gives one literally.
+    env: Vec<(String, Option<String>)>,
+    /// Where each ConfigMap volume is mounted: (mount path, key).
+    config_map_mounts: Vec<(String, String)>,
+}
+
+/// The container as the chart renders it, watching `namespace`, with free
+/// ports and `sets`.
+fn chart_container(namespace: &str, sets: &[&str]) -> ChartContainer {
     let helm = std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh");
-    let rendered = run(Command::new(helm)
+    let mut command = Command::new(helm);
+    command
         .args([
             "template",
             "tk-image",
@@ -266,23 +276,44 @@ fn chart_container(namespace: &str) -> (Vec<String>, Vec<String>) {
         ])
         .args(["--set", &format!("watchNamespaces={{{namespace}}}")])
         .args(["--set", &format!("metrics.port={}", free_port())])
-        .args(["--set", &format!("authorization.port={}", free_port())]));
-    let deployment: Value = serde_yaml::from_str(&rendered).unwrap();
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let strings = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_owned())
-            .collect()
-    };
-    let env = container["env"]
-        .as_array()
-        .unwrap()
+        .args(["--set", &format!("authorization.port={}", free_port())]);
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    let deployment: Value = serde_yaml::from_str(&run(&mut command)).unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let items = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let config_map_mounts = items(&container["volumeMounts"])
         .iter()
-        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .map(|mount| {
+            let volume = items(&pod["volumes"])
+                .into_iter()
+                .find(|v| v["name"] == mount["name"])
+                .expect("a volume for each mount");
+            let key = volume["configMap"]["items"][0]["path"]
+                .as_str()
+                .expect("a ConfigMap key");
+            (
+                mount["mountPath"].as_str().unwrap().to_owned(),
+                key.to_owned(),
+            )
+        })
         .collect();
-    (strings(&container["args"]), env)
+    ChartContainer {
+        args: items(&container["args"])
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect(),
+        env: items(&container["env"])
+            .iter()
+            .map(|e| {
+                let value = e["value"].as_str().map(str::to_owned);
+                (e["name"].as_str().unwrap().to_owned(), value)
+            })
+            .collect(),
+        config_map_mounts,
+    }
 }
 
 /// What the kubelet and the runtime add to a pod's root filesystem.
@@ -303,7 +334,7 @@ fn as_a_pod_gets_it(rootfs: &Path, nameserver: &str, ca: &[u8]) {
 
 /// tokenkeeper from `rootfs` as UID/GID 65532, no new privileges, with only
 /// the environment a pod of the chart has.
-fn start_from_image(rootfs: &Path, args: &[String], env: &[String], label: &str) -> Operator {
+fn start_from_image(rootfs: &Path, container: &ChartContainer, label: &str) -> Operator {
     let (host, port, _) = cluster();
     // Absolute paths: the environment is cleared before setpriv runs chroot.
     let mut command = Command::new(which("setpriv"));
@@ -313,19 +344,22 @@ fn start_from_image(rootfs: &Path, args: &[String], env: &[String], label: &str)
         .args(["--userspec=65532:65532", "--groups=65532"])
         .arg(rootfs)
         .arg("/tokenkeeper")
-        .args(args)
+        .args(&container.args)
         // The test's provider is on this machine's loopback, which the
         // chart's settings refuse.
         .arg("--allow-plain-http-loopback")
         .env_clear()
         .env("KUBERNETES_SERVICE_HOST", host)
         .env("KUBERNETES_SERVICE_PORT", port);
-    for name in env {
-        let value = match name.as_str() {
-            "POD_NAME" => "tk-image-0",
-            "POD_NAMESPACE" => OPERATOR_NAMESPACE,
-            "RUST_LOG" => "info,tokenkeeper=debug",
-            other => panic!("the chart sets {other}: say here what a pod gets"),
+    for (name, literal) in &container.env {
+        let value = match (name.as_str(), literal) {
+            ("POD_NAME", None) => "tk-image-0",
+            ("POD_NAMESPACE", None) => OPERATOR_NAMESPACE,
+            ("RUST_LOG", _) => "info,tokenkeeper=debug",
+            (_, Some(value)) => value,
+            (other, None) => {
+                panic!("the chart sets {other} from elsewhere: say here what a pod gets")
+            }
         };
         command.env(name, value);
     }
@@ -417,7 +451,8 @@ fn the_image_runs_as_a_pod_would_and_serves_a_connection() {
     as_a_pod_gets_it(&rootfs, &address, &cluster_ca);
 
     let ns = TestNamespace::new("image");
-    let (args, env) = chart_container(&ns.name);
+    let chart = chart_container(&ns.name, &[]);
+    assert!(chart.config_map_mounts.is_empty(), "no volume by default");
     ns.create_app_client();
     ns.put_refresh_token(&emulator.mint("read"));
     for secret in ["app-client", "crm-grant"] {
@@ -431,7 +466,7 @@ fn the_image_runs_as_a_pod_would_and_serves_a_connection() {
 
     // The image's bundle alone does not trust the test CA: the name
     // resolves, TLS refuses.
-    let mut operator = start_from_image(&rootfs, &args, &env, "image-untrusted");
+    let mut operator = start_from_image(&rootfs, &chart, "image-untrusted");
     let pid = operator.pid();
     ns.wait_ready("crm", "False", "ProviderUnavailable", READY);
     assert!(
@@ -462,26 +497,46 @@ fn the_image_runs_as_a_pod_would_and_serves_a_connection() {
     );
     operator.stop();
 
-    // A bundle that holds the test CA as well, as a platform team mounts
-    // its own: the connection becomes Ready through the image.
+    // The image's bundle with the test CA appended: the connection becomes
+    // Ready through the image.
     let bundle = rootfs.join("etc/ssl/certs/ca-certificates.crt");
-    let mut pem = std::fs::read(&bundle).unwrap();
-    pem.extend(std::fs::read(&test_ca).unwrap());
-    std::fs::write(&bundle, pem).unwrap();
-    let operator = start_from_image(&rootfs, &args, &env, "image");
+    let pristine = std::fs::read(&bundle).unwrap();
+    let test_ca = std::fs::read(&test_ca).unwrap();
+    std::fs::write(&bundle, [&pristine[..], &test_ca[..]].concat()).unwrap();
+    let mut operator = start_from_image(&rootfs, &chart, "image");
     ns.force_refresh("crm", "trusted");
     ns.wait_ready("crm", "True", "SecretSynced", READY);
+    let first = ns.secret_value("crm-credentials", "access_token");
     assert!(
-        ns.secret_value("crm-credentials", "access_token")
-            .is_some_and(|t| t.starts_with("ya29."))
+        first.as_deref().is_some_and(|t| t.starts_with("ya29.")),
+        "{first:?}"
     );
-    assert!(
-        !std::fs::read_to_string(&operator.log_path)
-            .unwrap()
-            .contains("panicked"),
-        "{}",
-        operator.logs()
+    assert!(operator.stop().success(), "{}", operator.logs());
+
+    // The chart's trustedCABundle: the image's bundle as built, the test CA
+    // in a ConfigMap key the kubelet mounts, SSL_CERT_FILE naming it.
+    std::fs::write(&bundle, &pristine).unwrap();
+    let chart = chart_container(&ns.name, &["trustedCABundle.configMap=provider-ca"]);
+    let [(mount, key)] = &chart.config_map_mounts[..] else {
+        panic!("one ConfigMap mount: {:?}", chart.config_map_mounts)
+    };
+    let mounted = rootfs.join(mount.trim_start_matches('/'));
+    std::fs::create_dir_all(&mounted).unwrap();
+    std::fs::write(mounted.join(key), &test_ca).unwrap();
+    let operator = start_from_image(&rootfs, &chart, "image-ca-bundle");
+    ns.force_refresh("crm", "trusted-by-the-chart");
+    wait_for(
+        "a token fetched through the chart's CA bundle",
+        READY,
+        || {
+            let now = ns.secret_value("crm-credentials", "access_token");
+            (now.is_some() && now != first)
+                .then_some(())
+                .ok_or(format!("{now:?}"))
+        },
     );
+    ns.wait_ready("crm", "True", "SecretSynced", READY);
+    assert!(!operator.logs().contains("panicked"), "{}", operator.logs());
 }
 
 /// A registry of the test's own (Debian's docker-registry), stopped on drop.
