@@ -57,11 +57,10 @@ fn run(command: &mut Command) -> String {
     stdout(&out)
 }
 
-/// Unpacks the archive's image into `rootfs`; its config.
-fn unpack(archive: &Path, dir: &Path, rootfs: &Path) -> Value {
+/// The archive's OCI layout, extracted under `dir`, and its one manifest.
+fn open_layout(archive: &Path, dir: &Path) -> (PathBuf, Value) {
     let layout = dir.join("layout");
     std::fs::create_dir_all(&layout).unwrap();
-    std::fs::create_dir_all(rootfs).unwrap();
     run(Command::new("tar")
         .arg("-xf")
         .arg(archive)
@@ -71,6 +70,13 @@ fn unpack(archive: &Path, dir: &Path, rootfs: &Path) -> Value {
     let manifests = index["manifests"].as_array().expect("manifests");
     assert_eq!(manifests.len(), 1, "{index}");
     let manifest = read_json(&blob(&layout, manifests[0]["digest"].as_str().unwrap()));
+    (layout, manifest)
+}
+
+/// Unpacks the archive's image into `rootfs`; its config.
+fn unpack(archive: &Path, dir: &Path, rootfs: &Path) -> Value {
+    std::fs::create_dir_all(rootfs).unwrap();
+    let (layout, manifest) = open_layout(archive, dir);
     for layer in manifest["layers"].as_array().expect("layers") {
         run(Command::new("tar")
             .arg("-xzf")
@@ -590,18 +596,7 @@ impl Drop for Registry {
 fn the_archive_pushes_to_a_registry_as_the_readme_says() {
     let archive = image_archive();
     let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("layout");
-    std::fs::create_dir_all(&layout).unwrap();
-    run(Command::new("tar")
-        .arg("-xf")
-        .arg(&archive)
-        .arg("-C")
-        .arg(&layout));
-    let index = read_json(&layout.join("index.json"));
-    let manifest = read_json(&blob(
-        &layout,
-        index["manifests"][0]["digest"].as_str().unwrap(),
-    ));
+    let (_, manifest) = open_layout(&archive, dir.path());
 
     let registry = Registry::start(dir.path());
     let version = env!("CARGO_PKG_VERSION");
