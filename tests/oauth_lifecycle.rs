@@ -972,3 +972,67 @@ fn lifetimes_out_of_range_are_clamped_or_defaulted_and_said() {
     let expires = timestamp(&ns.secret_value("zero-credentials", "expires_at").unwrap());
     assert_eq!(expires.duration_since(issued).as_secs(), 7200);
 }
+
+/// The first refresh of an imported refresh token is when the provider
+/// says how long the grant lives; the status that first says Ready already
+/// carries it, without waiting for another reconcile.
+#[test]
+fn the_first_ready_status_says_when_the_grant_ends() {
+    let server = OAuthServer::start(json!({ "accessTokenTtl": 600, "refreshTokenTtl": 86400 }));
+    let ns = TestNamespace::new("grant-end");
+    let _operator = Operator::start(&ns);
+    ns.create_client_secret("crm-client", "crm-client-secret");
+    ns.put_refresh_token(&server.mint_refresh_token("crm.read"));
+    // Every version of the connection, as a watch delivers them.
+    let mut watch = std::process::Command::new("kubectl")
+        .args(["--kubeconfig", &common::kubeconfig(), "-n", &ns.name])
+        .args([
+            "get",
+            "srcconn",
+            "--watch",
+            "--output-watch-events",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl get --watch");
+    let stdout = watch.stdout.take().unwrap();
+    let (versions, received) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        let reader = std::io::BufReader::new(stdout);
+        let stream = serde_json::Deserializer::from_reader(reader).into_iter::<serde_json::Value>();
+        for event in stream.map_while(Result::ok) {
+            if versions.send(event["object"].clone()).is_err() {
+                break;
+            }
+        }
+    });
+    ns.apply_ok(&refresh_token_grant("crm", &server, ""));
+    let deadline = Instant::now() + READY;
+    let first_ready = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let object = received
+            .recv_timeout(left)
+            .expect("a Ready version within 30 s");
+        let ready = object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        if ready {
+            break object;
+        }
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let ends = first_ready["status"]["grantExpiresAt"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!ends.is_empty(), "{:#}", first_ready["status"]);
+    let left = timestamp(ends).duration_since(Timestamp::now()).as_secs();
+    assert!(
+        (86_000..=86_400).contains(&left),
+        "the grant ends in {left} s"
+    );
+}

@@ -34,7 +34,7 @@ use crate::decide::secrets::{
     check_ownership, check_source, check_state_ownership, client_credentials, is_own_target,
     renamed_target, secret_key, target_secret, text,
 };
-use crate::decide::status::{Report, Verdict, display_name};
+use crate::decide::status::{GrantExpiry, Report, TokenStatus, Verdict, display_name};
 use crate::decide::validate::{OAuthSettings, oauth_settings};
 use crate::error::{Error, Retry};
 use crate::oauth::client::{self, Grant, Revocable, TokenRequest};
@@ -91,13 +91,7 @@ pub async fn sync(
     }
     let link = sync.authorization_link(&mut inputs).await?;
     let (mut decision, action) = decide_refresh(conn, oauth, &settings, &inputs, link, now);
-    decision.token_status.grant_expiry = inputs.grant.as_ref().and_then(|grant| {
-        grant_expiry(
-            grant,
-            resolved.absolute_expiry_days(),
-            ctx.limits.grant_expiry_warning,
-        )
-    });
+    decision.token_status.grant_expiry = inputs.grant.as_ref().and_then(|g| sync.expiry_of(g));
     let mut synced = sync.act(&inputs, decision, action, adopted).await?;
     if adopted {
         sync.after_consent(&inputs, replaced, &mut synced).await;
@@ -250,6 +244,26 @@ struct OAuthSync<'a> {
 }
 
 impl OAuthSync<'_> {
+    /// When `grant` dies whatever is refreshed, if known.
+    fn expiry_of(&self, grant: &SealedGrant) -> Option<GrantExpiry> {
+        grant_expiry(
+            grant,
+            self.resolved.absolute_expiry_days(),
+            self.ctx.limits.grant_expiry_warning,
+        )
+    }
+
+    /// The token status after a refresh that wrote `grant`: its expiry as
+    /// the new answer tells it (the first refresh of an imported refresh
+    /// token may be the first to say when it expires).
+    fn status_after(&self, decision: &RefreshDecision, grant: Option<&SealedGrant>) -> TokenStatus {
+        let mut status = decision.token_status.clone();
+        if let Some(grant) = grant {
+            status.grant_expiry = self.expiry_of(grant);
+        }
+        status
+    }
+
     fn namespace(&self) -> String {
         self.conn.namespace().unwrap_or_default()
     }
@@ -348,7 +362,7 @@ impl OAuthSync<'_> {
             oauth,
             self.settings,
             refreshed,
-            decision.token_status.clone(),
+            self.status_after(decision, grant.as_ref()),
             self.now,
             &decision.jitter_key,
         ))
