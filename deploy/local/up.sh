@@ -23,7 +23,10 @@ if grep -q '^tokenkeeper ' "$STATE/pids" 2>/dev/null; then
   kill -TERM "$old_pid" 2>/dev/null || true
   sed -i '/^tokenkeeper /d' "$STATE/pids"
 fi
-setsid "$REPO/target/debug/tokenkeeper" run --allow-plain-http-loopback >"$STATE/logs/tokenkeeper.log" 2>&1 </dev/null &
+# The demo provider's tokens live 2 minutes, so that refreshes show within
+# minutes; the default 2-minute propagation margin cannot fit them, 30 s can.
+setsid "$REPO/target/debug/tokenkeeper" run --allow-plain-http-loopback --refresh-propagation-margin-seconds 30 \
+  >"$STATE/logs/tokenkeeper.log" 2>&1 </dev/null &
 echo "tokenkeeper $!" >>"$STATE/pids"
 
 # A local OAuth 2.0 provider (oidc-provider, the one the tests use) for the
