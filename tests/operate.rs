@@ -549,43 +549,9 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
 
     // No kubelet here: run the operator as the Deployment says, with a
     // token of the chart's ServiceAccount.
-    let args: Vec<String> = serde_json::from_str(&plane.kubectl_ok(&[
-        "get",
-        "deployment",
-        "tokenkeeper",
-        "-n",
-        "tokenkeeper",
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].args}",
-    ]))
-    .unwrap();
+    let args = plane.deployed_args();
     assert!(args.contains(&"--leader-elect".to_owned()), "{args:?}");
-    let sa_kubeconfig =
-        plane.service_account_kubeconfig("tokenkeeper", "tokenkeeper", "operator.kubeconfig");
-    let port = free_port();
-    let args: Vec<String> = args
-        .into_iter()
-        .map(|a| {
-            if a.starts_with("--metrics-bind-address") {
-                format!("--metrics-bind-address=127.0.0.1:{port}")
-            } else if a.starts_with("--authorization-bind-address") {
-                format!("--authorization-bind-address=127.0.0.1:{}", free_port())
-            } else {
-                a
-            }
-        })
-        .collect();
-    let log = std::fs::File::create(common::artifacts_dir().join("operator-helm.log")).unwrap();
-    let mut operator = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"))
-        .args(&args)
-        .env("KUBECONFIG", &sa_kubeconfig)
-        .env("POD_NAME", "tokenkeeper-abc12")
-        .env("POD_NAMESPACE", "tokenkeeper")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let kill = KillOnDrop(&mut operator);
+    let operator = plane.run_operator_as_deployed("helm", &[]);
     plane.kubectl_ok(&["create", "namespace", "extract"]);
     let apply = Command::new("kubectl")
         .arg("--kubeconfig")
@@ -625,14 +591,13 @@ fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
         "-o",
         "jsonpath={.spec.holderIdentity}",
     ]);
-    assert_eq!(holder, "tokenkeeper-abc12");
-    let logs = std::fs::read_to_string(common::artifacts_dir().join("operator-helm.log")).unwrap();
+    assert_eq!(holder, "tokenkeeper-helm");
+    let logs = operator.logs();
     let first_json_line = logs.lines().next().unwrap();
     assert!(
         serde_json::from_str::<serde_json::Value>(first_json_line).is_ok(),
         "--log-format=json: {first_json_line}"
     );
-    drop(kill);
 }
 
 fn row_in(listing: &str, resource: &str) -> String {
@@ -641,15 +606,6 @@ fn row_in(listing: &str, resource: &str) -> String {
         .find(|l| l.split_whitespace().next() == Some(resource))
         .unwrap_or_else(|| panic!("{resource} in\n{listing}"))
         .to_owned()
-}
-
-struct KillOnDrop<'a>(&'a mut std::process::Child);
-
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The admin kubeconfig of the tests, changed as `edit` says, as JSON.

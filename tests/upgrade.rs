@@ -12,12 +12,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{OAuthServer, Operator, OwnControlPlane, free_port, stderr, stdout, wait_for};
+use common::{OAuthServer, OwnControlPlane, stderr, stdout, wait_for};
 use serde_json::json;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const READY: Duration = Duration::from_secs(60);
 const PREVIOUS: &str = "tests/fixtures/tokenkeeper-0.1.0.tgz";
+/// The test provider is on this machine, which the chart's settings refuse.
+const LOOPBACK_PROVIDER: &[&str] = &["--allow-plain-http-loopback"];
 
 fn helm(plane: &OwnControlPlane, args: &[&str]) -> String {
     let helm = std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh");
@@ -60,46 +62,6 @@ fn deployment_field(plane: &OwnControlPlane, path: &str) -> String {
         "-o",
         &format!("jsonpath={path}"),
     ])
-}
-
-/// The installed Deployment's container arguments.
-fn deployment_args(plane: &OwnControlPlane) -> Vec<String> {
-    serde_json::from_str(&deployment_field(
-        plane,
-        "{.spec.template.spec.containers[0].args}",
-    ))
-    .unwrap()
-}
-
-/// The operator as the installed Deployment runs it (no kubelet here):
-/// its arguments with free loopback ports, the ServiceAccount's token; the
-/// test provider on this machine needs the development flag.
-fn run_as_deployed(plane: &OwnControlPlane, label: &str) -> Operator {
-    let args: Vec<String> = deployment_args(plane)
-        .into_iter()
-        .map(|arg| match arg.split_once('=') {
-            Some((flag @ ("--metrics-bind-address" | "--authorization-bind-address"), _)) => {
-                format!("{flag}=127.0.0.1:{}", free_port())
-            }
-            _ => arg,
-        })
-        .collect();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"));
-    command
-        .args(&args)
-        .arg("--allow-plain-http-loopback")
-        .env(
-            "KUBECONFIG",
-            plane.service_account_kubeconfig(
-                "tokenkeeper",
-                "tokenkeeper",
-                &format!("operator-{label}.kubeconfig"),
-            ),
-        )
-        .env("POD_NAME", format!("tokenkeeper-{label}"))
-        .env("POD_NAMESPACE", "tokenkeeper")
-        .env("RUST_LOG", "info,tokenkeeper=debug");
-    Operator::spawn(command, &format!("upgrade-{label}"))
 }
 
 fn connection_field(plane: &OwnControlPlane, path: &str) -> String {
@@ -186,7 +148,8 @@ fn a_helm_upgrade_from_the_previous_chart_keeps_connections_ready() {
         server.mint_refresh_token("crm.read"),
         server.token_url()
     ));
-    let mut previous_operator = run_as_deployed(&plane, "previous");
+    let mut previous_operator =
+        plane.run_operator_as_deployed("upgrade-previous", LOOPBACK_PROVIDER);
     wait_synced(&plane, "Ready under the previous release");
     let token_before = access_token(&plane);
 
@@ -225,7 +188,9 @@ fn a_helm_upgrade_from_the_previous_chart_keeps_connections_ready() {
         "the new image: {chart_label}"
     );
     assert!(
-        deployment_args(&plane).contains(&"--refresh-propagation-margin-seconds=120".to_owned()),
+        plane
+            .deployed_args()
+            .contains(&"--refresh-propagation-margin-seconds=120".to_owned()),
         "the new release's arguments"
     );
     let history = helm(
@@ -246,7 +211,7 @@ fn a_helm_upgrade_from_the_previous_chart_keeps_connections_ready() {
     // The new operator takes the connection over and refreshes it with the
     // grant the previous one rotated last.
     let issued_before = server.stats()["tokenSuccesses"].as_u64().unwrap();
-    let upgraded = run_as_deployed(&plane, "upgraded");
+    let upgraded = plane.run_operator_as_deployed("upgrade-upgraded", LOOPBACK_PROVIDER);
     plane.kubectl_ok(&[
         "annotate",
         "srcconn",

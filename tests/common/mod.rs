@@ -814,6 +814,51 @@ impl OwnControlPlane {
         path
     }
 
+    /// The container arguments of Deployment `tokenkeeper` in namespace
+    /// `tokenkeeper`, as the chart installed it.
+    pub fn deployed_args(&self) -> Vec<String> {
+        let args = self.kubectl_ok(&[
+            "get",
+            "deployment",
+            "tokenkeeper",
+            "-n",
+            "tokenkeeper",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].args}",
+        ]);
+        serde_json::from_str(&args).unwrap_or_else(|e| panic!("{e}: {args}"))
+    }
+
+    /// The operator as that Deployment runs it (no kubelet here): its
+    /// arguments with free loopback ports, then `extra_args`, a token of the
+    /// chart's ServiceAccount, pod name `tokenkeeper-{label}`.
+    pub fn run_operator_as_deployed(&self, label: &str, extra_args: &[&str]) -> Operator {
+        let args: Vec<String> = self
+            .deployed_args()
+            .into_iter()
+            .map(|arg| match arg.split_once('=') {
+                Some((flag @ ("--metrics-bind-address" | "--authorization-bind-address"), _)) => {
+                    format!("{flag}=127.0.0.1:{}", free_port())
+                }
+                _ => arg,
+            })
+            .collect();
+        let kubeconfig = self.service_account_kubeconfig(
+            "tokenkeeper",
+            "tokenkeeper",
+            &format!("operator-{label}.kubeconfig"),
+        );
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tokenkeeper"));
+        command
+            .args(&args)
+            .args(extra_args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", format!("tokenkeeper-{label}"))
+            .env("POD_NAMESPACE", "tokenkeeper")
+            .env("RUST_LOG", "info,tokenkeeper=debug");
+        Operator::spawn(command, label)
+    }
+
     /// `kubectl apply -f -` of `manifest` on this control plane.
     pub fn apply_ok(&self, manifest: &str) {
         let out = kubectl_stdin_on(&self.kubeconfig(), &["apply", "-f", "-"], manifest);
