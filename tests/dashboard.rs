@@ -19,7 +19,7 @@ const READY: Duration = Duration::from_secs(30);
 const RATE_INTERVAL: &str = "5m";
 
 fn helm_template(args: &[&str]) -> String {
-    let helm = std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh");
+    let helm = common::helm();
     let out = Command::new(helm)
         .args(["template", "tk", &format!("{REPO}/charts/tokenkeeper")])
         .args(["--namespace", "monitoring-test"])

@@ -266,7 +266,7 @@ struct ChartContainer {
 /// The container as the chart renders it, watching `namespace`, with free
 /// ports and `sets`.
 fn chart_container(namespace: &str, sets: &[&str]) -> ChartContainer {
-    let helm = std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh");
+    let helm = common::helm();
     let mut command = Command::new(helm);
     command
         .args([

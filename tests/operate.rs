@@ -20,10 +20,6 @@ const TOKEN_SECONDS: u64 = 20;
 const CREDENTIALS: &str = "tokenkeeper.dev/secret-role=credentials";
 const VERSIONS: &str = "jsonpath={.items[*].metadata.resourceVersion}";
 
-fn helm() -> String {
-    std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh")
-}
-
 fn leader_args(lease: &str, port: u16) -> Vec<String> {
     let mut args = common::leader_args("tokenkeeper-system", lease);
     args.extend([
@@ -347,7 +343,7 @@ fn the_plain_manifests_are_rendered_from_the_chart() {
 
 #[test]
 fn the_chart_lints_renders_every_option_and_installs_with_least_privilege() {
-    let helm = helm();
+    let helm = common::helm();
     let chart = format!("{REPO}/charts/tokenkeeper");
     let out = Command::new(&helm).args(["lint", &chart]).output().unwrap();
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
@@ -723,7 +719,7 @@ fn the_namespaced_mode_serves_its_namespaces_only() {
     let home = TestNamespace::new("nsmode-home");
     let watched = TestNamespace::new("nsmode-watched");
     let other = TestNamespace::new("nsmode-other");
-    let rendered = Command::new(helm())
+    let rendered = Command::new(common::helm())
         .args([
             "template",
             "tk-nsmode",

@@ -22,7 +22,7 @@ const PREVIOUS: &str = "tests/fixtures/tokenkeeper-0.1.0.tgz";
 const LOOPBACK_PROVIDER: &[&str] = &["--allow-plain-http-loopback"];
 
 fn helm(plane: &OwnControlPlane, args: &[&str]) -> String {
-    let helm = std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh");
+    let helm = common::helm();
     let out = Command::new(helm)
         .args(args)
         .arg("--kubeconfig")
@@ -34,7 +34,7 @@ fn helm(plane: &OwnControlPlane, args: &[&str]) -> String {
 }
 
 fn chart_version(chart: &str) -> String {
-    let helm = std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh");
+    let helm = common::helm();
     let out = Command::new(helm)
         .args(["show", "chart", chart])
         .output()

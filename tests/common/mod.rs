@@ -23,6 +23,11 @@ pub fn kubeconfig() -> String {
     )
 }
 
+/// helm, as tests/run.sh installed it (tests/tools/install-helm.sh).
+pub fn helm() -> String {
+    std::env::var("TOKENKEEPER_HELM").expect("TOKENKEEPER_HELM is set by tests/run.sh")
+}
+
 /// The kubeconfig the operator runs with: the Helm chart's ServiceAccount
 /// (see tests/cluster/operator-identity.sh), so that every scenario proves
 /// the chart's RBAC suffices.
