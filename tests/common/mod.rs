@@ -6,10 +6,13 @@
 #![allow(dead_code)]
 
 use base64::Engine as _;
+use std::collections::BTreeSet;
+use std::collections::hash_map::RandomState;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -101,13 +104,28 @@ pub fn all_synced(reasons: &str, count: usize) -> Result<(), String> {
         .ok_or_else(|| reasons.to_owned())
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, never the same twice in one test binary.
+/// Picked below the kernel's ephemeral range: a port inside it can be taken
+/// by any outgoing connection of a concurrent test between this pick and the
+/// server's bind. (tests/cluster/up.sh picks from the band below this one.)
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let band = ephemeral_low.saturating_sub(4000).max(1024)..ephemeral_low.max(1025);
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    let seed = std::hash::BuildHasher::hash_one(&RandomState::new(), handed_out.len()) as usize;
+    let width = band.len();
+    let port = (0..width)
+        .map(|step| band.start + ((seed + step * 104_729) % width) as u16)
+        .find(|port| {
+            !handed_out.contains(port) && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
+        })
+        .expect("a free port below the ephemeral range");
+    handed_out.insert(port);
+    port
 }
 
 /// Where tests keep logs and artifacts for a person to read after a run.
