@@ -115,11 +115,12 @@ pub fn free_port() -> u16 {
         .and_then(|range| range.split_whitespace().next()?.parse().ok())
         .unwrap_or(32768);
     let band = ephemeral_low.saturating_sub(4000).max(1024)..ephemeral_low.max(1025);
-    let mut handed_out = HANDED_OUT.lock().unwrap();
-    let seed = std::hash::BuildHasher::hash_one(&RandomState::new(), handed_out.len()) as usize;
     let width = band.len();
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    let start =
+        std::hash::BuildHasher::hash_one(&RandomState::new(), handed_out.len()) as usize % width;
     let port = (0..width)
-        .map(|step| band.start + ((seed + step * 104_729) % width) as u16)
+        .map(|step| band.start + ((start + step) % width) as u16)
         .find(|port| {
             !handed_out.contains(port) && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
         })
