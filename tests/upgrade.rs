@@ -51,19 +51,6 @@ fn semver(version: &str) -> Vec<u64> {
         .collect()
 }
 
-/// A jsonpath query on the installed Deployment.
-fn deployment_field(plane: &OwnControlPlane, path: &str) -> String {
-    plane.kubectl_ok(&[
-        "get",
-        "deployment",
-        "tokenkeeper",
-        "-n",
-        "tokenkeeper",
-        "-o",
-        &format!("jsonpath={path}"),
-    ])
-}
-
 fn connection_field(plane: &OwnControlPlane, path: &str) -> String {
     plane.kubectl_ok(&[
         "get",
@@ -175,8 +162,7 @@ fn a_helm_upgrade_from_the_previous_chart_keeps_connections_ready() {
         uid_before,
         "the CRD is the same object, never deleted"
     );
-    let chart_label = deployment_field(
-        &plane,
+    let chart_label = plane.deployment_field(
         "{.metadata.labels.helm\\.sh/chart} {.spec.template.spec.containers[0].image}",
     );
     assert!(

@@ -838,18 +838,23 @@ impl OwnControlPlane {
         path
     }
 
-    /// The container arguments of Deployment `tokenkeeper` in namespace
+    /// A jsonpath query on Deployment `tokenkeeper` in namespace
     /// `tokenkeeper`, as the chart installed it.
-    pub fn deployed_args(&self) -> Vec<String> {
-        let args = self.kubectl_ok(&[
+    pub fn deployment_field(&self, path: &str) -> String {
+        self.kubectl_ok(&[
             "get",
             "deployment",
             "tokenkeeper",
             "-n",
             "tokenkeeper",
             "-o",
-            "jsonpath={.spec.template.spec.containers[0].args}",
-        ]);
+            &format!("jsonpath={path}"),
+        ])
+    }
+
+    /// The container arguments of that Deployment.
+    pub fn deployed_args(&self) -> Vec<String> {
+        let args = self.deployment_field("{.spec.template.spec.containers[0].args}");
         serde_json::from_str(&args).unwrap_or_else(|e| panic!("{e}: {args}"))
     }
 
