@@ -919,12 +919,7 @@ fn a_per_customer_host_preset_consent_in_a_real_browser() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    // A loopback address of this test's own, where port 443 is free.
-    let address = format!(
-        "127.0.{}.{}",
-        100 + std::process::id() % 100,
-        2 + free_port() % 250
-    );
+    let address = common::own_loopback_address();
     let emulator = common::ProviderEmulator::start_with(
         "salesforce",
         6,

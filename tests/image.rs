@@ -432,11 +432,7 @@ fn the_image_runs_as_a_pod_would_and_serves_a_connection() {
 
     // The provider at a name only the DNS server knows, over TLS with a
     // certificate of a CA that is not in the image's bundle.
-    let address = format!(
-        "127.0.{}.{}",
-        100 + std::process::id() % 100,
-        2 + free_port() % 250
-    );
+    let address = common::own_loopback_address();
     let dns = Dns::start(&address, TOKEN_HOST, &address);
     let certs = dir.path().join("certs");
     std::fs::create_dir_all(&certs).unwrap();

@@ -129,6 +129,16 @@ pub fn free_port() -> u16 {
     port
 }
 
+/// A loopback address of this test's own (127.0.100–199.x), where
+/// well-known ports such as 53 and 443 are free to bind.
+pub fn own_loopback_address() -> String {
+    format!(
+        "127.0.{}.{}",
+        100 + std::process::id() % 100,
+        2 + free_port() % 250
+    )
+}
+
 /// Where tests keep logs and artifacts for a person to read after a run.
 pub fn artifacts_dir() -> PathBuf {
     let dir = Path::new(REPO).join("target/test-artifacts");
